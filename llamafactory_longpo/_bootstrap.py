@@ -1,0 +1,76 @@
+"""Target of ``llamafactory_longpo.pth``: runs at interpreter start in every process.
+
+It only installs a ``sys.meta_path`` finder that waits for LLaMA-Factory's own modules to load and
+then lets :mod:`llamafactory_longpo.integration` patch them. No torch, no toolkit import here, and
+nothing may raise: a Python process that never imports LLaMA-Factory pays nothing and cannot break.
+Set ``LLAMAFACTORY_LONGPO_DISABLE=1`` to turn the plugin off.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import os
+import sys
+from typing import Any, Optional
+
+DISABLE_ENV = "LLAMAFACTORY_LONGPO_DISABLE"
+# module name -> name of the integration function that patches it once it has executed
+WATCHED = {
+    "llamafactory.extras.constants": "patch_constants",
+    "llamafactory.hparams.parser": "patch_parser",
+    "llamafactory.data.parser": "patch_dataset_attr",
+    "llamafactory.data.loader": "patch_loader",
+    "llamafactory.train.tuner": "patch_tuner",
+    "llamafactory.webui.runner": "patch_runner",
+}
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    def __init__(self, wrapped: importlib.abc.Loader, patcher: str) -> None:
+        self.wrapped = wrapped
+        self.patcher = patcher
+
+    def create_module(self, spec: Any) -> Any:
+        return self.wrapped.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self.wrapped.exec_module(module)
+        try:
+            from llamafactory_longpo import integration
+
+            getattr(integration, self.patcher)(module)
+        except Exception as err:  # a broken plugin must not break the toolkit
+            print(f"[llamafactory-longpo] could not patch {module.__name__}: {err!r}", file=sys.stderr)
+            if os.environ.get("LLAMAFACTORY_LONGPO_STRICT") == "1":
+                raise
+
+    def __getattr__(self, name: str) -> Any:  # is_package, get_code, get_source... of the real loader
+        return getattr(self.wrapped, name)
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Optional[Any]:
+        patcher = WATCHED.get(fullname)
+        if patcher is None:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None and spec.loader is not None:
+                spec.loader = _PatchingLoader(spec.loader, patcher)
+                return spec
+        return None
+
+
+def install() -> None:
+    if os.environ.get(DISABLE_ENV, "").lower() in ("1", "true", "yes"):
+        return
+    if not any(isinstance(f, _Finder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _Finder())
+
+
+try:
+    install()
+except Exception:  # never raise at interpreter start
+    pass

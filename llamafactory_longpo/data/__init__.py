@@ -1,0 +1,1 @@
+"""Short-to-long data: the record, the dataset views, tokenization and collation."""

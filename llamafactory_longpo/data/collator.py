@@ -1,0 +1,56 @@
+"""Batches for the plugin stages: short rows and long rows are padded SEPARATELY.
+
+Padding the short pair to the long length would make SoLoPO's cheap short pass as expensive as a
+long one, so each group of rows is padded to its own longest member.
+
+Batch keys (``n`` samples in the batch):
+
+- always: ``input_ids``/``attention_mask``/``labels`` = the toolkit's pairwise layout, ``2n`` rows
+  (chosen then rejected). SoLoPO: the short pair. LongPO: the long conversations.
+- SoLoPO: ``long_input_ids``/``long_attention_mask``/``long_labels``: ``n`` rows of long chosen, then
+  ``n`` rows of long rejected when aligning both.
+- LongPO: ``ref_input_ids``/``ref_attention_mask``/``ref_labels`` = all short reference rows (chosen
+  turns of every sample, then rejected turns), and ``ref_sample`` = the sample each row belongs to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from llamafactory.data.collator import MultiModalDataCollatorForSeq2Seq, PairwiseDataCollatorWithPadding
+
+
+def _row(ids: list[int], labels: list[int]) -> dict[str, Any]:
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "images": [], "videos": [], "audios": []}
+
+
+@dataclass
+class ShortToLongDataCollator(PairwiseDataCollatorWithPadding):
+    """Pairwise collator plus a separately padded group of long (SoLoPO) or reference (LongPO) rows."""
+
+    def _pad(self, rows: list[dict[str, Any]], prefix: str) -> dict[str, torch.Tensor]:
+        padded = MultiModalDataCollatorForSeq2Seq.__call__(self, rows)
+        return {f"{prefix}{k}": v for k, v in padded.items() if k in ("input_ids", "attention_mask", "labels")}
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        for f in features:  # media keys are None for text rows; the parent expects lists
+            for media in ("images", "videos", "audios"):
+                f[media] = f.get(media) or []
+        batch = super().__call__(features)
+        if "long_chosen_input_ids" in features[0]:
+            long_rows = [_row(f["long_chosen_input_ids"], f["long_chosen_labels"]) for f in features]
+            if "long_rejected_input_ids" in features[0]:
+                long_rows += [_row(f["long_rejected_input_ids"], f["long_rejected_labels"]) for f in features]
+            batch.update(self._pad(long_rows, "long_"))
+        if "ref_chosen_input_ids" in features[0]:
+            ref_rows, owner = [], []
+            for side in ("ref_chosen", "ref_rejected"):
+                for i, f in enumerate(features):
+                    for ids, labels in zip(f[f"{side}_input_ids"], f[f"{side}_labels"]):
+                        ref_rows.append(_row(ids, labels))
+                        owner.append(i)
+            batch.update(self._pad(ref_rows, "ref_"))
+            batch["ref_sample"] = torch.tensor(owner, dtype=torch.long)
+        return batch

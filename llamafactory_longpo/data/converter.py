@@ -1,0 +1,153 @@
+"""``"formatting": "short_to_long"``: validate the files, then turn records into rows for a stage.
+
+One raw record becomes one or more rows, depending on what the stage trains on:
+
+- ``solopo``: one row per turn (each turn is an independent example, SPEC section 3);
+- ``longpo``: one row per record (the multi-turn long conversation, SPEC section 2);
+- ``pair`` (the toolkit's ``dpo``/``rm``): one row per turn in LLaMA-Factory's pairwise shape,
+  long view (multi-turn history of chosen answers) or short view;
+- ``sft`` (the toolkit's ``sft``): chosen responses only; long view = the whole chosen conversation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any, Optional
+
+from .record import (
+    ALL_FIELDS,
+    Record,
+    RecordError,
+    assistant_message,
+    iter_raw_records,
+    long_conversation,
+    parse_record,
+    short_prompt,
+)
+
+FORMATTING = "short_to_long"
+PLUGIN_TARGETS = ("solopo", "longpo")
+TOOLKIT_TARGETS = ("pair", "sft")
+RECORD_COLUMN = "_s2l"
+TURN_COLUMN = "_s2l_turn"
+# file extensions LLaMA-Factory loads as JSON
+_JSON_EXTS = (".json", ".jsonl")
+
+
+def column_map(columns: Optional[Mapping[str, str]]) -> dict[str, str]:
+    """Keep only the renamings that concern short-to-long fields."""
+    return {k: v for k, v in (columns or {}).items() if k in ALL_FIELDS}
+
+
+def dataset_files(dataset_dir: str, file_name: str) -> list[str]:
+    """The JSON/JSONL files behind a ``file_name`` entry (a file or a folder of files)."""
+    path = os.path.join(dataset_dir, file_name)
+    if os.path.isdir(path):
+        return sorted(
+            os.path.join(path, name) for name in os.listdir(path) if name.endswith(_JSON_EXTS)
+        )
+    return [path] if os.path.isfile(path) else []
+
+
+def validate_files(paths: list[str], columns: Optional[Mapping[str, str]] = None) -> int:
+    """Validate every record of every file before the toolkit loads them; returns the record count.
+
+    Done up front so a bad file fails with its own line number, before anything is tokenized or written.
+    """
+    count = 0
+    for path in paths:
+        if not path.endswith(_JSON_EXTS):
+            raise RecordError(f"{path}: short_to_long datasets must be .json or .jsonl files")
+        for index, line, raw in iter_raw_records(path):
+            parse_record(raw, source=path, index=index, line=line, columns=columns)
+            count += 1
+        if count == 0:
+            raise RecordError(f"{path}: the file holds no records")
+    return count
+
+
+def _rows_for(record: Record, target: str, view: str, joiner: str) -> list[dict[str, Any]]:
+    """Rows of one record for a target (see module docstring)."""
+    blob = json.dumps(record.to_dict(), ensure_ascii=False)
+    turns = range(len(record.turns))
+    if target == "longpo":
+        return [{RECORD_COLUMN: blob, TURN_COLUMN: -1}]
+    if target == "solopo":
+        return [{RECORD_COLUMN: blob, TURN_COLUMN: i} for i in turns]
+
+    def std(prompt: list[dict[str, str]], responses: list[str]) -> dict[str, Any]:
+        return {
+            "_prompt": prompt,
+            "_response": [assistant_message(r) for r in responses],
+            "_system": record.system or "",
+            "_tools": "",
+            "_images": None,
+            "_videos": None,
+            "_audios": None,
+        }
+
+    if target == "pair":
+        rows = []
+        for i in turns:
+            t = record.turns[i]
+            prompt = long_conversation(record, "chosen", upto=i, joiner=joiner) if view == "long" else short_prompt(record, i, joiner)
+            rows.append(std(prompt, [t.chosen, t.rejected]))
+        return rows
+    if target == "sft":
+        if view == "long":
+            conversation = long_conversation(record, "chosen", joiner=joiner)
+            return [std(conversation[:-1], [record.turns[-1].chosen])]
+        return [std(short_prompt(record, i, joiner), [record.turns[i].chosen]) for i in turns]
+    raise RecordError(f"unknown short_to_long target {target!r}")
+
+
+def convert_batch(
+    batch: Mapping[str, list[Any]],
+    indices: list[int],
+    *,
+    source: str,
+    columns: Mapping[str, str],
+    target: str,
+    view: str,
+    joiner: str,
+) -> dict[str, list[Any]]:
+    """Batched ``datasets.map`` function: raw records in, stage rows out (row count may change)."""
+    keys = list(batch.keys())
+    out: dict[str, list[Any]] = {}
+    for pos, index in enumerate(indices):
+        raw = {k: batch[k][pos] for k in keys}
+        record = parse_record(raw, source=source, index=index, columns=columns)
+        for row in _rows_for(record, target, view, joiner):
+            for k, v in row.items():
+                out.setdefault(k, []).append(v)
+    if not out:  # keep the schema even for an empty batch
+        names = [RECORD_COLUMN, TURN_COLUMN] if target in PLUGIN_TARGETS else [
+            "_prompt", "_response", "_system", "_tools", "_images", "_videos", "_audios"
+        ]
+        out = {k: [] for k in names}
+    return out
+
+
+def align_short_to_long(dataset: Any, dataset_attr: Any, data_args: Any, training_args: Any, target: str) -> Any:
+    """Convert a loaded short-to-long dataset for ``target`` (plays LLaMA-Factory's ``align_dataset``)."""
+    from functools import partial
+
+    column_names = list(next(iter(dataset)).keys())
+    kwargs: dict[str, Any] = {}
+    if not data_args.streaming:
+        kwargs = dict(
+            num_proc=data_args.preprocessing_num_workers,
+            load_from_cache_file=(not data_args.overwrite_cache) or (training_args.local_process_index != 0),
+            desc=f"Converting short_to_long records ({target})",
+        )
+    fn = partial(
+        convert_batch,
+        source=str(dataset_attr),
+        columns=column_map(getattr(dataset_attr, "s2l_columns", None)),
+        target=target,
+        view=data_args.s2l_view,
+        joiner=data_args.s2l_joiner,
+    )
+    return dataset.map(fn, batched=True, with_indices=True, remove_columns=column_names, **kwargs)

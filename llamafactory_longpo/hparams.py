@@ -1,0 +1,139 @@
+"""The plugin's knobs: typed fields with help text, defaults from the spec, and validation.
+
+These are mixins with no toolkit import; ``integration`` merges them into LLaMA-Factory's own
+``FinetuningArguments`` / ``DataArguments`` so YAML, ``--flags`` and the web UI all reach them.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, Optional
+
+from .errors import ConfigError
+
+PLUGIN_STAGES: tuple[str, ...] = ("longpo", "solopo")
+SOLOPO_PREF_LOSSES: tuple[str, ...] = ("sigmoid", "simpo", "orpo")
+
+
+def _choices(annotation: Any) -> Optional[tuple[Any, ...]]:
+    """Allowed values of a ``Literal`` (or ``Optional[Literal]``) annotation, else ``None``."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, vars(typing), {"Literal": Literal, "Optional": Optional})  # noqa: S307
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return typing.get_args(annotation)
+    if origin is typing.Union:
+        for arg in typing.get_args(annotation):
+            found = _choices(arg)
+            if found is not None:
+                return found + (None,)
+    return None
+
+
+def validate_choices(obj: Any, names: Optional[set[str]] = None) -> None:
+    """Check every ``Literal`` field: YAML goes through ``parse_dict``, which never checks choices."""
+    for f in fields(obj):
+        if names is not None and f.name not in names:
+            continue
+        allowed = _choices(f.type)
+        if allowed is None:
+            continue
+        value = getattr(obj, f.name)
+        if value not in allowed:
+            shown = ", ".join(str(a) for a in allowed if a is not None)
+            raise ConfigError(f"{f.name}: {value!r} is not one of {shown}")
+
+
+def _positive(name: str, value: Optional[float], allow_zero: bool = True) -> None:
+    if value is None:
+        return
+    if value < 0 or (not allow_zero and value == 0):
+        raise ConfigError(f"{name}: {value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+@dataclass
+class ShortToLongFinetuningArguments:
+    """Method knobs of SoLoPO and LongPO (names as in SPEC.md)."""
+
+    solopo_alpha: float = field(
+        default=1.0,
+        metadata={"help": "SoLoPO: weight of the short-to-long reward alignment term (paper's best: 1 to 4)."},
+    )
+    solopo_distance: Literal["abs", "square", "smooth_l1"] = field(
+        default="abs",
+        metadata={"help": "SoLoPO: distance s() applied to the short-long reward gap (abs, square, smooth_l1)."},
+    )
+    solopo_long_reference: Literal["long", "short"] = field(
+        default="long",
+        metadata={
+            "help": "SoLo-DPO: reference log-prob of the chosen response on the long input ('long') or "
+            "reuse the short one ('short', the reference then cancels)."
+        },
+    )
+    solopo_align: Literal["chosen", "both"] = field(
+        default="chosen",
+        metadata={"help": "SoLoPO: align the chosen response only (paper) or both responses (ablation, one more long pass)."},
+    )
+    longpo_lambda: float = field(
+        default=0.01,
+        metadata={"help": "LongPO: weight of the preference term (the NLL term has weight longpo_nll_weight)."},
+    )
+    longpo_nll_weight: float = field(
+        default=1.0,
+        metadata={"help": "LongPO: weight of the NLL term on the long chosen sequence."},
+    )
+    longpo_nll_scope: Literal["full", "response"] = field(
+        default="full",
+        metadata={"help": "LongPO: NLL over every non-pad token of the long chosen sequence ('full', as published) or its responses only."},
+    )
+    policy_rope_theta: Optional[float] = field(
+        default=None,
+        metadata={"help": "Raise the POLICY's rope_theta before training (LongPO: 1e7); the reference keeps its own."},
+    )
+
+    def validate_short_to_long(self, stage: str, pref_loss: str) -> None:
+        """Raise a one-line :class:`ConfigError` naming the key and the allowed values."""
+        validate_choices(self, {f.name for f in fields(ShortToLongFinetuningArguments)})
+        _positive("solopo_alpha", self.solopo_alpha)
+        _positive("longpo_lambda", self.longpo_lambda)
+        _positive("longpo_nll_weight", self.longpo_nll_weight)
+        _positive("policy_rope_theta", self.policy_rope_theta, allow_zero=False)
+        if stage == "solopo" and pref_loss not in SOLOPO_PREF_LOSSES:
+            raise ConfigError(
+                f"pref_loss: {pref_loss!r} is not supported by stage solopo; use one of {', '.join(SOLOPO_PREF_LOSSES)}"
+            )
+        if stage == "longpo" and pref_loss != "sigmoid":
+            raise ConfigError(f"pref_loss: {pref_loss!r} is not supported by stage longpo; use sigmoid")
+
+
+@dataclass
+class ShortToLongDataArguments:
+    """Data knobs for short-to-long records (``"formatting": "short_to_long"``)."""
+
+    short_cutoff_len: int = field(
+        default=2048,
+        metadata={"help": "Cutoff length of SHORT rows (short pair, reference rows); cutoff_len applies to long rows."},
+    )
+    s2l_view: Literal["long", "short"] = field(
+        default="long",
+        metadata={
+            "help": "Which view of a short-to-long dataset the toolkit's own dpo/sft stages see: 'long' "
+            "(Long-PO / expand-long baselines) or 'short'. sft always trains on the chosen responses."
+        },
+    )
+    s2l_overlong: Literal["drop", "middle"] = field(
+        default="drop",
+        metadata={
+            "help": "A sample over its cutoff is dropped with a counted warning ('drop') or has its context "
+            "cut in the middle ('middle'); the instruction and assistant header are never cut."
+        },
+    )
+    s2l_joiner: str = field(
+        default="\n\n",
+        metadata={"help": "Text between the context and the instruction in a user message."},
+    )
+
+    def validate_short_to_long(self) -> None:
+        validate_choices(self, {f.name for f in fields(ShortToLongDataArguments)})
+        _positive("short_cutoff_len", self.short_cutoff_len, allow_zero=False)

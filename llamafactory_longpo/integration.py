@@ -1,0 +1,283 @@
+"""The ONLY module that touches LLaMA-Factory internals.
+
+Each ``patch_*`` function receives a toolkit module right after it has executed (see ``_bootstrap``)
+and is idempotent. :func:`apply` patches every already-imported module, for callers that import the
+toolkit before the bootstrap could run (or with the ``.pth`` disabled). A toolkit upgrade should be
+this file's work alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import ConfigError, ShortToLongError
+from .hparams import PLUGIN_STAGES, ShortToLongDataArguments, ShortToLongFinetuningArguments
+
+STAGE_LABELS = {"LongPO": "longpo", "SoLoPO": "solopo"}
+_MARK = "_llamafactory_longpo_patched"
+
+
+def _once(obj: Any, name: str) -> bool:
+    """True the first time ``(obj, name)`` is seen; marks it."""
+    key = f"{_MARK}_{name}"
+    if getattr(obj, key, False):
+        return False
+    setattr(obj, key, True)
+    return True
+
+
+# --------------------------------------------------------------------------------- constants
+def patch_constants(module: Any) -> None:
+    """New stages in the web UI's stage list; they use pairwise (``ranking: true``) datasets."""
+    for label, stage in STAGE_LABELS.items():
+        module.TRAINING_STAGES.setdefault(label, stage)  # mutate in place: importers hold the same dict
+        module.STAGES_USE_PAIR_DATA.add(stage)
+
+
+# --------------------------------------------------------------------------------- arguments
+_CLASSES: dict[str, type] = {}
+
+
+def plugin_argument_classes() -> tuple[type, type]:
+    """``FinetuningArguments`` / ``DataArguments`` subclasses carrying the plugin's knobs."""
+    if _CLASSES:
+        return _CLASSES["finetuning"], _CLASSES["data"]
+    from llamafactory.hparams.data_args import DataArguments
+    from llamafactory.hparams.finetuning_args import FinetuningArguments
+
+    @dataclass
+    class LongPOFinetuningArguments(FinetuningArguments, ShortToLongFinetuningArguments):
+        stage: Literal["pt", "sft", "rm", "ppo", "dpo", "kto", "longpo", "solopo"] = field(
+            default="sft",
+            metadata={"help": "Which stage will be performed in training (longpo, solopo: llamafactory-longpo)."},
+        )
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            from .hparams import validate_choices
+
+            validate_choices(self, {"stage"})
+            if self.stage in PLUGIN_STAGES:
+                self.validate_short_to_long(self.stage, self.pref_loss)
+                # LongPO always has a reference (on short inputs); SoLoPO only for SoLo-DPO.
+                self.use_ref_model = self.stage == "longpo" or self.pref_loss == "sigmoid"
+
+    @dataclass
+    class LongPODataArguments(DataArguments, ShortToLongDataArguments):
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            self.validate_short_to_long()
+
+    # module-level names so pickling (datasets workers, deepcopy, ray) finds them
+    for cls in (LongPOFinetuningArguments, LongPODataArguments):
+        cls.__module__ = __name__
+        cls.__qualname__ = cls.__name__
+        setattr(sys.modules[__name__], cls.__name__, cls)
+    _CLASSES.update(finetuning=LongPOFinetuningArguments, data=LongPODataArguments)
+    return LongPOFinetuningArguments, LongPODataArguments
+
+
+def patch_parser(module: Any) -> None:
+    """Swap the toolkit's argument classes for the subclasses in every parser list, by identity."""
+    from llamafactory.hparams.data_args import DataArguments
+    from llamafactory.hparams.finetuning_args import FinetuningArguments
+
+    finetuning_cls, data_cls = plugin_argument_classes()
+    swap = {FinetuningArguments: finetuning_cls, DataArguments: data_cls}
+    for name in dir(module):
+        lst = getattr(module, name)
+        if name.startswith("_") and name.endswith("_ARGS") and isinstance(lst, list):
+            lst[:] = [swap.get(c, c) for c in lst]
+
+
+# --------------------------------------------------------------------------------- data
+def patch_dataset_attr(module: Any) -> None:
+    """Keep ``dataset_info.json`` column renamings of short-to-long fields (the toolkit drops unknown ones)."""
+    cls = module.DatasetAttr
+    if not _once(cls, "join"):
+        return
+    original = cls.join
+
+    @functools.wraps(original)
+    def join(self: Any, attr: dict[str, Any]) -> None:
+        original(self, attr)
+        self.s2l_columns = dict(attr.get("columns") or {})
+
+    cls.join = join
+
+
+_TOOLKIT_TARGETS = {"rm": "pair", "sft": "sft"}
+
+
+def patch_loader(module: Any) -> None:
+    """Route ``"formatting": "short_to_long"`` datasets: validation, conversion, processor."""
+    if not _once(module, "loader"):
+        return
+    from .data import converter
+
+    merged, align, get_processor = module._get_merged_dataset, module.align_dataset, module._get_dataset_processor
+
+    @functools.wraps(merged)
+    def _get_merged_dataset(dataset_names, model_args, data_args, training_args, stage, return_dict=False):  # noqa: ANN001
+        if dataset_names is None:
+            return merged(dataset_names, model_args, data_args, training_args, stage, return_dict)
+        attrs = module.get_dataset_list(dataset_names, data_args.dataset_dir)
+        s2l = [a for a in attrs if a.formatting == converter.FORMATTING]
+        plugin_target = getattr(data_args, "s2l_target", None)
+        if plugin_target in PLUGIN_STAGES:
+            for a in attrs:
+                if a.formatting != converter.FORMATTING:
+                    raise ConfigError(
+                        f"dataset '{a}': stage {plugin_target} needs \"formatting\": \"short_to_long\" in "
+                        f"dataset_info.json, got {a.formatting!r}"
+                    )
+        if not s2l:
+            return merged(dataset_names, model_args, data_args, training_args, stage, return_dict)
+        if len(s2l) != len(attrs):
+            other = next(a for a in attrs if a.formatting != converter.FORMATTING)
+            raise ConfigError(f"dataset '{other}': cannot be mixed with short_to_long datasets ({s2l[0]})")
+        if plugin_target not in PLUGIN_STAGES:
+            if stage not in _TOOLKIT_TARGETS:
+                raise ConfigError(
+                    f"dataset '{s2l[0]}': short_to_long records cannot feed stage {stage!r}; "
+                    "use stage solopo, longpo, dpo, rm or sft"
+                )
+            data_args.s2l_toolkit_target = _TOOLKIT_TARGETS[stage]
+        for a in s2l:
+            if not a.ranking:
+                raise ConfigError(f"dataset '{a}': a short_to_long entry in dataset_info.json needs \"ranking\": true")
+            if a.load_from == "file":
+                files = converter.dataset_files(data_args.dataset_dir, a.dataset_name)
+                if not files:
+                    raise ConfigError(f"dataset '{a}': file {a.dataset_name!r} not found in {data_args.dataset_dir}")
+                converter.validate_files(files, converter.column_map(getattr(a, "s2l_columns", None)))
+        # the toolkit's ranking check passes for "rm"; the stage is not used otherwise
+        return merged(dataset_names, model_args, data_args, training_args, "rm", return_dict)
+
+    @functools.wraps(align)
+    def align_dataset(dataset, dataset_attr, data_args, training_args):  # noqa: ANN001
+        if dataset_attr.formatting != converter.FORMATTING:
+            return align(dataset, dataset_attr, data_args, training_args)
+        target = getattr(data_args, "s2l_target", None)
+        if target not in PLUGIN_STAGES:
+            target = data_args.s2l_toolkit_target
+        return converter.align_short_to_long(dataset, dataset_attr, data_args, training_args, target)
+
+    @functools.wraps(get_processor)
+    def _get_dataset_processor(data_args, stage, template, tokenizer, processor, do_generate=False):  # noqa: ANN001
+        if getattr(data_args, "s2l_target", None) in PLUGIN_STAGES:
+            from .data.processor import ShortToLongDatasetProcessor
+
+            return ShortToLongDatasetProcessor(template=template, tokenizer=tokenizer, processor=processor, data_args=data_args)
+        return get_processor(data_args, stage, template, tokenizer, processor, do_generate)
+
+    module._get_merged_dataset = _get_merged_dataset
+    module.align_dataset = align_dataset
+    module._get_dataset_processor = _get_dataset_processor
+
+
+# --------------------------------------------------------------------------------- dispatch
+def peek_stage(args: Any) -> Any:
+    """The ``stage`` of raw training args (a YAML/JSON dict or CLI list) without parsing them."""
+    from llamafactory.hparams import read_args
+
+    raw = read_args(args)
+    if isinstance(raw, dict):
+        return raw.get("stage")
+    for i, item in enumerate(raw):
+        if item == "--stage" and i + 1 < len(raw):
+            return raw[i + 1]
+        if item.startswith("--stage="):
+            return item.split("=", 1)[1]
+    return None
+
+
+def _run_plugin_stage(tuner: Any, config: dict[str, Any]) -> None:
+    """The toolkit's ``_training_function`` for a plugin stage: same callbacks, the plugin's workflow."""
+    import torch.distributed as dist
+
+    from .train.workflow import run_short_to_long
+
+    callbacks: list[Any] = config.get("callbacks")
+    model_args, data_args, training_args, finetuning_args, generating_args = tuner.get_train_args(config.get("args"))
+    # two forwards per step + reentrant checkpointing silently desyncs DDP gradients (seams notes, section 5)
+    model_args.use_reentrant_gc = False
+
+    callbacks.append(tuner.LogCallback())
+    if finetuning_args.pissa_convert:
+        callbacks.append(tuner.PissaConvertCallback())
+    if finetuning_args.use_swanlab:
+        callbacks.append(tuner.get_swanlab_callback(finetuning_args))
+    if finetuning_args.early_stopping_steps is not None:
+        callbacks.append(tuner.EarlyStoppingCallback(early_stopping_patience=finetuning_args.early_stopping_steps))
+    if getattr(training_args, "enable_torch_profiler", False) and hasattr(tuner, "TorchProfilerCallback"):
+        callbacks.append(tuner.TorchProfilerCallback(training_args))
+    if getattr(training_args, "profile_modules", None) and hasattr(tuner, "ModuleProfilerCallback"):
+        callbacks.append(tuner.ModuleProfilerCallback(training_args.profile_modules))
+    callbacks.append(tuner.ReporterCallback(model_args, data_args, finetuning_args, generating_args))
+
+    run_short_to_long(model_args, data_args, training_args, finetuning_args, callbacks)
+
+    if tuner.is_ray_available():
+        import ray
+
+        if ray.is_initialized():
+            return
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception as err:  # same tolerance as the toolkit
+        print(f"[llamafactory-longpo] failed to destroy process group: {err}", file=sys.stderr)
+
+
+def patch_tuner(module: Any) -> None:
+    """Dispatch ``stage: longpo|solopo`` to the plugin; every other stage runs the toolkit's code."""
+    if not _once(module, "tuner"):
+        return
+    original = module._training_function
+
+    @functools.wraps(original)
+    def _training_function(config: dict[str, Any]) -> None:
+        try:
+            if peek_stage(config.get("args")) in PLUGIN_STAGES:
+                _run_plugin_stage(module, config)
+            else:
+                original(config)
+        except ShortToLongError as err:  # bad input: one clear line, no traceback
+            print(f"[llamafactory-longpo] error: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
+
+    module._training_function = _training_function
+
+
+# --------------------------------------------------------------------------------- web UI
+def patch_runner(module: Any) -> None:
+    """LlamaBoard runs: the new stages receive the preference knobs like ``dpo`` does."""
+    cls = module.Runner
+    if not _once(cls, "runner"):
+        return
+    original = cls._parse_train_args
+
+    @functools.wraps(original)
+    def _parse_train_args(self: Any, data: dict[Any, Any]) -> dict[str, Any]:
+        args = original(self, data)
+        if args.get("stage") in PLUGIN_STAGES:
+            from . import webui
+
+            webui.add_train_args(self, data, args)
+        return args
+
+    cls._parse_train_args = _parse_train_args
+
+
+def apply() -> None:
+    """Patch every watched toolkit module that is already imported (idempotent)."""
+    from ._bootstrap import WATCHED
+
+    for name, patcher in WATCHED.items():
+        module = sys.modules.get(name)
+        if module is not None:
+            globals()[patcher](module)

@@ -1,0 +1,209 @@
+"""Loss functions of LongPO and SoLoPO: pure torch, no LLaMA-Factory import.
+
+Every equation of the method spec lives here, one function per method (torchtune's ``rlhf/loss``
+style): tensors in, tensors out. Log-probabilities passed in are per-sample SUMS over response
+tokens; lengths are response token counts, so averages are taken here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+
+PrefLoss = Literal["sigmoid", "simpo", "orpo"]
+Distance = Literal["abs", "square", "smooth_l1"]
+PREF_LOSSES: tuple[str, ...] = ("sigmoid", "simpo", "orpo")
+DISTANCES: tuple[str, ...] = ("abs", "square", "smooth_l1")
+
+
+@dataclass
+class LongPOOutput:
+    """What :func:`longpo_loss` returns; rewards are detached (they are metrics)."""
+
+    loss: torch.Tensor
+    pref_losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    nll: torch.Tensor
+
+
+@dataclass
+class SoLoPOOutput:
+    """What :func:`solopo_loss` returns; rewards are detached (they are metrics)."""
+
+    loss: torch.Tensor
+    po_losses: torch.Tensor
+    align_losses: torch.Tensor
+    short_chosen_rewards: torch.Tensor
+    short_rejected_rewards: torch.Tensor
+    long_chosen_rewards: torch.Tensor
+    long_rejected_rewards: Optional[torch.Tensor] = None
+
+
+def longpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    nll: torch.Tensor,
+    *,
+    beta: float,
+    lam: float,
+    nll_weight: float = 1.0,
+) -> LongPOOutput:
+    r"""LongPO: DPO on the LONG input against a reference evaluated on the SHORT input, plus NLL.
+
+    .. math::
+        P_w, P_l &= \log\pi_\theta(y_w \mid x_L), \log\pi_\theta(y_l \mid x_L)  \\
+        R_w, R_l &= \textstyle\sum_i \log\pi_S(y_{w,i} \mid x_{S,i}), \sum_i \log\pi_S(y_{l,i} \mid x_{S,i}) \\
+        \ell_{pref} &= -\log\sigma\big(\beta\,[(P_w - R_w) - (P_l - R_l)]\big) \\
+        L &= w_{nll}\,L_{nll} + \lambda\,\mathrm{mean}(\ell_{pref})
+
+    Why the short reference: the short-context model is the teacher whose behaviour on the chunk the
+    long-context policy should keep, so its log-probs anchor the rewards.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: ``[B]`` summed response log-probs on the long input.
+        ref_chosen_logps, ref_rejected_logps: ``[B]`` summed response log-probs of the reference on the
+            short inputs (summed over turns).
+        nll: scalar token-mean negative log-likelihood (its scope is chosen by the caller).
+        beta: DPO temperature. lam: weight of the preference term. nll_weight: weight of the NLL term.
+    """
+    chosen_margin = policy_chosen_logps - ref_chosen_logps
+    rejected_margin = policy_rejected_logps - ref_rejected_logps
+    pref_losses = -F.logsigmoid(beta * (chosen_margin - rejected_margin))
+    loss = nll_weight * nll + lam * pref_losses.mean()
+    return LongPOOutput(
+        loss=loss,
+        pref_losses=pref_losses,
+        chosen_rewards=(beta * chosen_margin).detach(),
+        rejected_rewards=(beta * rejected_margin).detach(),
+        nll=nll.detach(),
+    )
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    r"""``log(1 - exp(x))`` for ``x < 0``, stable at both ends (Maechler's switch at ``-log 2``)."""
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def reward_distance(diff: torch.Tensor, distance: str) -> torch.Tensor:
+    r"""SoLoPO's ``s(|d|)``: ``abs`` = :math:`|d|`, ``square`` = :math:`d^2`,
+    ``smooth_l1`` = :math:`0.5 d^2` for :math:`|d| < 1`, else :math:`|d| - 0.5`."""
+    if distance == "abs":
+        return diff.abs()
+    if distance == "square":
+        return diff.square()
+    if distance == "smooth_l1":
+        return F.smooth_l1_loss(diff, torch.zeros_like(diff), reduction="none", beta=1.0)
+    raise ValueError(f"solopo_distance: {distance!r} is not one of {', '.join(DISTANCES)}")
+
+
+def preference_reward(
+    logps: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    pref_loss: str,
+    beta: float,
+    ref_logps: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    r"""The reward ``r(x, y)`` of each base preference loss (SPEC section 3).
+
+    - ``sigmoid`` (DPO): :math:`\beta(\log\pi_\theta(y|x) - \log\pi_{ref}(y|x))`
+    - ``simpo``: :math:`\beta\,\bar{\ell}`, with :math:`\bar{\ell} = \log\pi_\theta(y|x)/|y|`
+    - ``orpo`` (log-odds): :math:`\bar{\ell} - \log(1 - e^{\bar{\ell}})`
+    """
+    if pref_loss == "sigmoid":
+        if ref_logps is None:
+            raise ValueError("pref_loss 'sigmoid' needs reference log-probs")
+        return beta * (logps - ref_logps)
+    avg = logps / lengths.clamp(min=1).to(logps.dtype)
+    if pref_loss == "simpo":
+        return beta * avg
+    if pref_loss == "orpo":
+        return avg - log1mexp(avg.clamp(max=-1e-6))
+    raise ValueError(f"pref_loss: {pref_loss!r} is not one of {', '.join(PREF_LOSSES)}")
+
+
+def solopo_loss(
+    short_chosen_logps: torch.Tensor,
+    short_rejected_logps: torch.Tensor,
+    long_chosen_logps: torch.Tensor,
+    short_chosen_lengths: torch.Tensor,
+    short_rejected_lengths: torch.Tensor,
+    long_chosen_lengths: torch.Tensor,
+    *,
+    pref_loss: str,
+    beta: float,
+    alpha: float,
+    gamma: float = 0.5,
+    distance: str = "abs",
+    ref_short_chosen_logps: Optional[torch.Tensor] = None,
+    ref_short_rejected_logps: Optional[torch.Tensor] = None,
+    ref_long_chosen_logps: Optional[torch.Tensor] = None,
+    long_rejected_logps: Optional[torch.Tensor] = None,
+    long_rejected_lengths: Optional[torch.Tensor] = None,
+    ref_long_rejected_logps: Optional[torch.Tensor] = None,
+) -> SoLoPOOutput:
+    r"""SoLoPO: preference optimization on the SHORT pair plus short-to-long reward alignment.
+
+    .. math::
+        L = \mathrm{mean}\Big(L_{PO}(x_S; y_w, y_l)
+            + \alpha\, s\big(|r(x_S, y_w) - r(x_L, y_w)|\big)\Big)
+
+    with, per ``pref_loss`` (rewards from :func:`preference_reward`):
+
+    - ``sigmoid`` (SoLo-DPO): :math:`L_{PO} = -\log\sigma(r(x_S,y_w) - r(x_S,y_l))`
+    - ``simpo`` (SoLo-SimPO): :math:`L_{PO} = -\log\sigma(r(x_S,y_w) - r(x_S,y_l) - \gamma)`
+    - ``orpo`` (SoLo-ORPO): :math:`L_{PO} = -\bar{\ell}(y_w|x_S) - \beta\log\sigma(r(x_S,y_w) - r(x_S,y_l))`
+
+    Only the chosen response is aligned (chosen-only SoLo-RA) unless ``long_rejected_logps`` is given,
+    which adds :math:`\alpha\,s(|r(x_S,y_l) - r(x_L,y_l)|)` (the ``solopo_align: both`` ablation).
+
+    For ``sigmoid``, a missing ``ref_long_chosen_logps`` (and ``ref_long_rejected_logps``) means the
+    SHORT reference is reused (``solopo_long_reference: short``): the reference then cancels and the
+    term is :math:`\beta\,|\log\pi_\theta(y_w|x_S) - \log\pi_\theta(y_w|x_L)|`.
+    """
+    if pref_loss == "sigmoid" and (ref_short_chosen_logps is None or ref_short_rejected_logps is None):
+        raise ValueError("pref_loss 'sigmoid' (SoLo-DPO) needs ref_short_chosen_logps and ref_short_rejected_logps")
+    if long_rejected_logps is not None and long_rejected_lengths is None:
+        raise ValueError("long_rejected_logps needs long_rejected_lengths")
+
+    def reward(logps: torch.Tensor, lengths: torch.Tensor, ref: Optional[torch.Tensor]) -> torch.Tensor:
+        return preference_reward(logps, lengths, pref_loss=pref_loss, beta=beta, ref_logps=ref)
+
+    r_sc = reward(short_chosen_logps, short_chosen_lengths, ref_short_chosen_logps)
+    r_sr = reward(short_rejected_logps, short_rejected_lengths, ref_short_rejected_logps)
+    ref_lc = ref_long_chosen_logps if ref_long_chosen_logps is not None else ref_short_chosen_logps
+    r_lc = reward(long_chosen_logps, long_chosen_lengths, ref_lc)
+
+    margin = r_sc - r_sr
+    if pref_loss == "sigmoid":
+        po_losses = -F.logsigmoid(margin)
+    elif pref_loss == "simpo":
+        po_losses = -F.logsigmoid(margin - gamma)
+    else:  # orpo; preference_reward already rejected unknown names
+        avg_chosen = short_chosen_logps / short_chosen_lengths.clamp(min=1).to(short_chosen_logps.dtype)
+        po_losses = -avg_chosen - beta * F.logsigmoid(margin)
+
+    align_losses = reward_distance(r_sc - r_lc, distance)
+    r_lr = None
+    if long_rejected_logps is not None:
+        ref_lr = ref_long_rejected_logps if ref_long_rejected_logps is not None else ref_short_rejected_logps
+        r_lr = reward(long_rejected_logps, long_rejected_lengths, ref_lr)
+        align_losses = align_losses + reward_distance(r_sr - r_lr, distance)
+
+    loss = (po_losses + alpha * align_losses).mean()
+    return SoLoPOOutput(
+        loss=loss,
+        po_losses=po_losses,
+        align_losses=align_losses,
+        short_chosen_rewards=r_sc.detach(),
+        short_rejected_rewards=r_sr.detach(),
+        long_chosen_rewards=r_lc.detach(),
+        long_rejected_rewards=None if r_lr is None else r_lr.detach(),
+    )

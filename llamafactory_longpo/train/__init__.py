@@ -1,0 +1,1 @@
+"""Training for the ``longpo`` and ``solopo`` stages."""

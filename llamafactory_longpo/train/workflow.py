@@ -1,0 +1,93 @@
+"""``run_solopo`` / ``run_longpo``: the toolkit's ``run_dpo`` shape with the plugin's data and trainer."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional
+
+from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
+from llamafactory.extras import logging
+from llamafactory.extras.constants import IGNORE_INDEX
+from llamafactory.extras.ploting import plot_loss
+from llamafactory.model import load_model, load_tokenizer
+from llamafactory.train.trainer_utils import create_modelcard_and_push, create_ref_model
+
+from ..data.collator import ShortToLongDataCollator
+from .rope import set_rope_theta
+from .trainer import ShortToLongTrainer
+
+if TYPE_CHECKING:
+    from transformers import Seq2SeqTrainingArguments, TrainerCallback
+
+logger = logging.get_logger(__name__)
+
+PLOT_KEYS = {
+    "solopo": ["loss", "po_loss", "align_loss", "rewards/accuracies", "rewards/distance"],
+    "longpo": ["loss", "pref_loss", "nll_loss", "rewards/accuracies"],
+}
+
+
+def prepare_data_args(data_args: Any, finetuning_args: Any) -> None:
+    """Tell the short-to-long loader which rows the stage needs."""
+    data_args.s2l_target = finetuning_args.stage
+    data_args.s2l_long_rejected = finetuning_args.stage == "solopo" and finetuning_args.solopo_align == "both"
+
+
+def run_short_to_long(
+    model_args: Any,
+    data_args: Any,
+    training_args: "Seq2SeqTrainingArguments",
+    finetuning_args: Any,
+    callbacks: Optional[list["TrainerCallback"]] = None,
+) -> None:
+    """Train stage ``solopo`` or ``longpo`` (``finetuning_args.stage``)."""
+    stage = finetuning_args.stage
+    prepare_data_args(data_args, finetuning_args)
+    tokenizer_module = load_tokenizer(model_args)
+    tokenizer = tokenizer_module["tokenizer"]
+    template = get_template_and_fix_tokenizer(tokenizer, data_args)
+    dataset_module = get_dataset(template, model_args, data_args, training_args, stage="rm", **tokenizer_module)
+    model = load_model(tokenizer, model_args, finetuning_args, training_args.do_train)
+
+    original_theta = None
+    if finetuning_args.policy_rope_theta is not None:
+        original_theta = set_rope_theta(model, finetuning_args.policy_rope_theta)
+        logger.info_rank0(f"policy rope_theta: {original_theta:g} -> {finetuning_args.policy_rope_theta:g} (reference keeps {original_theta:g})")
+
+    collator = ShortToLongDataCollator(
+        template=template,
+        model=model,
+        pad_to_multiple_of=8,
+        label_pad_token_id=IGNORE_INDEX if data_args.ignore_pad_token_for_loss else tokenizer.pad_token_id,
+        **tokenizer_module,
+    )
+    ref_model = None
+    if finetuning_args.use_ref_model:
+        ref_model = create_ref_model(model_args, finetuning_args)  # None for LoRA: adapters get disabled
+
+    trainer = ShortToLongTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=training_args,
+        finetuning_args=finetuning_args,
+        data_collator=collator,
+        callbacks=callbacks,
+        **dataset_module,
+        **tokenizer_module,
+    )
+    trainer.original_rope_theta = original_theta
+
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.save_model()
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+        if trainer.is_world_process_zero() and finetuning_args.plot_loss:
+            plot_loss(training_args.output_dir, keys=PLOT_KEYS[stage] + ["eval_loss"])
+
+    if training_args.do_eval:
+        metrics = trainer.evaluate(metric_key_prefix="eval")
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+
+    create_modelcard_and_push(trainer, model_args, data_args, training_args, finetuning_args)
