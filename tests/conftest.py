@@ -1,0 +1,88 @@
+"""Shared fixtures: the repository, the offline tiny model, and a subprocess environment."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def tiny_model_dir() -> Path:
+    """The offline tiny model (built once, like scripts/setup.sh does)."""
+    path = ROOT / ".cache" / "tiny"
+    if not (path / "model.safetensors").exists():
+        from llamafactory_longpo.tiny import make_tiny_model
+
+        make_tiny_model(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    return tiny_model_dir()
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        HF_HUB_OFFLINE="1",
+        WANDB_DISABLED="true",
+        DISABLE_VERSION_CHECK="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+    )
+    env.update(extra)
+    return env
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
+    """``llamafactory-cli`` as a real subprocess (stdout and stderr captured together)."""
+    return subprocess.run(
+        [str(VENV_BIN / "llamafactory-cli"), *args],
+        cwd=cwd, env=cli_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
+    )
+
+
+def write_yaml(path: Path, config: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def base_config(tiny: Path, out: Path, **overrides) -> dict:
+    """A small CPU training config over the demo data (the tiny examples' settings)."""
+    config = {
+        "model_name_or_path": str(tiny),
+        "stage": "solopo",
+        "do_train": True,
+        "finetuning_type": "full",
+        "pref_loss": "orpo",
+        "dataset": "solopo_demo",
+        "dataset_dir": str(ROOT),
+        "template": "qwen",
+        "cutoff_len": 1536,
+        "short_cutoff_len": 512,
+        "max_samples": 8,
+        "overwrite_cache": True,
+        "preprocessing_num_workers": 1,
+        "output_dir": str(out),
+        "logging_steps": 1,
+        "save_steps": 1000,
+        "plot_loss": True,
+        "overwrite_output_dir": True,
+        "report_to": "none",
+        "per_device_train_batch_size": 2,
+        "learning_rate": 1.0e-4,
+        "num_train_epochs": 1.0,
+        "seed": 0,
+    }
+    config.update(overrides)
+    return config

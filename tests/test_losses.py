@@ -1,0 +1,88 @@
+"""losses.py against an independent float64 computation of SPEC's formulas."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from llamafactory_longpo.losses import longpo_loss, solopo_loss
+from tests import spec_formulas as spec
+
+B = 5
+
+
+def _inputs(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = {k: torch.randint(3, 40, (B,), generator=g) for k in ("n_sc", "n_sr", "n_lc", "n_lr")}
+    # log-probs: negative, about -0.2..-3 per token
+    logps = {k: -(torch.rand(B, generator=g, dtype=torch.float64) * 2.8 + 0.2) * lengths["n_" + k].double()
+             for k in ("sc", "sr", "lc", "lr")}
+    refs = {f"ref_{k}": logps[k] + torch.randn(B, generator=g, dtype=torch.float64) for k in ("sc", "sr", "lc", "lr")}
+    return {**lengths, **logps, **refs}
+
+
+CASES = list(itertools.product(("sigmoid", "simpo", "orpo"), ("abs", "square", "smooth_l1"), ("long", "short"), (False, True)))
+
+
+@pytest.mark.parametrize("pref_loss,dist,long_ref,both", CASES)
+def test_solopo_matches_spec(pref_loss: str, dist: str, long_ref: str, both: bool) -> None:
+    x = _inputs(CASES.index((pref_loss, dist, long_ref, both)))
+    leaf = {k: x[k].clone().requires_grad_(True) for k in ("sc", "sr", "lc", "lr")}
+    kw = dict(pref_loss=pref_loss, beta=0.3, alpha=1.7, gamma=0.4, distance=dist)
+    if pref_loss == "sigmoid":
+        kw.update(ref_short_chosen_logps=x["ref_sc"], ref_short_rejected_logps=x["ref_sr"])
+        if long_ref == "long":
+            kw.update(ref_long_chosen_logps=x["ref_lc"])
+            if both:
+                kw.update(ref_long_rejected_logps=x["ref_lr"])
+    if both:
+        kw.update(long_rejected_logps=leaf["lr"], long_rejected_lengths=x["n_lr"])
+    out = solopo_loss(leaf["sc"], leaf["sr"], leaf["lc"], x["n_sc"], x["n_sr"], x["n_lc"], **kw)
+
+    samples = [{k: (v[i].item()) for k, v in x.items()} for i in range(B)]
+    expected = [spec.solopo_sample(s, pref_loss=pref_loss, beta=0.3, alpha=1.7, gamma=0.4, dist=dist,
+                                   long_reference=long_ref, align_both=both) for s in samples]
+    assert out.loss.item() == pytest.approx(sum(expected) / B, rel=1e-10, abs=1e-10)
+    assert (out.po_losses + 1.7 * out.align_losses).tolist() == pytest.approx(expected, rel=1e-10, abs=1e-10)
+    out.loss.backward()
+    for name in ("sc", "sr", "lc") + (("lr",) if both else ()):
+        assert leaf[name].grad is not None and torch.isfinite(leaf[name].grad).all(), name
+    # alpha = 0 gives the plain preference loss
+    kw0 = dict(kw, alpha=0.0)
+    out0 = solopo_loss(x["sc"], x["sr"], x["lc"], x["n_sc"], x["n_sr"], x["n_lc"], **{k: v for k, v in kw0.items()})
+    plain = [spec.solopo_sample(s, pref_loss=pref_loss, beta=0.3, alpha=0.0, gamma=0.4, dist=dist,
+                                long_reference=long_ref, align_both=both) for s in samples]
+    assert out0.loss.item() == pytest.approx(sum(plain) / B, rel=1e-10)
+    assert out0.loss.item() == pytest.approx(out.po_losses.mean().item(), rel=1e-12)
+
+
+def test_solopo_sigmoid_needs_reference() -> None:
+    x = _inputs(0)
+    with pytest.raises(ValueError, match="ref_short"):
+        solopo_loss(x["sc"], x["sr"], x["lc"], x["n_sc"], x["n_sr"], x["n_lc"], pref_loss="sigmoid", beta=0.1, alpha=1.0)
+
+
+def test_solopo_short_reference_cancels() -> None:
+    """With the short reference reused, the SoLo-DPO term is beta*|logp(y_w|x_S) - logp(y_w|x_L)|."""
+    x = _inputs(1)
+    out = solopo_loss(x["sc"], x["sr"], x["lc"], x["n_sc"], x["n_sr"], x["n_lc"], pref_loss="sigmoid", beta=0.2,
+                      alpha=1.0, ref_short_chosen_logps=x["ref_sc"], ref_short_rejected_logps=x["ref_sr"])
+    torch.testing.assert_close(out.align_losses, 0.2 * (x["sc"] - x["lc"]).abs())
+
+
+@pytest.mark.parametrize("beta,lam,w", [(0.1, 0.01, 1.0), (0.01, 1.0, 0.0), (0.5, 0.3, 2.0)])
+def test_longpo_matches_spec(beta: float, lam: float, w: float) -> None:
+    g = torch.Generator().manual_seed(7)
+    p_w, p_l, r_w, r_l = (-(torch.rand(B, generator=g, dtype=torch.float64) * 300) for _ in range(4))
+    p_w.requires_grad_(True)
+    nll = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
+    out = longpo_loss(p_w, p_l, r_w, r_l, nll, beta=beta, lam=lam, nll_weight=w)
+    expected = spec.longpo_batch(p_w.tolist(), p_l.tolist(), r_w.tolist(), r_l.tolist(), 2.5, beta=beta, lam=lam, nll_weight=w)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-12)
+    torch.testing.assert_close(out.chosen_rewards, beta * (p_w - r_w).detach())
+    torch.testing.assert_close(out.rejected_rewards, beta * (p_l - r_l))
+    assert out.pref_losses.shape == (B,)
+    out.loss.backward()
+    assert torch.isfinite(p_w.grad).all() and torch.isfinite(nll.grad)
