@@ -32,15 +32,14 @@ def prepare_data_args(data_args: Any, finetuning_args: Any) -> None:
     data_args.s2l_long_rejected = finetuning_args.stage == "solopo" and finetuning_args.solopo_align == "both"
 
 
-def run_short_to_long(
+def build_trainer(
     model_args: Any,
     data_args: Any,
     training_args: "Seq2SeqTrainingArguments",
     finetuning_args: Any,
     callbacks: Optional[list["TrainerCallback"]] = None,
-) -> None:
-    """Train stage ``solopo`` or ``longpo`` (``finetuning_args.stage``)."""
-    stage = finetuning_args.stage
+) -> ShortToLongTrainer:
+    """Tokenizer, dataset, policy (and reference), collator and trainer for a plugin stage."""
     prepare_data_args(data_args, finetuning_args)
     tokenizer_module = load_tokenizer(model_args)
     tokenizer = tokenizer_module["tokenizer"]
@@ -75,7 +74,19 @@ def run_short_to_long(
         **tokenizer_module,
     )
     trainer.original_rope_theta = original_theta
+    return trainer
 
+
+def run_short_to_long(
+    model_args: Any,
+    data_args: Any,
+    training_args: "Seq2SeqTrainingArguments",
+    finetuning_args: Any,
+    callbacks: Optional[list["TrainerCallback"]] = None,
+) -> None:
+    """Train stage ``solopo`` or ``longpo`` (``finetuning_args.stage``), like the toolkit's ``run_dpo``."""
+    stage = finetuning_args.stage
+    trainer = build_trainer(model_args, data_args, training_args, finetuning_args, callbacks)
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         trainer.save_model()

@@ -1,0 +1,124 @@
+"""The trainer's loss on the tiny model equals the loss recomputed from plain full-logits forwards.
+
+The independent side runs ``model(...).logits`` over whole sequences (no response slicing, no
+chunking), gathers log-probs itself and applies SPEC's formulas in float64 (tests/spec_formulas.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests import spec_formulas as spec
+from tests.conftest import base_config
+
+IGNORE = -100
+
+
+def build(tmp_path: Path, tiny: Path, **overrides):
+    from llamafactory.hparams import get_train_args
+
+    from llamafactory_longpo.train.workflow import build_trainer
+
+    config = base_config(tiny, tmp_path / "out", max_samples=4, **overrides)
+    model_args, data_args, training_args, finetuning_args, _ = get_train_args(config)
+    model_args.use_reentrant_gc = False
+    trainer = build_trainer(model_args, data_args, training_args, finetuning_args, callbacks=[])
+    # move the policy away from the (identical) reference so rewards are not trivially zero
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    batch = next(iter(trainer.get_train_dataloader()))
+    return trainer, batch
+
+
+def plain_logps(model, ids, mask, labels) -> tuple[list[float], list[int]]:
+    """Full-vocabulary logits over whole rows; summed label log-probs per row."""
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits.double()
+    logp = logits[:, :-1].log_softmax(-1)
+    tgt = labels[:, 1:]
+    valid = tgt != IGNORE
+    tok = logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * valid
+    return tok.sum(-1).tolist(), valid.sum(-1).tolist()
+
+
+def plain_nll(model, ids, mask, labels, scope: str) -> float:
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits.double()
+    logp = logits[:, :-1].log_softmax(-1)
+    if scope == "full":
+        valid = (mask[:, 1:] * mask[:, :-1]).bool()
+        tgt = ids[:, 1:]
+    else:
+        tgt = labels[:, 1:]
+        valid = tgt != IGNORE
+    tok = logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return float(-(tok * valid).sum() / valid.sum())
+
+
+SOLOPO = [
+    dict(pref_loss="sigmoid", solopo_alpha=3.0),
+    dict(pref_loss="sigmoid", solopo_alpha=1.0, solopo_long_reference="short", solopo_distance="square"),
+    dict(pref_loss="simpo", solopo_alpha=1.0, pref_beta=2.0, simpo_gamma=0.5),
+    dict(pref_loss="orpo", solopo_alpha=1.0, solopo_distance="smooth_l1"),
+    dict(pref_loss="orpo", solopo_alpha=0.5, solopo_align="both"),
+]
+
+
+@pytest.mark.parametrize("overrides", SOLOPO, ids=lambda o: "-".join(f"{v}" for v in o.values()))
+def test_solopo_trainer_loss_matches_plain_forwards(tmp_path: Path, tiny_model: Path, overrides: dict) -> None:
+    trainer, batch = build(tmp_path, tiny_model, stage="solopo", **overrides)
+    fa = trainer.finetuning_args
+    model = trainer.model
+    loss = trainer.compute_loss(model, batch).item()
+
+    n = batch["input_ids"].size(0) // 2
+    s_lp, s_len = plain_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    l_lp, l_len = plain_logps(model, batch["long_input_ids"], batch["long_attention_mask"], batch["long_labels"])
+    refs: dict[str, list[float]] = {}
+    if fa.pref_loss == "sigmoid":
+        ref = trainer.ref_model
+        r_s, _ = plain_logps(ref, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        r_l, _ = plain_logps(ref, batch["long_input_ids"], batch["long_attention_mask"], batch["long_labels"])
+        refs = {"ref_sc": r_s[:n], "ref_sr": r_s[n:], "ref_lc": r_l[:n], "ref_lr": r_l[n:]}
+    both = fa.solopo_align == "both"
+    samples = []
+    for i in range(n):
+        s = {"sc": s_lp[i], "sr": s_lp[n + i], "lc": l_lp[i], "n_sc": s_len[i], "n_sr": s_len[n + i], "n_lc": l_len[i]}
+        if both:
+            s.update(lr=l_lp[n + i], n_lr=l_len[n + i])
+        s.update({k: v[i] for k, v in refs.items() if v})
+        samples.append(s)
+    expected = sum(
+        spec.solopo_sample(s, pref_loss=fa.pref_loss, beta=fa.pref_beta, alpha=fa.solopo_alpha, gamma=fa.simpo_gamma,
+                           dist=fa.solopo_distance, long_reference=fa.solopo_long_reference, align_both=both)
+        for s in samples
+    ) / n
+    assert loss == pytest.approx(expected, abs=1e-5, rel=1e-5)
+
+
+@pytest.mark.parametrize("scope", ["full", "response"])
+def test_longpo_trainer_loss_matches_plain_forwards(tmp_path: Path, tiny_model: Path, scope: str) -> None:
+    trainer, batch = build(tmp_path, tiny_model, stage="longpo", pref_loss="sigmoid", dataset="longpo_demo",
+                           pref_beta=0.5, longpo_lambda=0.7, longpo_nll_scope=scope, cutoff_len=2048)
+    fa = trainer.finetuning_args
+    model = trainer.model
+    loss = trainer.compute_loss(model, batch).item()
+
+    n = batch["input_ids"].size(0) // 2
+    p_lp, _ = plain_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    r_rows, _ = plain_logps(trainer.ref_model, batch["ref_input_ids"], batch["ref_attention_mask"], batch["ref_labels"])
+    owner = batch["ref_sample"].tolist()
+    half = len(owner) // 2
+    r_w, r_l = [0.0] * n, [0.0] * n
+    for j, o in enumerate(owner):
+        (r_w if j < half else r_l)[o] += r_rows[j]
+    nll = plain_nll(model, batch["input_ids"][:n], batch["attention_mask"][:n], batch["labels"][:n], scope)
+    expected = spec.longpo_batch(p_lp[:n], p_lp[n:], r_w, r_l, nll, beta=fa.pref_beta, lam=fa.longpo_lambda,
+                                 nll_weight=fa.longpo_nll_weight)
+    assert loss == pytest.approx(expected, abs=1e-5, rel=1e-5)
+    assert len(owner) > 2 * n  # multi-turn records: several reference rows per sample
