@@ -125,34 +125,35 @@ def patch_loader(module: Any) -> None:
         if dataset_names is None:
             return merged(dataset_names, model_args, data_args, training_args, stage, return_dict)
         attrs = module.get_dataset_list(dataset_names, data_args.dataset_dir)
+        names = {id(a): f"'{n}' ({a})" if str(a) != n else f"'{n}'" for n, a in zip(dataset_names, attrs)}
         s2l = [a for a in attrs if a.formatting == converter.FORMATTING]
         plugin_target = getattr(data_args, "s2l_target", None)
         if plugin_target in PLUGIN_STAGES:
             for a in attrs:
                 if a.formatting != converter.FORMATTING:
                     raise ConfigError(
-                        f"dataset '{a}': stage {plugin_target} needs \"formatting\": \"short_to_long\" in "
+                        f"dataset {names[id(a)]}: stage {plugin_target} needs \"formatting\": \"short_to_long\" in "
                         f"dataset_info.json, got {a.formatting!r}"
                     )
         if not s2l:
             return merged(dataset_names, model_args, data_args, training_args, stage, return_dict)
         if len(s2l) != len(attrs):
             other = next(a for a in attrs if a.formatting != converter.FORMATTING)
-            raise ConfigError(f"dataset '{other}': cannot be mixed with short_to_long datasets ({s2l[0]})")
+            raise ConfigError(f"dataset {names[id(other)]}: cannot be mixed with short_to_long datasets")
         if plugin_target not in PLUGIN_STAGES:
             if stage not in _TOOLKIT_TARGETS:
                 raise ConfigError(
-                    f"dataset '{s2l[0]}': short_to_long records cannot feed stage {stage!r}; "
+                    f"dataset {names[id(s2l[0])]}: short_to_long records cannot feed stage {stage!r}; "
                     "use stage solopo, longpo, dpo, rm or sft"
                 )
             data_args.s2l_toolkit_target = _TOOLKIT_TARGETS[stage]
         for a in s2l:
             if not a.ranking:
-                raise ConfigError(f"dataset '{a}': a short_to_long entry in dataset_info.json needs \"ranking\": true")
+                raise ConfigError(f"dataset {names[id(a)]}: a short_to_long entry in dataset_info.json needs \"ranking\": true")
             if a.load_from == "file":
                 files = converter.dataset_files(data_args.dataset_dir, a.dataset_name)
                 if not files:
-                    raise ConfigError(f"dataset '{a}': file {a.dataset_name!r} not found in {data_args.dataset_dir}")
+                    raise ConfigError(f"dataset {names[id(a)]}: file {a.dataset_name!r} not found in {data_args.dataset_dir}")
                 converter.validate_files(files, converter.column_map(getattr(a, "s2l_columns", None)))
         # the toolkit's ranking check passes for "rm"; the stage is not used otherwise
         return merged(dataset_names, model_args, data_args, training_args, "rm", return_dict)
@@ -199,6 +200,7 @@ def _run_plugin_stage(tuner: Any, config: dict[str, Any]) -> None:
     """The toolkit's ``_training_function`` for a plugin stage: same callbacks, the plugin's workflow."""
     import torch.distributed as dist
 
+    from .train.callbacks import ShortToLongLogCallback
     from .train.workflow import run_short_to_long
 
     callbacks: list[Any] = config.get("callbacks")
@@ -206,7 +208,7 @@ def _run_plugin_stage(tuner: Any, config: dict[str, Any]) -> None:
     # two forwards per step + reentrant checkpointing silently desyncs DDP gradients (seams notes, section 5)
     model_args.use_reentrant_gc = False
 
-    callbacks.append(tuner.LogCallback())
+    callbacks.append(ShortToLongLogCallback())  # the toolkit's LogCallback + the plugin's metrics
     if finetuning_args.pissa_convert:
         callbacks.append(tuner.PissaConvertCallback())
     if finetuning_args.use_swanlab:

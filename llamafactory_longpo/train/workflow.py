@@ -12,6 +12,7 @@ from llamafactory.model import load_model, load_tokenizer
 from llamafactory.train.trainer_utils import create_modelcard_and_push, create_ref_model
 
 from ..data.collator import ShortToLongDataCollator
+from .callbacks import diagnostic_callbacks
 from .rope import set_rope_theta
 from .trainer import ShortToLongTrainer
 
@@ -69,7 +70,7 @@ def build_trainer(
         args=training_args,
         finetuning_args=finetuning_args,
         data_collator=collator,
-        callbacks=callbacks,
+        callbacks=list(callbacks or []) + diagnostic_callbacks(),
         **dataset_module,
         **tokenizer_module,
     )

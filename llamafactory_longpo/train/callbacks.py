@@ -1,0 +1,61 @@
+"""Callbacks of the plugin stages: metrics in ``trainer_log.jsonl``, and opt-in diagnostics.
+
+``LLAMAFACTORY_LONGPO_GRAD_NORM_FILE=path`` makes every rank append its own gradient norm, measured
+after the gradient all-reduce and before the optimizer step, to ``path.rank<R>`` (JSON lines). With
+data parallelism the ranks must agree; a mismatch means gradients silently went out of sync (the
+reentrant-checkpointing failure described in the seams notes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import torch
+from llamafactory.train.callbacks import LogCallback
+from transformers import TrainerCallback
+
+GRAD_NORM_ENV = "LLAMAFACTORY_LONGPO_GRAD_NORM_FILE"
+
+
+class GradNormPerRankCallback(TrainerCallback):
+    def __init__(self, path: str) -> None:
+        rank = int(os.environ.get("RANK", "0"))
+        self.path = f"{path}.rank{rank}"
+        self.rank = rank
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Optional[torch.nn.Module] = None, **kw: Any) -> None:
+        if model is None:
+            return
+        sq = sum(float(p.grad.detach().double().pow(2).sum()) for p in model.parameters() if p.grad is not None)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"rank": self.rank, "step": state.global_step, "grad_norm": sq**0.5}) + "\n")
+
+
+def diagnostic_callbacks() -> list[TrainerCallback]:
+    path = os.environ.get(GRAD_NORM_ENV)
+    return [GradNormPerRankCallback(path)] if path else []
+
+
+def plugin_metrics(entry: dict[str, Any]) -> dict[str, Any]:
+    """The plugin's metrics of one log entry (loss parts, rewards, log-probs)."""
+    keep = ("po_loss", "align_loss", "pref_loss", "nll_loss")
+    return {k: v for k, v in entry.items() if k.removeprefix("eval_") in keep or k.startswith(("rewards/", "logps/", "eval_rewards/", "eval_logps/"))}
+
+
+class ShortToLongLogCallback(LogCallback):
+    """The toolkit's ``LogCallback`` (progress, LlamaBoard monitor) plus the plugin's metrics per line.
+
+    The toolkit writes a fixed set of keys to ``trainer_log.jsonl``; the extra keys are added to the
+    line it is about to write, so there is still exactly one line per logging step.
+    """
+
+    def on_log(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        extra = plugin_metrics(state.log_history[-1]) if state.log_history else {}
+        write = type(self)._write_log
+        self._write_log = lambda output_dir, logs: write(self, output_dir, {**logs, **extra})
+        try:
+            super().on_log(args, state, control, **kwargs)
+        finally:
+            del self._write_log

@@ -1,0 +1,69 @@
+"""Bad input: one clear line naming file, record and field; exit status 1; no output written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, base_config, run_cli, write_yaml
+
+GOOD = [json.loads(line) for line in (ROOT / "data" / "solopo_demo.jsonl").read_text(encoding="utf-8").splitlines()[:3]]
+
+
+def _dataset(tmp_path: Path, rows: list | bytes, formatting: str = "short_to_long") -> Path:
+    data = tmp_path / "d.jsonl"
+    if isinstance(rows, bytes):
+        data.write_bytes(rows)
+    else:
+        data.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    entry = {"file_name": "d.jsonl", "formatting": formatting, "ranking": formatting == "short_to_long"}
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"d": entry}), encoding="utf-8")
+    return data
+
+
+def _mutate(fn) -> list:
+    rows = json.loads(json.dumps(GOOD))
+    fn(rows[2])
+    return rows
+
+
+CASES = {
+    "missing-field": (_mutate(lambda r: r.pop("long_context")), {}, "d.jsonl: record 2 (line 3): field 'long_context' is missing"),
+    "misnamed-field": (_mutate(lambda r: r["turns"][0].update(instrction=r["turns"][0].pop("instruction"))), {},
+                       "record 2 (line 3): field 'turns[0].instruction' is missing (found 'instrction'"),
+    "empty-turns": (_mutate(lambda r: r.update(turns=[])), {}, "record 2 (line 3): field 'turns' is empty"),
+    "turn-without-short-context": (_mutate(lambda r: r["turns"][0].pop("short_context")), {},
+                                   "record 2 (line 3): field 'turns[0].short_context' is missing"),
+    "non-utf8": ((json.dumps(GOOD[0]) + "\n").encode() + b'{"long_context": "caf\xe9"}\n', {},
+                 "d.jsonl: line 2: not valid UTF-8"),
+    "stage-cannot-use": (GOOD, {"stage": "kto"}, "dataset 'd' (d.jsonl): short_to_long records cannot feed stage 'kto'"),
+    "unknown-knob-value": (GOOD, {"solopo_distance": "cosine"}, "solopo_distance: 'cosine' is not one of abs, square, smooth_l1"),
+    "wrong-pref-loss": (GOOD, {"pref_loss": "hinge"}, "pref_loss: 'hinge' is not supported by stage solopo"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_one_line_error(tmp_path: Path, tiny_model: Path, name: str) -> None:
+    rows, overrides, expected = CASES[name]
+    _dataset(tmp_path, rows)
+    out = tmp_path / "out"
+    cfg = write_yaml(tmp_path / "cfg.yaml", base_config(tiny_model, out, dataset="d", dataset_dir=str(tmp_path), **overrides))
+    proc = run_cli(["train", str(cfg)], cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    errors = [line for line in proc.stdout.splitlines() if line.startswith("[llamafactory-longpo] error:")]
+    assert len(errors) == 1 and expected in errors[0], proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout
+    assert not out.exists()
+
+
+def test_plugin_stage_rejects_other_formats(tmp_path: Path, tiny_model: Path) -> None:
+    _dataset(tmp_path, [{"instruction": "q", "input": "", "chosen": "a", "rejected": "b"}], formatting="alpaca")
+    info = json.loads((tmp_path / "dataset_info.json").read_text())
+    info["d"]["ranking"] = True
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    cfg = write_yaml(tmp_path / "cfg.yaml", base_config(tiny_model, tmp_path / "out", dataset="d", dataset_dir=str(tmp_path)))
+    proc = run_cli(["train", str(cfg)], cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "dataset 'd' (d.jsonl): stage solopo needs \"formatting\": \"short_to_long\"" in proc.stdout
