@@ -14,10 +14,54 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-FIRST = ["Ada", "Bruno", "Carla", "Dmitri", "Elena", "Farid", "Greta", "Hugo", "Ines", "Jonas", "Kira", "Luca",
-         "Mara", "Nils", "Olga", "Pavel", "Quinn", "Rosa", "Stefan", "Tara", "Umar", "Vera", "Wim", "Yara"]
-LAST = ["Albers", "Brandt", "Castell", "Dorn", "Eklund", "Falk", "Garnier", "Holm", "Ivers", "Jansen", "Kovac",
-        "Lindqvist", "Moreau", "Novak", "Orlov", "Petrov", "Quist", "Rinaldi", "Sorensen", "Toivonen"]
+FIRST = [
+    "Ada",
+    "Bruno",
+    "Carla",
+    "Dmitri",
+    "Elena",
+    "Farid",
+    "Greta",
+    "Hugo",
+    "Ines",
+    "Jonas",
+    "Kira",
+    "Luca",
+    "Mara",
+    "Nils",
+    "Olga",
+    "Pavel",
+    "Quinn",
+    "Rosa",
+    "Stefan",
+    "Tara",
+    "Umar",
+    "Vera",
+    "Wim",
+    "Yara",
+]
+LAST = [
+    "Albers",
+    "Brandt",
+    "Castell",
+    "Dorn",
+    "Eklund",
+    "Falk",
+    "Garnier",
+    "Holm",
+    "Ivers",
+    "Jansen",
+    "Kovac",
+    "Lindqvist",
+    "Moreau",
+    "Novak",
+    "Orlov",
+    "Petrov",
+    "Quist",
+    "Rinaldi",
+    "Sorensen",
+    "Toivonen",
+]
 CITY_A = ["Bel", "Cor", "Dun", "Esk", "Fal", "Gor", "Hal", "Ist", "Kel", "Lor", "Mar", "Nor", "Oster", "Pell", "Ros", "Tarn"]
 CITY_B = ["haven", "mouth", "ford", "wick", "dale", "burg", "stead", "mere", "port", "holm"]
 COUNTRIES = ["Veloria", "Ostmark", "Calderon", "Peralta", "Norvania", "Sudland", "Marisco", "Tavora", "Eldmark", "Quessa"]
@@ -48,7 +92,7 @@ def make_world(rng: random.Random, n_companies: int = 96) -> World:
     cities: dict[str, str] = {}
     while len(cities) < 60:
         cities[rng.choice(CITY_A) + rng.choice(CITY_B)] = rng.choice(COUNTRIES)
-    names = sorted({f"{f} {l}" for f in FIRST for l in LAST})
+    names = sorted({f"{first} {last}" for first in FIRST for last in LAST})
     rng.shuffle(names)
     people = [{"name": n, "city": rng.choice(sorted(cities)), "year": rng.randint(1801, 1899)} for n in names[:n_companies]]
     companies = []
@@ -68,8 +112,10 @@ def _filler(rng: random.Random, k: int = 2) -> str:
 
 
 def person_paragraph(w: World, p: dict[str, Any], rng: random.Random) -> str:
-    return (f"{p['name']} was born in {p['year']} in the city of {p['city']}. {_filler(rng)} "
-            f"Friends remembered {p['name'].split()[0]} as patient and fond of long walks.")
+    return (
+        f"{p['name']} was born in {p['year']} in the city of {p['city']}. {_filler(rng)} "
+        f"Friends remembered {p['name'].split()[0]} as patient and fond of long walks."
+    )
 
 
 def city_paragraph(w: World, city: str, rng: random.Random) -> str:
@@ -77,8 +123,10 @@ def city_paragraph(w: World, city: str, rng: random.Random) -> str:
 
 
 def company_paragraph(w: World, c: dict[str, Any], rng: random.Random) -> str:
-    return (f"The {c['name']} was founded in {c['year']} by {c['founder']['name']}. Its headquarters were in "
-            f"{c['hq']}. {_filler(rng)}")
+    return (
+        f"The {c['name']} was founded in {c['year']} by {c['founder']['name']}. Its headquarters were in "
+        f"{c['hq']}. {_filler(rng)}"
+    )
 
 
 def solopo_records(w: World, rng: random.Random, n: int = 64, min_ratio: float = 4.0) -> list[dict[str, Any]]:
@@ -93,16 +141,22 @@ def solopo_records(w: World, rng: random.Random, n: int = 64, min_ratio: float =
             question = f"In which country was the founder of the {c['name']} born?"
             answer = w.cities[founder["city"]]
             wrong = rng.choice([x for x in COUNTRIES if x != answer])
-            chosen = (f"The {c['name']} was founded by {founder['name']}. {founder['name']} was born in "
-                      f"{founder['city']}, which is a city in {answer}. Final answer: {answer}")
-            rejected = (f"The {c['name']} had its headquarters in {c['hq']}, so its founder was probably born in "
-                        f"{wrong}. Final answer: {wrong}")
+            chosen = (
+                f"The {c['name']} was founded by {founder['name']}. {founder['name']} was born in "
+                f"{founder['city']}, which is a city in {answer}. Final answer: {answer}"
+            )
+            rejected = (
+                f"The {c['name']} had its headquarters in {c['hq']}, so its founder was probably born in "
+                f"{wrong}. Final answer: {wrong}"
+            )
         else:
             question = f"In which city was the founder of the {c['name']} born?"
             answer = founder["city"]
             wrong = c["hq"] if c["hq"] != answer else rng.choice([x for x in sorted(w.cities) if x != answer])
-            chosen = (f"The {c['name']} was founded by {founder['name']}, and {founder['name']} was born in "
-                      f"{answer}. Final answer: {answer}")
+            chosen = (
+                f"The {c['name']} was founded by {founder['name']}, and {founder['name']} was born in "
+                f"{answer}. Final answer: {answer}"
+            )
             rejected = f"The {c['name']} was based in {wrong}, so the founder was born there. Final answer: {wrong}"
         short = "\n\n".join(support)
         distractors: list[str] = []
@@ -111,17 +165,22 @@ def solopo_records(w: World, rng: random.Random, n: int = 64, min_ratio: float =
             o = rng.choice(others)
             kind = rng.randrange(3)
             distractors.append(
-                company_paragraph(w, o, rng) if kind == 0 else person_paragraph(w, o["founder"], rng) if kind == 1
+                company_paragraph(w, o, rng)
+                if kind == 0
+                else person_paragraph(w, o["founder"], rng)
+                if kind == 1
                 else city_paragraph(w, o["hq"], rng)
             )
         paragraphs = distractors[:]
         for s in support:
             paragraphs.insert(rng.randint(0, len(paragraphs)), s)
-        records.append({
-            "system": SYSTEM,
-            "long_context": "\n\n".join(paragraphs),
-            "turns": [{"short_context": short, "instruction": question, "chosen": chosen, "rejected": rejected}],
-        })
+        records.append(
+            {
+                "system": SYSTEM,
+                "long_context": "\n\n".join(paragraphs),
+                "turns": [{"short_context": short, "instruction": question, "chosen": chosen, "rejected": rejected}],
+            }
+        )
     return records
 
 
@@ -146,21 +205,33 @@ def longpo_records(w: World, rng: random.Random, n: int = 32, max_turns: int = 3
             kind = rng.randrange(3)
             f = c["founder"]
             if kind == 0:
-                q, good = f"Who founded the {c['name']} and in which year?", f"The {c['name']} was founded by {f['name']} in {c['year']}."
+                q, good = (
+                    f"Who founded the {c['name']} and in which year?",
+                    f"The {c['name']} was founded by {f['name']} in {c['year']}.",
+                )
                 bad = f"The {c['name']} was founded by {rng.choice(w.people)['name']} around {c['year'] - rng.randint(5, 30)}."
             elif kind == 1:
-                q, good = f"Where did the founder of the {c['name']} grow up, and when were they born?", f"{f['name']} was born in {f['city']} in {f['year']}."
+                q, good = (
+                    f"Where did the founder of the {c['name']} grow up, and when were they born?",
+                    f"{f['name']} was born in {f['city']} in {f['year']}.",
+                )
                 bad = f"The text does not say where the founder of the {c['name']} was born."
             else:
-                q, good = f"Summarize what the passage says about the {c['name']}.", (
-                    f"The {c['name']} was founded in {c['year']} by {f['name']}, who was born in {f['city']} in "
-                    f"{f['year']}; the firm had its headquarters in {c['hq']}.")
-                bad = f"The passage describes a company and some history of the region."
+                q, good = (
+                    f"Summarize what the passage says about the {c['name']}.",
+                    (
+                        f"The {c['name']} was founded in {c['year']} by {f['name']}, who was born in {f['city']} in "
+                        f"{f['year']}; the firm had its headquarters in {c['hq']}."
+                    ),
+                )
+                bad = "The passage describes a company and some history of the region."
             turns.append({"short_context": chunk, "instruction": q, "chosen": good, "rejected": bad})
-        records.append({
-            "long_context": doc_intro + "\n\n" + "\n\n".join(ch for _, ch in chunks),
-            "turns": turns,
-        })
+        records.append(
+            {
+                "long_context": doc_intro + "\n\n" + "\n\n".join(ch for _, ch in chunks),
+                "turns": turns,
+            }
+        )
     return records
 
 
@@ -182,8 +253,12 @@ def build(seed: int = 0) -> dict[str, list[dict[str, Any]]]:
 
 
 DATASET_INFO = {
-    "solopo_demo": {"file_name": "data/solopo_demo.jsonl", "formatting": "short_to_long", "ranking": True,
-                    "columns": {"system": "system", "long_context": "long_context", "turns": "turns"}},
+    "solopo_demo": {
+        "file_name": "data/solopo_demo.jsonl",
+        "formatting": "short_to_long",
+        "ranking": True,
+        "columns": {"system": "system", "long_context": "long_context", "turns": "turns"},
+    },
     "longpo_demo": {"file_name": "data/longpo_demo.jsonl", "formatting": "short_to_long", "ranking": True},
 }
 

@@ -85,7 +85,10 @@ class ShortToLongFinetuningArguments:
     )
     longpo_nll_scope: Literal["full", "response"] = field(
         default="full",
-        metadata={"help": "LongPO: NLL over every non-pad token of the long chosen sequence ('full', as published) or its responses only."},
+        metadata={
+            "help": "LongPO: NLL over every non-pad token of the long chosen sequence ('full', as published) "
+            "or its responses only ('response')."
+        },
     )
     policy_rope_theta: Optional[float] = field(
         default=None,

@@ -132,7 +132,7 @@ def patch_loader(module: Any) -> None:
             for a in attrs:
                 if a.formatting != converter.FORMATTING:
                     raise ConfigError(
-                        f"dataset {names[id(a)]}: stage {plugin_target} needs \"formatting\": \"short_to_long\" in "
+                        f'dataset {names[id(a)]}: stage {plugin_target} needs "formatting": "short_to_long" in '
                         f"dataset_info.json, got {a.formatting!r}"
                     )
         if not s2l:
@@ -149,7 +149,7 @@ def patch_loader(module: Any) -> None:
             data_args.s2l_toolkit_target = _TOOLKIT_TARGETS[stage]
         for a in s2l:
             if not a.ranking:
-                raise ConfigError(f"dataset {names[id(a)]}: a short_to_long entry in dataset_info.json needs \"ranking\": true")
+                raise ConfigError(f'dataset {names[id(a)]}: a short_to_long entry in dataset_info.json needs "ranking": true')
             if a.load_from == "file":
                 files = converter.dataset_files(data_args.dataset_dir, a.dataset_name)
                 if not files:

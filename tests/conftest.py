@@ -46,7 +46,12 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600, **env: str) -> subpr
     """``llamafactory-cli`` as a real subprocess (stdout and stderr captured together)."""
     return subprocess.run(
         [str(VENV_BIN / "llamafactory-cli"), *args],
-        cwd=cwd, env=cli_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
+        cwd=cwd,
+        env=cli_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
     )
 
 

@@ -26,8 +26,9 @@ def distance(d: float, kind: str) -> float:
     return 0.5 * d * d if abs(d) < 1 else abs(d) - 0.5
 
 
-def solopo_sample(s: dict, *, pref_loss: str, beta: float, alpha: float, gamma: float, dist: str,
-                  long_reference: str, align_both: bool) -> float:
+def solopo_sample(
+    s: dict, *, pref_loss: str, beta: float, alpha: float, gamma: float, dist: str, long_reference: str, align_both: bool
+) -> float:
     """One sample's SoLoPO loss; ``s`` holds sc/sr/lc/lr logps, lengths and references."""
     ref_sc, ref_sr = s.get("ref_sc"), s.get("ref_sr")
     ref_lc = s.get("ref_lc") if long_reference == "long" else ref_sc

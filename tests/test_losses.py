@@ -17,8 +17,10 @@ def _inputs(seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     lengths = {k: torch.randint(3, 40, (B,), generator=g) for k in ("n_sc", "n_sr", "n_lc", "n_lr")}
     # log-probs: negative, about -0.2..-3 per token
-    logps = {k: -(torch.rand(B, generator=g, dtype=torch.float64) * 2.8 + 0.2) * lengths["n_" + k].double()
-             for k in ("sc", "sr", "lc", "lr")}
+    logps = {
+        k: -(torch.rand(B, generator=g, dtype=torch.float64) * 2.8 + 0.2) * lengths["n_" + k].double()
+        for k in ("sc", "sr", "lc", "lr")
+    }
     refs = {f"ref_{k}": logps[k] + torch.randn(B, generator=g, dtype=torch.float64) for k in ("sc", "sr", "lc", "lr")}
     return {**lengths, **logps, **refs}
 
@@ -42,8 +44,12 @@ def test_solopo_matches_spec(pref_loss: str, dist: str, long_ref: str, both: boo
     out = solopo_loss(leaf["sc"], leaf["sr"], leaf["lc"], x["n_sc"], x["n_sr"], x["n_lc"], **kw)
 
     samples = [{k: (v[i].item()) for k, v in x.items()} for i in range(B)]
-    expected = [spec.solopo_sample(s, pref_loss=pref_loss, beta=0.3, alpha=1.7, gamma=0.4, dist=dist,
-                                   long_reference=long_ref, align_both=both) for s in samples]
+    expected = [
+        spec.solopo_sample(
+            s, pref_loss=pref_loss, beta=0.3, alpha=1.7, gamma=0.4, dist=dist, long_reference=long_ref, align_both=both
+        )
+        for s in samples
+    ]
     assert out.loss.item() == pytest.approx(sum(expected) / B, rel=1e-10, abs=1e-10)
     assert (out.po_losses + 1.7 * out.align_losses).tolist() == pytest.approx(expected, rel=1e-10, abs=1e-10)
     out.loss.backward()
@@ -52,8 +58,12 @@ def test_solopo_matches_spec(pref_loss: str, dist: str, long_ref: str, both: boo
     # alpha = 0 gives the plain preference loss
     kw0 = dict(kw, alpha=0.0)
     out0 = solopo_loss(x["sc"], x["sr"], x["lc"], x["n_sc"], x["n_sr"], x["n_lc"], **{k: v for k, v in kw0.items()})
-    plain = [spec.solopo_sample(s, pref_loss=pref_loss, beta=0.3, alpha=0.0, gamma=0.4, dist=dist,
-                                long_reference=long_ref, align_both=both) for s in samples]
+    plain = [
+        spec.solopo_sample(
+            s, pref_loss=pref_loss, beta=0.3, alpha=0.0, gamma=0.4, dist=dist, long_reference=long_ref, align_both=both
+        )
+        for s in samples
+    ]
     assert out0.loss.item() == pytest.approx(sum(plain) / B, rel=1e-10)
     assert out0.loss.item() == pytest.approx(out.po_losses.mean().item(), rel=1e-12)
 
@@ -67,8 +77,19 @@ def test_solopo_sigmoid_needs_reference() -> None:
 def test_solopo_short_reference_cancels() -> None:
     """With the short reference reused, the SoLo-DPO term is beta*|logp(y_w|x_S) - logp(y_w|x_L)|."""
     x = _inputs(1)
-    out = solopo_loss(x["sc"], x["sr"], x["lc"], x["n_sc"], x["n_sr"], x["n_lc"], pref_loss="sigmoid", beta=0.2,
-                      alpha=1.0, ref_short_chosen_logps=x["ref_sc"], ref_short_rejected_logps=x["ref_sr"])
+    out = solopo_loss(
+        x["sc"],
+        x["sr"],
+        x["lc"],
+        x["n_sc"],
+        x["n_sr"],
+        x["n_lc"],
+        pref_loss="sigmoid",
+        beta=0.2,
+        alpha=1.0,
+        ref_short_chosen_logps=x["ref_sc"],
+        ref_short_rejected_logps=x["ref_sr"],
+    )
     torch.testing.assert_close(out.align_losses, 0.2 * (x["sc"] - x["lc"]).abs())
 
 

@@ -45,9 +45,7 @@ def dataset_files(dataset_dir: str, file_name: str) -> list[str]:
     """The JSON/JSONL files behind a ``file_name`` entry (a file or a folder of files)."""
     path = os.path.join(dataset_dir, file_name)
     if os.path.isdir(path):
-        return sorted(
-            os.path.join(path, name) for name in os.listdir(path) if name.endswith(_JSON_EXTS)
-        )
+        return sorted(os.path.join(path, name) for name in os.listdir(path) if name.endswith(_JSON_EXTS))
     return [path] if os.path.isfile(path) else []
 
 
@@ -92,7 +90,9 @@ def _rows_for(record: Record, target: str, view: str, joiner: str) -> list[dict[
         rows = []
         for i in turns:
             t = record.turns[i]
-            prompt = long_conversation(record, "chosen", upto=i, joiner=joiner) if view == "long" else short_prompt(record, i, joiner)
+            prompt = (
+                long_conversation(record, "chosen", upto=i, joiner=joiner) if view == "long" else short_prompt(record, i, joiner)
+            )
             rows.append(std(prompt, [t.chosen, t.rejected]))
         return rows
     if target == "sft":
@@ -123,9 +123,11 @@ def convert_batch(
             for k, v in row.items():
                 out.setdefault(k, []).append(v)
     if not out:  # keep the schema even for an empty batch
-        names = [RECORD_COLUMN, TURN_COLUMN] if target in PLUGIN_TARGETS else [
-            "_prompt", "_response", "_system", "_tools", "_images", "_videos", "_audios"
-        ]
+        names = (
+            [RECORD_COLUMN, TURN_COLUMN]
+            if target in PLUGIN_TARGETS
+            else ["_prompt", "_response", "_system", "_tools", "_images", "_videos", "_audios"]
+        )
         out = {k: [] for k in names}
     return out
 

@@ -33,9 +33,7 @@ MIDDLE_MARK = "\n...\n"
 
 def record_from_json(blob: str) -> Record:
     data = json.loads(blob)
-    return Record(
-        long_context=data["long_context"], turns=[Turn(**t) for t in data["turns"]], system=data.get("system")
-    )
+    return Record(long_context=data["long_context"], turns=[Turn(**t) for t in data["turns"]], system=data.get("system"))
 
 
 @dataclass
@@ -54,9 +52,7 @@ class ShortToLongDatasetProcessor(DatasetProcessor):
             labels += [IGNORE_INDEX] * len(prompt_ids) + response_ids
         return input_ids, labels
 
-    def _fit(
-        self, build: Callable[[str], list[Row]], context: str, cutoff: int
-    ) -> Optional[list[Row]]:
+    def _fit(self, build: Callable[[str], list[Row]], context: str, cutoff: int) -> Optional[list[Row]]:
         """Rows built from ``context`` if they fit ``cutoff``; else middle-cut or ``None`` (drop)."""
         rows = build(context)
         longest = max(len(ids) for ids, _ in rows)
@@ -105,13 +101,16 @@ class ShortToLongDatasetProcessor(DatasetProcessor):
 
         def long(ctx: str) -> list[Row]:
             rec = Record(long_context=ctx, turns=record.turns, system=record.system)
-            return [self._encode_turns(long_conversation(rec, side, joiner=joiner), record.system) for side in ("chosen", "rejected")]
+            return [
+                self._encode_turns(long_conversation(rec, side, joiner=joiner), record.system) for side in ("chosen", "rejected")
+            ]
 
         long_rows = self._fit(long, record.long_context, self.data_args.cutoff_len)
         if long_rows is None:
             return None
         refs: dict[str, list[Row]] = {"ref_chosen": [], "ref_rejected": []}
         for t in record.turns:
+
             def short(ctx: str, t: Turn = t) -> list[Row]:
                 prompt = [user_message(ctx, t.instruction, joiner)]
                 return [self._encode_turns(prompt + [_asst(y)], record.system) for y in (t.chosen, t.rejected)]

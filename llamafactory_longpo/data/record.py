@@ -20,8 +20,6 @@ ALL_FIELDS: tuple[str, ...] = RECORD_FIELDS + TURN_FIELDS
 DEFAULT_JOINER = "\n\n"
 
 
-
-
 @dataclass
 class Turn:
     short_context: str
@@ -147,13 +145,10 @@ def iter_raw_records(path: str | os.PathLike[str]) -> Iterator[tuple[int, Option
         index += 1
 
 
-def load_records(
-    path: str | os.PathLike[str], columns: Optional[Mapping[str, str]] = None
-) -> list[Record]:
+def load_records(path: str | os.PathLike[str], columns: Optional[Mapping[str, str]] = None) -> list[Record]:
     """Read and validate every record of a file; the first bad record raises :class:`RecordError`."""
     return [
-        parse_record(raw, source=os.fspath(path), index=i, line=line, columns=columns)
-        for i, line, raw in iter_raw_records(path)
+        parse_record(raw, source=os.fspath(path), index=i, line=line, columns=columns) for i, line, raw in iter_raw_records(path)
     ]
 
 
@@ -179,7 +174,9 @@ def long_single_prompt(record: Record, turn: int, joiner: str = DEFAULT_JOINER) 
     return [user_message(record.long_context, record.turns[turn].instruction, joiner)]
 
 
-def long_conversation(record: Record, side: str, upto: Optional[int] = None, joiner: str = DEFAULT_JOINER) -> list[dict[str, str]]:
+def long_conversation(
+    record: Record, side: str, upto: Optional[int] = None, joiner: str = DEFAULT_JOINER
+) -> list[dict[str, str]]:
     """Long multi-turn view: turn 1 carries the long context, later turns only the instruction.
 
     ``side`` is ``"chosen"`` or ``"rejected"``: which response fills the assistant turns. With

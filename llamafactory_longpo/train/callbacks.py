@@ -25,7 +25,9 @@ class GradNormPerRankCallback(TrainerCallback):
         self.path = f"{path}.rank{rank}"
         self.rank = rank
 
-    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Optional[torch.nn.Module] = None, **kw: Any) -> None:
+    def on_pre_optimizer_step(
+        self, args: Any, state: Any, control: Any, model: Optional[torch.nn.Module] = None, **kw: Any
+    ) -> None:
         if model is None:
             return
         sq = sum(float(p.grad.detach().double().pow(2).sum()) for p in model.parameters() if p.grad is not None)
@@ -41,7 +43,11 @@ def diagnostic_callbacks() -> list[TrainerCallback]:
 def plugin_metrics(entry: dict[str, Any]) -> dict[str, Any]:
     """The plugin's metrics of one log entry (loss parts, rewards, log-probs)."""
     keep = ("po_loss", "align_loss", "pref_loss", "nll_loss")
-    return {k: v for k, v in entry.items() if k.removeprefix("eval_") in keep or k.startswith(("rewards/", "logps/", "eval_rewards/", "eval_logps/"))}
+    return {
+        k: v
+        for k, v in entry.items()
+        if k.removeprefix("eval_") in keep or k.startswith(("rewards/", "logps/", "eval_rewards/", "eval_logps/"))
+    }
 
 
 class ShortToLongLogCallback(LogCallback):

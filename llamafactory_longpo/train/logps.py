@@ -12,9 +12,9 @@ row (labels != -100, shifted by one as in causal LM training).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -52,9 +52,7 @@ def final_hidden_states(
     return captured[0]
 
 
-def _chunk_logps(
-    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: Optional[float]
-) -> torch.Tensor:
+def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
     logits = head(hidden).float()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap

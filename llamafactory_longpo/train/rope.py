@@ -20,7 +20,7 @@ def current_rope_theta(config: object) -> float:
     params = getattr(config, "rope_parameters", None)
     if isinstance(params, dict) and "rope_theta" in params:
         return float(params["rope_theta"])
-    return float(getattr(config, "rope_theta"))
+    return float(config.rope_theta)
 
 
 def set_rope_theta(model: torch.nn.Module, theta: float) -> float:

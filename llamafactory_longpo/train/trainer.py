@@ -34,7 +34,9 @@ class ShortToLongTrainer(CustomDPOTrainer):
     def _softcap(self, model: torch.nn.Module) -> Optional[float]:
         return getattr(self.accelerator.unwrap_model(model).config, "final_logit_softcapping", None)
 
-    def _logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], prefix: str = "", **kw: Any) -> dict[str, torch.Tensor]:
+    def _logps(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], prefix: str = "", **kw: Any
+    ) -> dict[str, torch.Tensor]:
         return sequence_logps(
             model,
             self._head(model),
@@ -68,7 +70,9 @@ class ShortToLongTrainer(CustomDPOTrainer):
             return self._logps(ref_model, batch, prefix)["logps"]
 
     # ------------------------------------------------------------------ losses
-    def _solopo(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], prefix: str) -> tuple[torch.Tensor, dict[str, float]]:
+    def _solopo(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], prefix: str
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         fa = self.finetuning_args
         n = batch["input_ids"].size(0) // 2
         short = self._logps(model, batch)
@@ -114,7 +118,9 @@ class ShortToLongTrainer(CustomDPOTrainer):
         }
         return out.loss, {f"{prefix}{k}": v.item() for k, v in m.items()}
 
-    def _longpo(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], prefix: str) -> tuple[torch.Tensor, dict[str, float]]:
+    def _longpo(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], prefix: str
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         fa = self.finetuning_args
         n = batch["input_ids"].size(0) // 2
         policy = self._logps(model, batch, nll_rows=n, nll_scope=fa.longpo_nll_scope)

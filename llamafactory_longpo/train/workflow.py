@@ -36,9 +36,9 @@ def prepare_data_args(data_args: Any, finetuning_args: Any) -> None:
 def build_trainer(
     model_args: Any,
     data_args: Any,
-    training_args: "Seq2SeqTrainingArguments",
+    training_args: Seq2SeqTrainingArguments,
     finetuning_args: Any,
-    callbacks: Optional[list["TrainerCallback"]] = None,
+    callbacks: Optional[list[TrainerCallback]] = None,
 ) -> ShortToLongTrainer:
     """Tokenizer, dataset, policy (and reference), collator and trainer for a plugin stage."""
     prepare_data_args(data_args, finetuning_args)
@@ -51,7 +51,9 @@ def build_trainer(
     original_theta = None
     if finetuning_args.policy_rope_theta is not None:
         original_theta = set_rope_theta(model, finetuning_args.policy_rope_theta)
-        logger.info_rank0(f"policy rope_theta: {original_theta:g} -> {finetuning_args.policy_rope_theta:g} (reference keeps {original_theta:g})")
+        logger.info_rank0(
+            f"policy rope_theta: {original_theta:g} -> {finetuning_args.policy_rope_theta:g} (reference keeps {original_theta:g})"
+        )
 
     collator = ShortToLongDataCollator(
         template=template,
@@ -81,9 +83,9 @@ def build_trainer(
 def run_short_to_long(
     model_args: Any,
     data_args: Any,
-    training_args: "Seq2SeqTrainingArguments",
+    training_args: Seq2SeqTrainingArguments,
     finetuning_args: Any,
-    callbacks: Optional[list["TrainerCallback"]] = None,
+    callbacks: Optional[list[TrainerCallback]] = None,
 ) -> None:
     """Train stage ``solopo`` or ``longpo`` (``finetuning_args.stage``), like the toolkit's ``run_dpo``."""
     stage = finetuning_args.stage

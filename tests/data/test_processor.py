@@ -118,8 +118,14 @@ def test_collator_pads_short_and_long_separately(setup, tiny_model: Path) -> Non
     blobs = _records("solopo_demo", 2)
     out = _processor(setup, s2l_target="solopo").preprocess_dataset({RECORD_COLUMN: blobs, TURN_COLUMN: [0, 0]})
     features = [{k: v[i] for k, v in out.items()} for i in range(2)]
-    collator = ShortToLongDataCollator(template=template, model=AutoModelForCausalLM.from_pretrained(tiny_model),
-                                       pad_to_multiple_of=8, label_pad_token_id=IGNORE, tokenizer=tokenizer, processor=None)
+    collator = ShortToLongDataCollator(
+        template=template,
+        model=AutoModelForCausalLM.from_pretrained(tiny_model),
+        pad_to_multiple_of=8,
+        label_pad_token_id=IGNORE,
+        tokenizer=tokenizer,
+        processor=None,
+    )
     batch = collator(features)
     short_max = max(len(x) for x in out["chosen_input_ids"] + out["rejected_input_ids"])
     long_max = max(len(x) for x in out["long_chosen_input_ids"])

@@ -68,7 +68,14 @@ def test_json_array_and_renamed_columns(tmp_path: Path) -> None:
     renamed = {"doc": "LONG", "qa": [{"evidence": "e", "q": "q", "good": "g", "bad": "b"}]}
     path = tmp_path / "d.json"
     path.write_text(json.dumps([renamed, renamed]), encoding="utf-8")
-    cols = {"long_context": "doc", "turns": "qa", "short_context": "evidence", "instruction": "q", "chosen": "good", "rejected": "bad"}
+    cols = {
+        "long_context": "doc",
+        "turns": "qa",
+        "short_context": "evidence",
+        "instruction": "q",
+        "chosen": "good",
+        "rejected": "bad",
+    }
     records = load_records(path, columns=cols)
     assert len(records) == 2 and records[1].turns[0].chosen == "g" and records[0].long_context == "LONG"
     with pytest.raises(RecordError, match=r"d.json: record 0: field 'long_context' is missing"):

@@ -30,14 +30,27 @@ def _mutate(fn) -> list:
 
 
 CASES = {
-    "missing-field": (_mutate(lambda r: r.pop("long_context")), {}, "d.jsonl: record 2 (line 3): field 'long_context' is missing"),
-    "misnamed-field": (_mutate(lambda r: r["turns"][0].update(instrction=r["turns"][0].pop("instruction"))), {},
-                       "record 2 (line 3): field 'turns[0].instruction' is missing (found 'instrction'"),
+    "missing-field": (
+        _mutate(lambda r: r.pop("long_context")),
+        {},
+        "d.jsonl: record 2 (line 3): field 'long_context' is missing",
+    ),
+    "misnamed-field": (
+        _mutate(lambda r: r["turns"][0].update(instrction=r["turns"][0].pop("instruction"))),
+        {},
+        "record 2 (line 3): field 'turns[0].instruction' is missing (found 'instrction'",
+    ),
     "empty-turns": (_mutate(lambda r: r.update(turns=[])), {}, "record 2 (line 3): field 'turns' is empty"),
-    "turn-without-short-context": (_mutate(lambda r: r["turns"][0].pop("short_context")), {},
-                                   "record 2 (line 3): field 'turns[0].short_context' is missing"),
-    "non-utf8": ((json.dumps(GOOD[0]) + "\n").encode() + b'{"long_context": "caf\xe9"}\n', {},
-                 "d.jsonl: line 2: not valid UTF-8"),
+    "turn-without-short-context": (
+        _mutate(lambda r: r["turns"][0].pop("short_context")),
+        {},
+        "record 2 (line 3): field 'turns[0].short_context' is missing",
+    ),
+    "non-utf8": (
+        (json.dumps(GOOD[0]) + "\n").encode() + b'{"long_context": "caf\xe9"}\n',
+        {},
+        "d.jsonl: line 2: not valid UTF-8",
+    ),
     "stage-cannot-use": (GOOD, {"stage": "kto"}, "dataset 'd' (d.jsonl): short_to_long records cannot feed stage 'kto'"),
     "unknown-knob-value": (GOOD, {"solopo_distance": "cosine"}, "solopo_distance: 'cosine' is not one of abs, square, smooth_l1"),
     "wrong-pref-loss": (GOOD, {"pref_loss": "hinge"}, "pref_loss: 'hinge' is not supported by stage solopo"),
@@ -66,4 +79,4 @@ def test_plugin_stage_rejects_other_formats(tmp_path: Path, tiny_model: Path) ->
     cfg = write_yaml(tmp_path / "cfg.yaml", base_config(tiny_model, tmp_path / "out", dataset="d", dataset_dir=str(tmp_path)))
     proc = run_cli(["train", str(cfg)], cwd=tmp_path)
     assert proc.returncode == 1
-    assert "dataset 'd' (d.jsonl): stage solopo needs \"formatting\": \"short_to_long\"" in proc.stdout
+    assert 'dataset \'d\' (d.jsonl): stage solopo needs "formatting": "short_to_long"' in proc.stdout

@@ -18,8 +18,16 @@ CASES = {
     "sft-long-view": dict(stage="sft", dataset="longpo_demo", cutoff_len=2048),
 }
 METRICS = {
-    "solopo": {"loss", "po_loss", "align_loss", "rewards/chosen", "rewards/rejected", "rewards/long_chosen",
-               "rewards/distance", "rewards/accuracies"},
+    "solopo": {
+        "loss",
+        "po_loss",
+        "align_loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/long_chosen",
+        "rewards/distance",
+        "rewards/accuracies",
+    },
     "longpo": {"loss", "pref_loss", "nll_loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies"},
     "dpo": {"loss", "rewards/chosen", "rewards/accuracies"},
     "sft": {"loss"},

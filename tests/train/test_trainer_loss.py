@@ -93,18 +93,38 @@ def test_solopo_trainer_loss_matches_plain_forwards(tmp_path: Path, tiny_model: 
             s.update(lr=l_lp[n + i], n_lr=l_len[n + i])
         s.update({k: v[i] for k, v in refs.items() if v})
         samples.append(s)
-    expected = sum(
-        spec.solopo_sample(s, pref_loss=fa.pref_loss, beta=fa.pref_beta, alpha=fa.solopo_alpha, gamma=fa.simpo_gamma,
-                           dist=fa.solopo_distance, long_reference=fa.solopo_long_reference, align_both=both)
-        for s in samples
-    ) / n
+    expected = (
+        sum(
+            spec.solopo_sample(
+                s,
+                pref_loss=fa.pref_loss,
+                beta=fa.pref_beta,
+                alpha=fa.solopo_alpha,
+                gamma=fa.simpo_gamma,
+                dist=fa.solopo_distance,
+                long_reference=fa.solopo_long_reference,
+                align_both=both,
+            )
+            for s in samples
+        )
+        / n
+    )
     assert loss == pytest.approx(expected, abs=1e-5, rel=1e-5)
 
 
 @pytest.mark.parametrize("scope", ["full", "response"])
 def test_longpo_trainer_loss_matches_plain_forwards(tmp_path: Path, tiny_model: Path, scope: str) -> None:
-    trainer, batch = build(tmp_path, tiny_model, stage="longpo", pref_loss="sigmoid", dataset="longpo_demo",
-                           pref_beta=0.5, longpo_lambda=0.7, longpo_nll_scope=scope, cutoff_len=2048)
+    trainer, batch = build(
+        tmp_path,
+        tiny_model,
+        stage="longpo",
+        pref_loss="sigmoid",
+        dataset="longpo_demo",
+        pref_beta=0.5,
+        longpo_lambda=0.7,
+        longpo_nll_scope=scope,
+        cutoff_len=2048,
+    )
     fa = trainer.finetuning_args
     model = trainer.model
     loss = trainer.compute_loss(model, batch).item()
@@ -118,7 +138,8 @@ def test_longpo_trainer_loss_matches_plain_forwards(tmp_path: Path, tiny_model: 
     for j, o in enumerate(owner):
         (r_w if j < half else r_l)[o] += r_rows[j]
     nll = plain_nll(model, batch["input_ids"][:n], batch["attention_mask"][:n], batch["labels"][:n], scope)
-    expected = spec.longpo_batch(p_lp[:n], p_lp[n:], r_w, r_l, nll, beta=fa.pref_beta, lam=fa.longpo_lambda,
-                                 nll_weight=fa.longpo_nll_weight)
+    expected = spec.longpo_batch(
+        p_lp[:n], p_lp[n:], r_w, r_l, nll, beta=fa.pref_beta, lam=fa.longpo_lambda, nll_weight=fa.longpo_nll_weight
+    )
     assert loss == pytest.approx(expected, abs=1e-5, rel=1e-5)
     assert len(owner) > 2 * n  # multi-turn records: several reference rows per sample
