@@ -45,6 +45,19 @@ def validate_choices(obj: Any, names: Optional[set[str]] = None) -> None:
             raise ConfigError(f"{f.name}: {value!r} is not one of {shown}")
 
 
+def _number(obj: Any, name: str) -> Optional[float]:
+    """The field as a float; YAML reads ``1.0e7`` (no exponent sign) as a string, so accept that too."""
+    value = getattr(obj, name)
+    if value is None or isinstance(value, (int, float)):
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: {value!r} is not a number") from None
+    setattr(obj, name, number)
+    return number
+
+
 def _positive(name: str, value: Optional[float], allow_zero: bool = True) -> None:
     if value is None:
         return
@@ -98,10 +111,9 @@ class ShortToLongFinetuningArguments:
     def validate_short_to_long(self, stage: str, pref_loss: str) -> None:
         """Raise a one-line :class:`ConfigError` naming the key and the allowed values."""
         validate_choices(self, {f.name for f in fields(ShortToLongFinetuningArguments)})
-        _positive("solopo_alpha", self.solopo_alpha)
-        _positive("longpo_lambda", self.longpo_lambda)
-        _positive("longpo_nll_weight", self.longpo_nll_weight)
-        _positive("policy_rope_theta", self.policy_rope_theta, allow_zero=False)
+        for name in ("solopo_alpha", "longpo_lambda", "longpo_nll_weight"):
+            _positive(name, _number(self, name))
+        _positive("policy_rope_theta", _number(self, "policy_rope_theta"), allow_zero=False)
         if stage == "solopo" and pref_loss not in SOLOPO_PREF_LOSSES:
             raise ConfigError(
                 f"pref_loss: {pref_loss!r} is not supported by stage solopo; use one of {', '.join(SOLOPO_PREF_LOSSES)}"
@@ -139,4 +151,5 @@ class ShortToLongDataArguments:
 
     def validate_short_to_long(self) -> None:
         validate_choices(self, {f.name for f in fields(ShortToLongDataArguments)})
-        _positive("short_cutoff_len", self.short_cutoff_len, allow_zero=False)
+        _positive("short_cutoff_len", _number(self, "short_cutoff_len"), allow_zero=False)
+        self.short_cutoff_len = int(self.short_cutoff_len)
