@@ -108,12 +108,39 @@ class ShortToLongFinetuningArguments:
         metadata={"help": "Raise the POLICY's rope_theta before training (LongPO: 1e7); the reference keeps its own."},
     )
 
+    s2l_logits_chunk: int = field(
+        default=4096,
+        metadata={"help": "Tokens per chunk when applying the LM head (memory of the head grows with this, not the sequence)."},
+    )
+    s2l_response_logits: bool = field(
+        default=True,
+        metadata={
+            "help": "Apply the LM head only where log-probs are needed; False builds full [seq, vocab] logits (slow path)."
+        },
+    )
+    s2l_shared_prefix: bool = field(
+        default=True,
+        metadata={"help": "LongPO: run the shared document prefix once for the chosen and rejected continuations."},
+    )
+    s2l_precompute_ref: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute reference log-probs once before training and cache them on disk (no reference model in training)."
+        },
+    )
+    s2l_ref_cache_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Folder of the reference log-prob cache (default: ~/.cache/llamafactory_longpo/ref_logps)."},
+    )
+
     def validate_short_to_long(self, stage: str, pref_loss: str) -> None:
         """Raise a one-line :class:`ConfigError` naming the key and the allowed values."""
         validate_choices(self, {f.name for f in fields(ShortToLongFinetuningArguments)})
         for name in ("solopo_alpha", "longpo_lambda", "longpo_nll_weight"):
             _positive(name, _number(self, name))
         _positive("policy_rope_theta", _number(self, "policy_rope_theta"), allow_zero=False)
+        _positive("s2l_logits_chunk", _number(self, "s2l_logits_chunk"), allow_zero=False)
+        self.s2l_logits_chunk = int(self.s2l_logits_chunk)
         if stage == "solopo" and pref_loss not in SOLOPO_PREF_LOSSES:
             raise ConfigError(
                 f"pref_loss: {pref_loss!r} is not supported by stage solopo; use one of {', '.join(SOLOPO_PREF_LOSSES)}"

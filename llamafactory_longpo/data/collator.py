@@ -11,6 +11,8 @@ Batch keys (``n`` samples in the batch):
   ``n`` rows of long rejected when aligning both.
 - LongPO: ``ref_input_ids``/``ref_attention_mask``/``ref_labels`` = all short reference rows (chosen
   turns of every sample, then rejected turns), and ``ref_sample`` = the sample each row belongs to.
+- precomputed reference log-probs (``ref_*_logps`` columns): ``[n]`` float tensors; the reference rows
+  themselves are then left out of the batch, since nothing runs on them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any
 
 import torch
 from llamafactory.data.collator import MultiModalDataCollatorForSeq2Seq, PairwiseDataCollatorWithPadding
+
+REF_LOGP_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_long_chosen_logps", "ref_long_rejected_logps")
 
 
 def _row(ids: list[int], labels: list[int]) -> dict[str, Any]:
@@ -38,13 +42,16 @@ class ShortToLongDataCollator(PairwiseDataCollatorWithPadding):
         for f in features:  # media keys are None for text rows; the parent expects lists
             for media in ("images", "videos", "audios"):
                 f[media] = f.get(media) or []
+        precomputed = [k for k in REF_LOGP_COLUMNS if k in features[0]]
         batch = super().__call__(features)
+        for key in precomputed:
+            batch[key] = torch.tensor([f[key] for f in features], dtype=torch.float32)
         if "long_chosen_input_ids" in features[0]:
             long_rows = [_row(f["long_chosen_input_ids"], f["long_chosen_labels"]) for f in features]
             if "long_rejected_input_ids" in features[0]:
                 long_rows += [_row(f["long_rejected_input_ids"], f["long_rejected_labels"]) for f in features]
             batch.update(self._pad(long_rows, "long_"))
-        if "ref_chosen_input_ids" in features[0]:
+        if "ref_chosen_input_ids" in features[0] and not precomputed:
             ref_rows, owner = [], []
             for side in ("ref_chosen", "ref_rejected"):
                 for i, f in enumerate(features):

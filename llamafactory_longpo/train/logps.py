@@ -42,11 +42,11 @@ def capture_head_input(head: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
 
 
 def final_hidden_states(
-    model: torch.nn.Module, head: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    model: torch.nn.Module, head: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: torch.Tensor
 ) -> torch.Tensor:
     """``[B, L, H]`` hidden states that the LM head would see, from one ordinary model forward."""
     with capture_head_input(head) as captured:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True)
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True, **kwargs)
     if len(captured) != 1:
         raise RuntimeError(f"expected one call of the LM head per forward, saw {len(captured)}")
     return captured[0]
@@ -105,13 +105,18 @@ def per_row_sums(
     targets: torch.Tensor,
     num_rows: int,
     *,
+    out_rows: Optional[torch.Tensor] = None,
     chunk_size: int = DEFAULT_CHUNK,
     softcap: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs ``[num_rows]`` and token counts ``[num_rows]`` at the given positions."""
+    """Summed log-probs ``[num_rows]`` and token counts ``[num_rows]`` at the given positions.
+
+    ``hidden[rows, pos]`` predicts ``targets``; each token is added to ``out_rows`` (default ``rows``).
+    """
+    out_rows = rows if out_rows is None else out_rows
     logps = token_logps(head, hidden[rows, pos], targets, chunk_size=chunk_size, softcap=softcap)
-    sums = torch.zeros(num_rows, dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)
-    counts = torch.zeros(num_rows, dtype=torch.long, device=rows.device).index_add(0, rows, torch.ones_like(rows))
+    sums = torch.zeros(num_rows, dtype=logps.dtype, device=logps.device).index_add(0, out_rows, logps)
+    counts = torch.zeros(num_rows, dtype=torch.long, device=rows.device).index_add(0, out_rows, torch.ones_like(out_rows))
     return sums, counts
 
 
@@ -149,11 +154,139 @@ def sequence_logps(
     return out
 
 
-def full_logits_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference implementation on materialized ``[B, L, V]`` logits (used by tests and the plain path)."""
-    labels = labels[:, 1:].clone()
-    logits = logits[:, :-1].float()
-    mask = labels != IGNORE_INDEX
-    labels[~mask] = 0
-    per_token = torch.gather(logits.log_softmax(-1), 2, labels.unsqueeze(2)).squeeze(2)
-    return (per_token * mask).sum(-1), mask.sum(-1)
+def plain_sequence_logps(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    nll_rows: int = 0,
+    nll_scope: str = "response",
+) -> dict[str, torch.Tensor]:
+    """The straightforward path (``s2l_response_logits: false``): full ``[B, L, V]`` fp32 logits, as the
+    toolkit's DPO trainer computes them. Kept for benchmarks and as the reference of exactness tests."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True).logits.float()
+    logp = logits[:, :-1].log_softmax(-1)
+    tgt = labels[:, 1:]
+    valid = tgt != IGNORE_INDEX
+    per_token = logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    out = {"logps": (per_token * valid).sum(-1), "lengths": valid.sum(-1)}
+    if nll_rows:
+        if nll_scope == "full":
+            ok = (attention_mask[:nll_rows, 1:] * attention_mask[:nll_rows, :-1]).bool()
+            tok = logp[:nll_rows].gather(-1, input_ids[:nll_rows, 1:].unsqueeze(-1)).squeeze(-1)
+        else:
+            ok, tok = valid[:nll_rows], per_token[:nll_rows]
+        out["nll"] = -(tok * ok).sum() / ok.sum().clamp(min=1)
+    return out
+
+
+def pack_shared_prefix(
+    chosen_ids: torch.Tensor,
+    chosen_mask: torch.Tensor,
+    chosen_labels: torch.Tensor,
+    rejected_ids: torch.Tensor,
+    rejected_mask: torch.Tensor,
+    rejected_labels: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Pack each chosen/rejected pair into ONE row ``[prefix | chosen suffix | rejected suffix]``.
+
+    The prefix is the longest common token prefix of the two (the document, the first instruction and
+    the assistant header). Rejected-suffix tokens keep their original positions and see the prefix and
+    their own suffix only (a 4D mask), so every hidden state equals the one of two separate forwards,
+    while the prefix is computed once: ``P + C + R`` tokens instead of ``2P + C + R``.
+
+    Returns ``input_ids``/``position_ids`` ``[n, T]``, ``attention_mask`` ``[n, 1, T, T]`` (bool), and the
+    gather plan: ``rows``/``pos``/``targets``/``out_rows`` for the response log-probs of the ``2n`` rows
+    (chosen ``0..n-1``, rejected ``n..2n-1``), and ``nll_*`` for every non-pad chosen token.
+    """
+    n = chosen_ids.size(0)
+    device = chosen_ids.device
+    seqs, positions, branches = [], [], []
+    plan: dict[str, list[torch.Tensor]] = {
+        k: [] for k in ("rows", "pos", "targets", "out_rows", "nll_rows", "nll_pos", "nll_targets")
+    }
+    for i in range(n):
+        lc, lr = int(chosen_mask[i].sum()), int(rejected_mask[i].sum())  # right padding: valid tokens first
+        ci, ri = chosen_ids[i, :lc], rejected_ids[i, :lr]
+        m = min(lc, lr)
+        differ = (ci[:m] != ri[:m]).nonzero()
+        shared = int(differ[0]) if differ.numel() else m
+        seqs.append(torch.cat([ci, ri[shared:]]))
+        positions.append(torch.cat([torch.arange(lc, device=device), torch.arange(shared, lr, device=device)]))
+        branches.append(
+            torch.cat(
+                [
+                    torch.zeros(shared, dtype=torch.long, device=device),
+                    torch.ones(lc - shared, dtype=torch.long, device=device),
+                    torch.full((lr - shared,), 2, dtype=torch.long, device=device),
+                ]
+            )
+        )
+        # packed index of original token k: chosen k -> k; rejected k -> k if k < shared else lc + k - shared
+        rej_index = torch.arange(lr, device=device)
+        rej_index = torch.where(rej_index < shared, rej_index, lc + rej_index - shared)
+        for side, labels, index, length in (
+            (0, chosen_labels[i], torch.arange(lc, device=device), lc),
+            (1, rejected_labels[i], rej_index, lr),
+        ):
+            k = (labels[1:length] != IGNORE_INDEX).nonzero(as_tuple=True)[0] + 1
+            plan["rows"].append(torch.full_like(k, i))
+            plan["pos"].append(index[k - 1])
+            plan["targets"].append(labels[k])
+            plan["out_rows"].append(torch.full_like(k, side * n + i))
+        k = torch.arange(1, lc, device=device)
+        plan["nll_rows"].append(torch.full_like(k, i))
+        plan["nll_pos"].append(k - 1)
+        plan["nll_targets"].append(ci[k])
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(n, width, dtype=chosen_ids.dtype, device=device)
+    pos = torch.zeros(n, width, dtype=torch.long, device=device)
+    branch = torch.full((n, width), 3, dtype=torch.long, device=device)  # 3 = padding: sees only itself
+    for i, (s, p, b) in enumerate(zip(seqs, positions, branches)):
+        ids[i, : len(s)], pos[i, : len(s)], branch[i, : len(s)] = s, p, b
+    causal = pos.unsqueeze(2) >= pos.unsqueeze(1)  # [n, q, k]
+    same = (branch.unsqueeze(2) == branch.unsqueeze(1)) | (branch.unsqueeze(1) == 0)
+    mask = causal & same
+    mask |= torch.eye(width, dtype=torch.bool, device=device).unsqueeze(0)  # padding rows attend to themselves
+    out = {"input_ids": ids, "position_ids": pos, "attention_mask": mask.unsqueeze(1)}
+    out.update({k: torch.cat(v) for k, v in plan.items()})
+    return out
+
+
+def shared_prefix_logps(
+    model: torch.nn.Module,
+    head: torch.nn.Module,
+    chosen: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    rejected: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    *,
+    nll_scope: str = "full",
+    chunk_size: int = DEFAULT_CHUNK,
+    softcap: Optional[float] = None,
+) -> dict[str, torch.Tensor]:
+    """LongPO's policy pass with the shared prefix computed once; same outputs as :func:`sequence_logps`
+    on the ``2n`` stacked rows with ``nll_rows = n``."""
+    n = chosen[0].size(0)
+    packed = pack_shared_prefix(*chosen, *rejected)
+    hidden = final_hidden_states(model, head, packed["input_ids"], packed["attention_mask"], position_ids=packed["position_ids"])
+    logps, lengths = per_row_sums(
+        head,
+        hidden,
+        packed["rows"],
+        packed["pos"],
+        packed["targets"],
+        2 * n,
+        out_rows=packed["out_rows"],
+        chunk_size=chunk_size,
+        softcap=softcap,
+    )
+    out = {"logps": logps, "lengths": lengths}
+    if nll_scope == "response":
+        nll_sum, nll_count = -logps[:n].sum(), lengths[:n].sum()
+    else:
+        sums, counts = per_row_sums(
+            head, hidden, packed["nll_rows"], packed["nll_pos"], packed["nll_targets"], n, chunk_size=chunk_size, softcap=softcap
+        )
+        nll_sum, nll_count = -sums.sum(), counts.sum()
+    out["nll"] = nll_sum / nll_count.clamp(min=1)
+    return out

@@ -13,18 +13,21 @@ from typing import Any, Literal, Optional
 import torch
 from llamafactory.train.dpo.trainer import CustomDPOTrainer
 
+from ..data.collator import REF_LOGP_COLUMNS
 from ..losses import longpo_loss, solopo_loss
-from .logps import DEFAULT_CHUNK, sequence_logps
+from .logps import plain_sequence_logps, sequence_logps, shared_prefix_logps
 from .rope import rope_theta_override
+
+# reference log-probs per sample, as computed live or read from the precomputed dataset columns
+REF_KEYS = REF_LOGP_COLUMNS
 
 
 class ShortToLongTrainer(CustomDPOTrainer):
     """One trainer for both stages; ``finetuning_args.stage`` picks the loss."""
 
-    def __init__(self, *args: Any, logits_chunk_size: int = DEFAULT_CHUNK, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.stage: str = self.finetuning_args.stage
-        self.logits_chunk_size = logits_chunk_size
         self.original_rope_theta: Optional[float] = None  # set by the workflow when the policy's theta was raised
 
     # ------------------------------------------------------------------ log-probs
@@ -37,22 +40,31 @@ class ShortToLongTrainer(CustomDPOTrainer):
     def _logps(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], prefix: str = "", **kw: Any
     ) -> dict[str, torch.Tensor]:
+        """Per-row response log-prob sums and lengths of one group of rows (``prefix``: "", ``long_``, ``ref_``)."""
+        ids, mask, labels = batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"], batch[f"{prefix}labels"]
+        if not self.finetuning_args.s2l_response_logits:
+            return plain_sequence_logps(model, ids, mask, labels, **kw)
         return sequence_logps(
             model,
             self._head(model),
-            batch[f"{prefix}input_ids"],
-            batch[f"{prefix}attention_mask"],
-            batch[f"{prefix}labels"],
-            chunk_size=self.logits_chunk_size,
+            ids,
+            mask,
+            labels,
+            chunk_size=self.finetuning_args.s2l_logits_chunk,
             softcap=self._softcap(model),
             **kw,
         )
 
     def _reference_context(self, model: torch.nn.Module) -> tuple[torch.nn.Module, Any]:
-        """Frozen reference: a separate model, or the policy with its adapters disabled (LoRA)."""
+        """Frozen reference: a separate model, the policy with its adapters disabled (LoRA), or, before
+        the first update (the precompute pass), the policy itself."""
         if self.ref_model is not None:
             return self.ref_model, nullcontext()
         unwrapped = self.accelerator.unwrap_model(model)
+        if not hasattr(unwrapped, "disable_adapter"):
+            if self.state.global_step > 0 or self.model_wrapped is not self.model:
+                raise RuntimeError("no reference model: full fine-tuning needs s2l_precompute_ref or a reference copy")
+            return model, nullcontext()
         ctx = unwrapped.disable_adapter()
         if self.original_rope_theta is not None:  # the reference keeps its original RoPE (SPEC 2)
             from contextlib import ExitStack
@@ -69,6 +81,48 @@ class ShortToLongTrainer(CustomDPOTrainer):
         with ctx:
             return self._logps(ref_model, batch, prefix)["logps"]
 
+    def needed_reference_keys(self, both: bool) -> tuple[str, ...]:
+        """Which of :data:`REF_KEYS` this stage and its knobs use."""
+        fa = self.finetuning_args
+        if self.stage == "longpo":
+            return REF_KEYS[:2]
+        if fa.pref_loss != "sigmoid":
+            return ()
+        if fa.solopo_long_reference == "short":
+            return REF_KEYS[:2]
+        return REF_KEYS[:4] if both else REF_KEYS[:3]
+
+    @torch.no_grad()
+    def compute_reference_values(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Reference log-prob SUMS per sample (LongPO: summed over its turns' short rows)."""
+        n = batch["input_ids"].size(0) // 2
+        both = "long_input_ids" in batch and batch["long_input_ids"].size(0) == 2 * n
+        keys = self.needed_reference_keys(both)
+        out: dict[str, torch.Tensor] = {}
+        if self.stage == "longpo":
+            rows = self.reference_logps(model, batch, "ref_")
+            owner = batch["ref_sample"]
+            half = owner.size(0) // 2  # chosen turns of every sample, then rejected turns
+            out["ref_chosen_logps"] = torch.zeros(n, dtype=rows.dtype, device=rows.device).index_add(0, owner[:half], rows[:half])
+            out["ref_rejected_logps"] = torch.zeros(n, dtype=rows.dtype, device=rows.device).index_add(
+                0, owner[half:], rows[half:]
+            )
+            return out
+        if keys:
+            short = self.reference_logps(model, batch, "")
+            out["ref_chosen_logps"], out["ref_rejected_logps"] = short[:n], short[n:]
+        if "ref_long_chosen_logps" in keys:
+            long = self.reference_logps(model, batch, "long_")
+            out["ref_long_chosen_logps"] = long[:n]
+            if both:
+                out["ref_long_rejected_logps"] = long[n:]
+        return out
+
+    def reference_values(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Precomputed values from the batch when present (no reference model runs), else live."""
+        present = {k: batch[k] for k in REF_KEYS if k in batch}
+        return present if present else self.compute_reference_values(model, batch)
+
     # ------------------------------------------------------------------ losses
     def _solopo(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], prefix: str
@@ -78,15 +132,9 @@ class ShortToLongTrainer(CustomDPOTrainer):
         short = self._logps(model, batch)
         long = self._logps(model, batch, "long_")
         both = long["logps"].size(0) == 2 * n
-        refs: dict[str, Optional[torch.Tensor]] = {}
-        if fa.pref_loss == "sigmoid":
-            ref_short = self.reference_logps(model, batch, "")
-            refs["ref_short_chosen_logps"], refs["ref_short_rejected_logps"] = ref_short[:n], ref_short[n:]
-            if fa.solopo_long_reference == "long":
-                ref_long = self.reference_logps(model, batch, "long_")
-                refs["ref_long_chosen_logps"] = ref_long[:n]
-                if both:
-                    refs["ref_long_rejected_logps"] = ref_long[n:]
+        ref = self.reference_values(model, batch) if fa.pref_loss == "sigmoid" else {}
+        names = {"ref_chosen_logps": "ref_short_chosen_logps", "ref_rejected_logps": "ref_short_rejected_logps"}
+        refs = {names.get(k, k): v for k, v in ref.items()}
         out = solopo_loss(
             short["logps"][:n],
             short["logps"][n:],
@@ -123,13 +171,23 @@ class ShortToLongTrainer(CustomDPOTrainer):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         fa = self.finetuning_args
         n = batch["input_ids"].size(0) // 2
-        policy = self._logps(model, batch, nll_rows=n, nll_scope=fa.longpo_nll_scope)
-        ref_rows = self.reference_logps(model, batch, "ref_")
-        owner = batch["ref_sample"]
-        half = owner.size(0) // 2  # chosen turns of every sample, then rejected turns
-        ref = torch.zeros(2, n, dtype=ref_rows.dtype, device=ref_rows.device)
-        ref[0].index_add_(0, owner[:half], ref_rows[:half])
-        ref[1].index_add_(0, owner[half:], ref_rows[half:])
+        if fa.s2l_shared_prefix and fa.s2l_response_logits:
+            rows = [
+                tuple(batch[k][sl] for k in ("input_ids", "attention_mask", "labels")) for sl in (slice(0, n), slice(n, None))
+            ]
+            policy = shared_prefix_logps(
+                model,
+                self._head(model),
+                rows[0],
+                rows[1],
+                nll_scope=fa.longpo_nll_scope,
+                chunk_size=fa.s2l_logits_chunk,
+                softcap=self._softcap(model),
+            )
+        else:
+            policy = self._logps(model, batch, nll_rows=n, nll_scope=fa.longpo_nll_scope)
+        ref_values = self.reference_values(model, batch)
+        ref = torch.stack([ref_values["ref_chosen_logps"], ref_values["ref_rejected_logps"]]).to(policy["logps"].dtype)
         out = longpo_loss(
             policy["logps"][:n],
             policy["logps"][n:],

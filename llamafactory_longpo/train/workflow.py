@@ -62,9 +62,11 @@ def build_trainer(
         label_pad_token_id=IGNORE_INDEX if data_args.ignore_pad_token_for_loss else tokenizer.pad_token_id,
         **tokenizer_module,
     )
+    precompute = finetuning_args.use_ref_model and finetuning_args.s2l_precompute_ref and training_args.do_train
     ref_model = None
-    if finetuning_args.use_ref_model:
-        ref_model = create_ref_model(model_args, finetuning_args)  # None for LoRA: adapters get disabled
+    if finetuning_args.use_ref_model and (not precompute or finetuning_args.ref_model is not None):
+        # a live reference, or an explicit one to score once; None for LoRA (adapters get disabled)
+        ref_model = create_ref_model(model_args, finetuning_args)
 
     trainer = ShortToLongTrainer(
         model=model,
@@ -76,7 +78,30 @@ def build_trainer(
         **dataset_module,
         **tokenizer_module,
     )
-    trainer.original_rope_theta = original_theta
+    if precompute:
+        from .reference import precompute_reference
+
+        ref_paths = (
+            [finetuning_args.ref_model, *(finetuning_args.ref_model_adapters or [])]
+            if finetuning_args.ref_model
+            else [model_args.model_name_or_path, *(model_args.adapter_name_or_path or [])]
+        )
+        precompute_reference(
+            trainer,
+            model,
+            model_paths=ref_paths,
+            template=str(data_args.template),
+            cache_dir=finetuning_args.s2l_ref_cache_dir,
+            batch_size=training_args.per_device_eval_batch_size,
+            logger=logger,
+        )
+        trainer.ref_model = None  # training reads the cached columns; no reference model is kept
+
+    # the policy's RoPE base changes only now: the reference (cached above, or live) keeps the original
+    if finetuning_args.policy_rope_theta is not None:
+        trainer.original_rope_theta = set_rope_theta(model, finetuning_args.policy_rope_theta)
+        new_theta = finetuning_args.policy_rope_theta
+        logger.info_rank0(f"policy rope_theta: {trainer.original_rope_theta:g} -> {new_theta:g} (the reference keeps its own)")
     return trainer
 
 

@@ -22,7 +22,10 @@ def build(tmp_path: Path, tiny: Path, **overrides):
 
     from llamafactory_longpo.train.workflow import build_trainer
 
-    config = base_config(tiny, tmp_path / "out", max_samples=4, **overrides)
+    overrides.setdefault("s2l_ref_cache_dir", str(tmp_path / "ref_cache"))
+    overrides.setdefault("disable_shuffling", True)
+    overrides.setdefault("max_samples", 4)
+    config = base_config(tiny, tmp_path / "out", **overrides)
     model_args, data_args, training_args, finetuning_args, _ = get_train_args(config)
     model_args.use_reentrant_gc = False
     trainer = build_trainer(model_args, data_args, training_args, finetuning_args, callbacks=[])
@@ -33,6 +36,14 @@ def build(tmp_path: Path, tiny: Path, **overrides):
             p.add_(torch.randn_like(p) * 0.02)
     batch = next(iter(trainer.get_train_dataloader()))
     return trainer, batch
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model: Path):
+    """The frozen initial model, loaded on its own (what every reference log-prob must come from)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model).eval()
 
 
 def plain_logps(model, ids, mask, labels) -> tuple[list[float], list[int]]:
@@ -62,6 +73,8 @@ def plain_nll(model, ids, mask, labels, scope: str) -> float:
 
 SOLOPO = [
     dict(pref_loss="sigmoid", solopo_alpha=3.0),
+    dict(pref_loss="sigmoid", solopo_alpha=3.0, s2l_precompute_ref=False, s2l_response_logits=False),
+    dict(pref_loss="sigmoid", solopo_alpha=1.0, solopo_align="both", s2l_logits_chunk=7),
     dict(pref_loss="sigmoid", solopo_alpha=1.0, solopo_long_reference="short", solopo_distance="square"),
     dict(pref_loss="simpo", solopo_alpha=1.0, pref_beta=2.0, simpo_gamma=0.5),
     dict(pref_loss="orpo", solopo_alpha=1.0, solopo_distance="smooth_l1"),
@@ -70,7 +83,7 @@ SOLOPO = [
 
 
 @pytest.mark.parametrize("overrides", SOLOPO, ids=lambda o: "-".join(f"{v}" for v in o.values()))
-def test_solopo_trainer_loss_matches_plain_forwards(tmp_path: Path, tiny_model: Path, overrides: dict) -> None:
+def test_solopo_trainer_loss_matches_plain_forwards(tmp_path: Path, tiny_model: Path, reference, overrides: dict) -> None:
     trainer, batch = build(tmp_path, tiny_model, stage="solopo", **overrides)
     fa = trainer.finetuning_args
     model = trainer.model
@@ -81,7 +94,7 @@ def test_solopo_trainer_loss_matches_plain_forwards(tmp_path: Path, tiny_model: 
     l_lp, l_len = plain_logps(model, batch["long_input_ids"], batch["long_attention_mask"], batch["long_labels"])
     refs: dict[str, list[float]] = {}
     if fa.pref_loss == "sigmoid":
-        ref = trainer.ref_model
+        ref = reference
         r_s, _ = plain_logps(ref, batch["input_ids"], batch["attention_mask"], batch["labels"])
         r_l, _ = plain_logps(ref, batch["long_input_ids"], batch["long_attention_mask"], batch["long_labels"])
         refs = {"ref_sc": r_s[:n], "ref_sr": r_s[n:], "ref_lc": r_l[:n], "ref_lr": r_l[n:]}
@@ -112,8 +125,17 @@ def test_solopo_trainer_loss_matches_plain_forwards(tmp_path: Path, tiny_model: 
     assert loss == pytest.approx(expected, abs=1e-5, rel=1e-5)
 
 
-@pytest.mark.parametrize("scope", ["full", "response"])
-def test_longpo_trainer_loss_matches_plain_forwards(tmp_path: Path, tiny_model: Path, scope: str) -> None:
+LONGPO = [
+    dict(longpo_nll_scope="full"),
+    dict(longpo_nll_scope="response"),
+    dict(longpo_nll_scope="full", s2l_shared_prefix=False, s2l_logits_chunk=5),
+    dict(longpo_nll_scope="full", s2l_precompute_ref=False, s2l_response_logits=False),
+]
+
+
+@pytest.mark.parametrize("knobs", LONGPO, ids=lambda o: "-".join(f"{v}" for v in o.values()))
+def test_longpo_trainer_loss_matches_plain_forwards(tmp_path: Path, tiny_model: Path, reference, knobs: dict) -> None:
+    scope = knobs["longpo_nll_scope"]
     trainer, batch = build(
         tmp_path,
         tiny_model,
@@ -122,8 +144,8 @@ def test_longpo_trainer_loss_matches_plain_forwards(tmp_path: Path, tiny_model: 
         dataset="longpo_demo",
         pref_beta=0.5,
         longpo_lambda=0.7,
-        longpo_nll_scope=scope,
         cutoff_len=2048,
+        **knobs,
     )
     fa = trainer.finetuning_args
     model = trainer.model
@@ -131,8 +153,12 @@ def test_longpo_trainer_loss_matches_plain_forwards(tmp_path: Path, tiny_model: 
 
     n = batch["input_ids"].size(0) // 2
     p_lp, _ = plain_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-    r_rows, _ = plain_logps(trainer.ref_model, batch["ref_input_ids"], batch["ref_attention_mask"], batch["ref_labels"])
-    owner = batch["ref_sample"].tolist()
+    # the short reference rows of the same samples (the batch drops them when log-probs are precomputed)
+    rows = [{k: v for k, v in trainer.train_dataset[i].items() if not k.endswith("_logps")} for i in range(n)]
+    ref_batch = trainer.data_collator(rows)
+    assert torch.equal(ref_batch["input_ids"], batch["input_ids"])  # same samples as the training batch
+    r_rows, _ = plain_logps(reference, ref_batch["ref_input_ids"], ref_batch["ref_attention_mask"], ref_batch["ref_labels"])
+    owner = ref_batch["ref_sample"].tolist()
     half = len(owner) // 2
     r_w, r_l = [0.0] * n, [0.0] * n
     for j, o in enumerate(owner):

@@ -1,0 +1,84 @@
+"""Each optimization is exact: same loss and same gradients as the straightforward path, and the
+reference cache is keyed on data and model (stale caches are rebuilt, never read)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.train.test_trainer_loss import build
+
+PLAIN = dict(s2l_response_logits=False, s2l_shared_prefix=False, s2l_precompute_ref=False)
+
+
+def loss_and_grads(trainer, batch) -> tuple[float, dict[str, torch.Tensor]]:
+    model = trainer.model
+    model.zero_grad()
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    return loss.item(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+CASES = {
+    "longpo-full-nll": dict(stage="longpo", pref_loss="sigmoid", dataset="longpo_demo", cutoff_len=2048, longpo_lambda=0.5),
+    "longpo-response-nll": dict(
+        stage="longpo",
+        pref_loss="sigmoid",
+        dataset="longpo_demo",
+        cutoff_len=2048,
+        longpo_nll_scope="response",
+        per_device_train_batch_size=1,
+    ),
+    "solo-dpo-both": dict(stage="solopo", pref_loss="sigmoid", solopo_align="both"),
+    "solo-orpo": dict(stage="solopo", pref_loss="orpo"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_optimized_equals_straightforward(tmp_path: Path, tiny_model: Path, name: str) -> None:
+    fast, fast_batch = build(tmp_path / "fast", tiny_model, s2l_logits_chunk=64, **CASES[name])
+    slow, slow_batch = build(tmp_path / "slow", tiny_model, **PLAIN, **CASES[name])
+    assert torch.equal(fast_batch["input_ids"], slow_batch["input_ids"])
+    loss_fast, grads_fast = loss_and_grads(fast, fast_batch)
+    loss_slow, grads_slow = loss_and_grads(slow, slow_batch)
+    assert loss_fast == pytest.approx(loss_slow, abs=1e-5)
+    assert grads_fast.keys() == grads_slow.keys() and grads_fast
+    for key in grads_fast:
+        torch.testing.assert_close(grads_fast[key], grads_slow[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_reference_cache_hit_stale_and_corrupt(tmp_path: Path, tiny_model: Path) -> None:
+    cache = tmp_path / "cache"
+    common = dict(stage="longpo", pref_loss="sigmoid", dataset="longpo_demo", cutoff_len=2048, s2l_ref_cache_dir=str(cache))
+    first, batch1 = build(tmp_path / "a", tiny_model, **common)
+    path, status = first.reference_cache["train"]
+    assert status == "miss" and Path(path).exists()
+    again, batch2 = build(tmp_path / "b", tiny_model, **common)
+    assert again.reference_cache["train"] == (path, "hit")
+    assert torch.equal(batch1["ref_chosen_logps"], batch2["ref_chosen_logps"])
+
+    # other data: another key, computed afresh
+    other_data, _ = build(tmp_path / "c", tiny_model, **dict(common, max_samples=3))
+    assert other_data.reference_cache["train"][1] == "miss" and other_data.reference_cache["train"][0] != path
+
+    # another reference model (changed weights): another key
+    model2 = tmp_path / "model2"
+    shutil.copytree(tiny_model, model2)
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(model2)
+    with torch.no_grad():
+        m.model.norm.weight.mul_(1.5)
+    m.save_pretrained(model2)
+    other_model, batch3 = build(tmp_path / "d", model2, **common)
+    assert other_model.reference_cache["train"][1] == "miss" and other_model.reference_cache["train"][0] != path
+    assert not torch.allclose(batch3["ref_chosen_logps"], batch1["ref_chosen_logps"])
+
+    # a corrupt file under the right name is recomputed, not read
+    Path(path).write_bytes(b"not a cache")
+    rebuilt, batch4 = build(tmp_path / "e", tiny_model, **common)
+    assert rebuilt.reference_cache["train"] == (path, "miss")
+    assert torch.equal(batch4["ref_chosen_logps"], batch1["ref_chosen_logps"])
