@@ -244,6 +244,9 @@ def patch_tuner(module: Any) -> None:
     @functools.wraps(original)
     def _training_function(config: dict[str, Any]) -> None:
         try:
+            from .train.callbacks import diagnostic_callbacks  # opt-in, by environment variable, any stage
+
+            config["callbacks"] = list(config.get("callbacks") or []) + diagnostic_callbacks()
             if peek_stage(config.get("args")) in PLUGIN_STAGES:
                 _run_plugin_stage(module, config)
             else:

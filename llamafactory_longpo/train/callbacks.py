@@ -1,5 +1,8 @@
 """Callbacks of the plugin stages: metrics in ``trainer_log.jsonl``, and opt-in diagnostics.
 
+``LLAMAFACTORY_LONGPO_STEP_TIME_FILE=path`` appends each optimizer step's wall time (JSON lines), for
+benchmarks of any stage, the toolkit's own included.
+
 ``LLAMAFACTORY_LONGPO_GRAD_NORM_FILE=path`` makes every rank append its own gradient norm, measured
 after the gradient all-reduce and before the optimizer step, to ``path.rank<R>`` (JSON lines). With
 data parallelism the ranks must agree; a mismatch means gradients silently went out of sync (the
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any, Optional
 
 import torch
@@ -17,6 +21,7 @@ from llamafactory.train.callbacks import LogCallback
 from transformers import TrainerCallback
 
 GRAD_NORM_ENV = "LLAMAFACTORY_LONGPO_GRAD_NORM_FILE"
+STEP_TIME_ENV = "LLAMAFACTORY_LONGPO_STEP_TIME_FILE"
 
 
 class GradNormPerRankCallback(TrainerCallback):
@@ -35,9 +40,27 @@ class GradNormPerRankCallback(TrainerCallback):
             fh.write(json.dumps({"rank": self.rank, "step": state.global_step, "grad_norm": sq**0.5}) + "\n")
 
 
+class StepTimeCallback(TrainerCallback):
+    def __init__(self, path: str) -> None:
+        self.path = f"{path}.rank{os.environ.get('RANK', '0')}"
+        self.start = 0.0
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": state.global_step, "seconds": time.perf_counter() - self.start}) + "\n")
+
+
 def diagnostic_callbacks() -> list[TrainerCallback]:
-    path = os.environ.get(GRAD_NORM_ENV)
-    return [GradNormPerRankCallback(path)] if path else []
+    """The opt-in diagnostics selected by environment variables (none by default)."""
+    out: list[TrainerCallback] = []
+    if os.environ.get(GRAD_NORM_ENV):
+        out.append(GradNormPerRankCallback(os.environ[GRAD_NORM_ENV]))
+    if os.environ.get(STEP_TIME_ENV):
+        out.append(StepTimeCallback(os.environ[STEP_TIME_ENV]))
+    return out
 
 
 def plugin_metrics(entry: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,6 @@ from llamafactory.model import load_model, load_tokenizer
 from llamafactory.train.trainer_utils import create_modelcard_and_push, create_ref_model
 
 from ..data.collator import ShortToLongDataCollator
-from .callbacks import diagnostic_callbacks
 from .rope import set_rope_theta
 from .trainer import ShortToLongTrainer
 
@@ -74,7 +73,7 @@ def build_trainer(
         args=training_args,
         finetuning_args=finetuning_args,
         data_collator=collator,
-        callbacks=list(callbacks or []) + diagnostic_callbacks(),
+        callbacks=callbacks,
         **dataset_module,
         **tokenizer_module,
     )

@@ -1,0 +1,203 @@
+"""Side-by-side step time and peak memory: the toolkit's ``dpo`` stage vs ``solopo``/``longpo``.
+
+Every configuration is a real ``llamafactory-cli train`` run on the same records (one short-to-long
+file, read by ``dpo`` through its long view), measured in one invocation of this script:
+
+  (a) the toolkit's ``dpo`` on the long view, sigmoid and orpo (what a user would run instead);
+  (b) ``solopo`` with sigmoid and orpo;  (c) ``longpo``;
+  (d) (b) and (c) with the plugin's optimizations switched off (full-vocabulary logits, live
+      reference model, no shared prefix).
+
+Step time is the wall time of the optimizer steps after ``--warmup`` steps (a diagnostic callback
+records it); peak memory is the process's peak RSS (``ru_maxrss``), model and data included.
+
+    .venv/bin/python benchmarks/bench_efficiency.py                      # CPU: 2K, 4K, 8K
+    .venv/bin/python benchmarks/bench_efficiency.py --lengths 2048 --only solopo-orpo dpo-orpo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+# name -> (stage, extra config); "plain" switches every plugin optimization off
+PLAIN = {"s2l_response_logits": False, "s2l_shared_prefix": False, "s2l_precompute_ref": False}
+CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "dpo-sigmoid": ("dpo", {"pref_loss": "sigmoid"}),
+    "dpo-orpo": ("dpo", {"pref_loss": "orpo"}),
+    "solopo-sigmoid": ("solopo", {"pref_loss": "sigmoid"}),
+    "solopo-orpo": ("solopo", {"pref_loss": "orpo"}),
+    "longpo": ("longpo", {"pref_loss": "sigmoid"}),
+    "solopo-sigmoid-plain": ("solopo", {"pref_loss": "sigmoid", **PLAIN}),
+    "solopo-orpo-plain": ("solopo", {"pref_loss": "orpo", **PLAIN}),
+    "longpo-plain": ("longpo", {"pref_loss": "sigmoid", **PLAIN}),
+}
+# (optimized, baseline, what the issue asks of the ratio)
+RATIOS = [
+    ("solopo-orpo", "dpo-orpo", "SoLo-ORPO vs toolkit long ORPO: >= 2.3x faster"),
+    ("longpo", "dpo-sigmoid", "LongPO vs toolkit DPO: >= 2.5x faster"),
+    ("solopo-sigmoid", "dpo-sigmoid", "SoLo-DPO vs toolkit long DPO"),
+    ("solopo-orpo", "solopo-orpo-plain", "SoLo-ORPO optimized vs plain"),
+    ("solopo-sigmoid", "solopo-sigmoid-plain", "SoLo-DPO optimized vs plain"),
+    ("longpo", "longpo-plain", "LongPO optimized vs plain"),
+]
+
+
+def make_model(out: Path, args: argparse.Namespace) -> Path:
+    from llamafactory_longpo.tiny import make_tiny_model
+
+    path = out / "model"
+    if not (path / "model.safetensors").exists():
+        make_tiny_model(str(path), vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                        num_layers=args.layers, num_heads=4, num_kv_heads=2, max_position_embeddings=131072)
+    return path
+
+
+def _text_of_tokens(tokenizer: Any, pool: list[str], n_tokens: int, rng: random.Random) -> str:
+    """Paragraphs from ``pool`` until ``n_tokens`` tokens, cut at a token boundary."""
+    parts: list[str] = []
+    ids: list[int] = []
+    while len(ids) < n_tokens:
+        parts.append(rng.choice(pool))
+        ids = tokenizer.encode("\n\n".join(parts), add_special_tokens=False)
+    return tokenizer.decode(ids[:n_tokens])
+
+
+def make_data(out: Path, model: Path, length: int, n: int, response: int) -> str:
+    """``n`` single-turn records: long context ~``length`` tokens, short = length/8, responses ~``response``."""
+    from transformers import AutoTokenizer
+
+    from llamafactory_longpo import demo
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    rng = random.Random(length)
+    pool = [p for text in demo.corpus() for p in text.split("\n\n") if len(p) > 80]
+    name = f"bench_{length}"
+    with open(out / f"{name}.jsonl", "w", encoding="utf-8") as fh:
+        for _ in range(n):
+            short = _text_of_tokens(tokenizer, pool, length // 8 - 64, rng)
+            long = _text_of_tokens(tokenizer, pool, length - length // 8 - 64, rng) + "\n\n" + short
+            record = {"long_context": long, "turns": [{
+                "short_context": short, "instruction": "Summarize what the passage says about the founders.",
+                "chosen": _text_of_tokens(tokenizer, pool, response, rng),
+                "rejected": _text_of_tokens(tokenizer, pool, response, rng)}]}
+            fh.write(json.dumps(record) + "\n")
+    info_path = out / "dataset_info.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    info[name] = {"file_name": f"{name}.jsonl", "formatting": "short_to_long", "ranking": True}
+    info_path.write_text(json.dumps(info, indent=2))
+    return name
+
+
+def run_one(out: Path, model: Path, dataset: str, length: int, name: str, args: argparse.Namespace) -> dict[str, Any]:
+    stage, extra = CONFIGS[name]
+    run_dir = out / f"{name}-{length}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = {
+        "model_name_or_path": str(model), "stage": stage, "do_train": True, "finetuning_type": "full",
+        "dataset": dataset, "dataset_dir": str(out), "template": "qwen",
+        "cutoff_len": length + 2 * args.response + 256, "short_cutoff_len": length // 8 + 2 * args.response + 256,
+        "preprocessing_num_workers": 1, "overwrite_cache": True, "output_dir": str(run_dir / "out"),
+        "overwrite_output_dir": True, "per_device_train_batch_size": 1, "max_steps": args.warmup + args.steps,
+        "learning_rate": 1.0e-5, "logging_steps": 1, "save_strategy": "no", "plot_loss": False, "report_to": "none",
+        "disable_shuffling": True, "s2l_ref_cache_dir": str(run_dir / "ref_cache"), **extra,
+    }
+    cfg = run_dir / "cfg.yaml"  # (the toolkit's .json config path is broken in 0.9.5: json.load on a Path)
+    cfg.write_text(yaml.safe_dump(config))
+    times, rss = run_dir / "steps", run_dir / "maxrss"
+    for f in (Path(f"{times}.rank0"), rss):
+        f.unlink(missing_ok=True)
+    # the CLI in-process, so the process's own peak RSS is the run's
+    code = (
+        "import atexit, resource, sys\n"
+        f"atexit.register(lambda: open({str(rss)!r}, 'w').write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))\n"
+        f"sys.argv = ['llamafactory-cli', 'train', {str(cfg)!r}]\n"
+        "from llamafactory.cli import main\nmain()\n"
+    )
+    env = dict(os.environ, LLAMAFACTORY_LONGPO_STEP_TIME_FILE=str(times), DISABLE_VERSION_CHECK="1", HF_HUB_OFFLINE="1",
+               PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wall = time.perf_counter() - start
+    (run_dir / "log.txt").write_text(proc.stdout)
+    if proc.returncode != 0:
+        return {"name": name, "length": length, "error": proc.stdout.strip().splitlines()[-1][:300]}
+    steps = [json.loads(line)["seconds"] for line in Path(f"{times}.rank0").read_text().splitlines()]
+    measured = steps[args.warmup:] or steps
+    return {"name": name, "stage": stage, "length": length, "s_per_step": sum(measured) / len(measured),
+            "peak_rss_gb": int(rss.read_text()) / 1024**2, "wall_s": wall, "steps": steps}
+
+
+def report(results: list[dict[str, Any]], lengths: list[int]) -> str:
+    by = {(r["name"], r["length"]): r for r in results}
+    lines = ["| config | " + " | ".join(f"{n // 1024}K s/step | {n // 1024}K peak GB" for n in lengths) + " |",
+             "| --- |" + " --- | --- |" * len(lengths)]
+    for name in CONFIGS:
+        cells = []
+        for n in lengths:
+            r = by.get((name, n))
+            if r is None:
+                cells += ["", ""]
+            elif "error" in r:
+                cells += ["failed", "failed"]
+            else:
+                cells += [f"{r['s_per_step']:.2f}", f"{r['peak_rss_gb']:.2f}"]
+        if any(cells):
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "| ratio | " + " | ".join(f"{n // 1024}K speed | {n // 1024}K memory" for n in lengths) + " |",
+              "| --- |" + " --- | --- |" * len(lengths)]
+    for fast, slow, label in RATIOS:
+        cells = []
+        for n in lengths:
+            a, b = by.get((fast, n)), by.get((slow, n))
+            if not a or not b or "error" in a or "error" in b:
+                cells += ["", ""]
+                continue
+            cells += [f"{b['s_per_step'] / a['s_per_step']:.2f}x", f"{100 * (1 - a['peak_rss_gb'] / b['peak_rss_gb']):.0f}% less"]
+        if any(cells):
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
+    parser.add_argument("--only", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--steps", type=int, default=1, help="measured steps per run")
+    parser.add_argument("--warmup", type=int, default=1, help="steps run before measuring")
+    parser.add_argument("--response", type=int, default=256, help="response length in tokens")
+    parser.add_argument("--vocab", type=int, default=32768)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=ROOT / "saves" / "bench")
+    args = parser.parse_args()
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = make_model(args.out, args)
+    results = []
+    for length in args.lengths:
+        dataset = make_data(args.out, model, length, args.warmup + args.steps, args.response)
+        for name in args.only:
+            r = run_one(args.out, model, dataset, length, name, args)
+            results.append(r)
+            shown = r.get("error") or f"{r['s_per_step']:.2f} s/step, peak {r['peak_rss_gb']:.2f} GB"
+            print(f"[bench] {name:>22} @ {length:>6}: {shown}", flush=True)
+    table = report(results, args.lengths)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    print("\n" + table)
+
+
+if __name__ == "__main__":
+    main()
