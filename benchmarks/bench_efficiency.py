@@ -60,8 +60,16 @@ def make_model(out: Path, args: argparse.Namespace) -> Path:
 
     path = out / "model"
     if not (path / "model.safetensors").exists():
-        make_tiny_model(str(path), vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                        num_layers=args.layers, num_heads=4, num_kv_heads=2, max_position_embeddings=131072)
+        make_tiny_model(
+            str(path),
+            vocab_size=args.vocab,
+            hidden_size=args.hidden,
+            intermediate_size=4 * args.hidden,
+            num_layers=args.layers,
+            num_heads=4,
+            num_kv_heads=2,
+            max_position_embeddings=131072,
+        )
     return path
 
 
@@ -89,10 +97,17 @@ def make_data(out: Path, model: Path, length: int, n: int, response: int) -> str
         for _ in range(n):
             short = _text_of_tokens(tokenizer, pool, length // 8 - 64, rng)
             long = _text_of_tokens(tokenizer, pool, length - length // 8 - 64, rng) + "\n\n" + short
-            record = {"long_context": long, "turns": [{
-                "short_context": short, "instruction": "Summarize what the passage says about the founders.",
-                "chosen": _text_of_tokens(tokenizer, pool, response, rng),
-                "rejected": _text_of_tokens(tokenizer, pool, response, rng)}]}
+            record = {
+                "long_context": long,
+                "turns": [
+                    {
+                        "short_context": short,
+                        "instruction": "Summarize what the passage says about the founders.",
+                        "chosen": _text_of_tokens(tokenizer, pool, response, rng),
+                        "rejected": _text_of_tokens(tokenizer, pool, response, rng),
+                    }
+                ],
+            }
             fh.write(json.dumps(record) + "\n")
     info_path = out / "dataset_info.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
@@ -106,13 +121,29 @@ def run_one(out: Path, model: Path, dataset: str, length: int, name: str, args: 
     run_dir = out / f"{name}-{length}"
     run_dir.mkdir(parents=True, exist_ok=True)
     config = {
-        "model_name_or_path": str(model), "stage": stage, "do_train": True, "finetuning_type": "full",
-        "dataset": dataset, "dataset_dir": str(out), "template": "qwen",
-        "cutoff_len": length + 2 * args.response + 256, "short_cutoff_len": length // 8 + 2 * args.response + 256,
-        "preprocessing_num_workers": 1, "overwrite_cache": True, "output_dir": str(run_dir / "out"),
-        "overwrite_output_dir": True, "per_device_train_batch_size": 1, "max_steps": args.warmup + args.steps,
-        "learning_rate": 1.0e-5, "logging_steps": 1, "save_strategy": "no", "plot_loss": False, "report_to": "none",
-        "disable_shuffling": True, "s2l_ref_cache_dir": str(run_dir / "ref_cache"), **extra,
+        "model_name_or_path": str(model),
+        "stage": stage,
+        "do_train": True,
+        "finetuning_type": "full",
+        "dataset": dataset,
+        "dataset_dir": str(out),
+        "template": "qwen",
+        "cutoff_len": length + 2 * args.response + 256,
+        "short_cutoff_len": length // 8 + 2 * args.response + 256,
+        "preprocessing_num_workers": 1,
+        "overwrite_cache": True,
+        "output_dir": str(run_dir / "out"),
+        "overwrite_output_dir": True,
+        "per_device_train_batch_size": 1,
+        "max_steps": args.warmup + args.steps,
+        "learning_rate": 1.0e-5,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "plot_loss": False,
+        "report_to": "none",
+        "disable_shuffling": True,
+        "s2l_ref_cache_dir": str(run_dir / "ref_cache"),
+        **extra,
     }
     cfg = run_dir / "cfg.yaml"  # (the toolkit's .json config path is broken in 0.9.5: json.load on a Path)
     cfg.write_text(yaml.safe_dump(config))
@@ -126,8 +157,13 @@ def run_one(out: Path, model: Path, dataset: str, length: int, name: str, args: 
         f"sys.argv = ['llamafactory-cli', 'train', {str(cfg)!r}]\n"
         "from llamafactory.cli import main\nmain()\n"
     )
-    env = dict(os.environ, LLAMAFACTORY_LONGPO_STEP_TIME_FILE=str(times), DISABLE_VERSION_CHECK="1", HF_HUB_OFFLINE="1",
-               PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = dict(
+        os.environ,
+        LLAMAFACTORY_LONGPO_STEP_TIME_FILE=str(times),
+        DISABLE_VERSION_CHECK="1",
+        HF_HUB_OFFLINE="1",
+        PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wall = time.perf_counter() - start
@@ -135,15 +171,24 @@ def run_one(out: Path, model: Path, dataset: str, length: int, name: str, args: 
     if proc.returncode != 0:
         return {"name": name, "length": length, "error": proc.stdout.strip().splitlines()[-1][:300]}
     steps = [json.loads(line)["seconds"] for line in Path(f"{times}.rank0").read_text().splitlines()]
-    measured = steps[args.warmup:] or steps
-    return {"name": name, "stage": stage, "length": length, "s_per_step": sum(measured) / len(measured),
-            "peak_rss_gb": int(rss.read_text()) / 1024**2, "wall_s": wall, "steps": steps}
+    measured = steps[args.warmup :] or steps
+    return {
+        "name": name,
+        "stage": stage,
+        "length": length,
+        "s_per_step": sum(measured) / len(measured),
+        "peak_rss_gb": int(rss.read_text()) / 1024**2,
+        "wall_s": wall,
+        "steps": steps,
+    }
 
 
 def report(results: list[dict[str, Any]], lengths: list[int]) -> str:
     by = {(r["name"], r["length"]): r for r in results}
-    lines = ["| config | " + " | ".join(f"{n // 1024}K s/step | {n // 1024}K peak GB" for n in lengths) + " |",
-             "| --- |" + " --- | --- |" * len(lengths)]
+    lines = [
+        "| config | " + " | ".join(f"{n // 1024}K s/step | {n // 1024}K peak GB" for n in lengths) + " |",
+        "| --- |" + " --- | --- |" * len(lengths),
+    ]
     for name in CONFIGS:
         cells = []
         for n in lengths:
@@ -156,8 +201,11 @@ def report(results: list[dict[str, Any]], lengths: list[int]) -> str:
                 cells += [f"{r['s_per_step']:.2f}", f"{r['peak_rss_gb']:.2f}"]
         if any(cells):
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "| ratio | " + " | ".join(f"{n // 1024}K speed | {n // 1024}K memory" for n in lengths) + " |",
-              "| --- |" + " --- | --- |" * len(lengths)]
+    lines += [
+        "",
+        "| ratio | " + " | ".join(f"{n // 1024}K speed | {n // 1024}K memory" for n in lengths) + " |",
+        "| --- |" + " --- | --- |" * len(lengths),
+    ]
     for fast, slow, label in RATIOS:
         cells = []
         for n in lengths:
@@ -176,7 +224,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--only", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--steps", type=int, default=1, help="measured steps per run")
-    parser.add_argument("--warmup", type=int, default=1, help="steps run before measuring")
+    parser.add_argument("--warmup", type=int, default=0, help="steps run before measuring (on CPU the first step is not slower)")
     parser.add_argument("--response", type=int, default=256, help="response length in tokens")
     parser.add_argument("--vocab", type=int, default=32768)
     parser.add_argument("--hidden", type=int, default=256)

@@ -22,6 +22,7 @@ WATCHED = {
     "llamafactory.data.loader": "patch_loader",
     "llamafactory.train.tuner": "patch_tuner",
     "llamafactory.webui.runner": "patch_runner",
+    "llamafactory.webui.components.train": "patch_webui_train",
 }
 
 

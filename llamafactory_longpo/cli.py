@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Optional
+from typing import Any, Optional
+
+from .errors import ConfigError, ShortToLongError
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -27,7 +29,42 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     demo.add_argument("root")
     demo.add_argument("--seed", type=int, default=0)
 
+    build = sub.add_parser("build", help="build short-to-long data with the model itself (the toolkit's engines)")
+    build.add_argument("kind", choices=["solopo", "longpo"])
+    build.add_argument("config", help="YAML: input, output, model (llamafactory-cli chat keys), and builder knobs")
+    build.add_argument("--strict", action="store_true", help="a malformed input line is fatal")
+
+    evolve = sub.add_parser("evolve", help="LongPO self-evolution: build, train, repeat at longer lengths")
+    evolve.add_argument("recipe")
+
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except ShortToLongError as err:
+        print(f"llamafactory-longpo: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _load_config(cls: type, path: str, strict: bool) -> Any:
+    import dataclasses
+
+    import yaml
+
+    with open(path, encoding="utf-8") as fh:
+        raw = yaml.safe_load(fh) or {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise ConfigError(f"{path}: unknown key {key!r}; allowed: {', '.join(sorted(names))}")
+    for key in ("input", "output", "model"):
+        if key not in raw:
+            raise ConfigError(f"{path}: {key!r} is missing")
+    if strict:
+        raw["strict"] = True
+    return cls(**raw)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "make-tiny-model":
         from .tiny import make_tiny_model
 
@@ -48,6 +85,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         for name, path in write(args.root, args.seed).items():
             print(f"{name}: {path}")
+    elif args.command == "build":
+        if args.kind == "solopo":
+            from .build.solopo import SoLoPOBuildConfig, build_solopo
+
+            build_solopo(_load_config(SoLoPOBuildConfig, args.config, args.strict))
+        else:
+            from .build.longpo import LongPOBuildConfig, build_longpo
+
+            build_longpo(_load_config(LongPOBuildConfig, args.config, args.strict))
+    elif args.command == "evolve":
+        import yaml
+
+        from .build.evolve import run_recipe
+
+        with open(args.recipe, encoding="utf-8") as fh:
+            run_recipe(yaml.safe_load(fh) or {})
     return 0
 
 

@@ -278,6 +278,13 @@ def patch_runner(module: Any) -> None:
     cls._parse_train_args = _parse_train_args
 
 
+def patch_webui_train(module: Any) -> None:
+    """LlamaBoard's train tab: the plugin's own controls and dataset filter (see :mod:`.webui`)."""
+    from . import webui
+
+    webui.patch_train_tab(module)
+
+
 def apply() -> None:
     """Patch every watched toolkit module that is already imported (idempotent)."""
     from ._bootstrap import WATCHED

@@ -15,11 +15,19 @@ if [[ ! -x $VENV/bin/python ]]; then
 fi
 if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
   echo "[setup] installing LLaMA-Factory 0.9.5 + llamafactory-longpo (first time: a few minutes)"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
+  # pip's own exit status counts; only its noise about local index folders is filtered out
+  pipq() { "$VENV/bin/python" -m pip "$@" 2> >(grep -v "WARNING: Location" >&2); }
+  pipq install -q --upgrade pip
   # the toolkit's own install: torch/torchaudio/torchvision as pip resolves them (runs on CPU here)
-  "$VENV/bin/python" -m pip install -q "llamafactory==0.9.5" "gradio==5.50.0"
-  "$VENV/bin/python" -m pip install -q -e ".[dev]"
+  pipq install -q "llamafactory==0.9.5" "gradio==5.50.0"
+  pipq install -q -e ".[dev]"
   echo "$want" > "$stamp"
+fi
+# the browser test drives Debian's Chromium (the test skips, saying why, if it cannot be installed)
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  echo "[setup] installing Debian's chromium for the LlamaBoard browser test"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ||
+    echo "[setup] chromium could not be installed; the browser test will be skipped"
 fi
 if [[ ! -f .cache/tiny/model.safetensors ]]; then
   echo "[setup] building the offline tiny model in .cache/tiny"

@@ -1,0 +1,200 @@
+"""LlamaBoard in a real browser: pick SoLoPO / LongPO, set their controls, preview, train, check the run.
+
+Headless Debian Chromium driven by Playwright against ``llamafactory-cli webui`` on 127.0.0.1, with
+the offline tiny model and the demo data. Nothing is mocked. Screenshots of the form are kept in
+``test-artifacts/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, VENV_BIN, cli_env
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = ROOT / "test-artifacts"
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM), reason="Debian's chromium package is not installed (scripts/setup.sh installs it)"
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def board(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):
+    """A running LlamaBoard (its working folder is a temp dir: runs land in its saves/)."""
+    work = tmp_path_factory.mktemp("board")
+    port = _free_port()
+    env = cli_env(GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False")
+    log = open(work / "webui.log", "w")
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "llamafactory-cli"), "webui"],
+        cwd=work,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError((work / "webui.log").read_text()[-3000:]) from None
+            time.sleep(0.5)
+    else:
+        raise RuntimeError("LlamaBoard did not start")
+    yield {"url": url, "work": work, "model": tiny_model}
+    os.killpg(proc.pid, 9)
+    proc.wait()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
+        yield b
+        b.close()
+
+
+def _textbox(page, label: str):
+    return page.get_by_label(label, exact=True).first
+
+
+def _choose(page, label: str, value: str) -> None:
+    """Pick a value in a gradio dropdown: type it, then click the matching option."""
+    box = page.get_by_label(label, exact=True).first
+    box.click()
+    box.fill(value)
+    page.get_by_role("option", name=value, exact=True).first.click()
+
+
+def _number(page, elem_id: str, value: float) -> None:
+    field = page.locator(f"#{elem_id} input").first
+    field.fill(str(value))
+    field.press("Tab")
+
+
+def _fill_common(page, board: dict, stage: str, dataset: str, out: str) -> None:
+    _choose(page, "Model name", "Qwen2.5-0.5B-Instruct")
+    _textbox(page, "Model path").fill(str(board["model"]))
+    _textbox(page, "Model path").press("Tab")
+    _choose(page, "Stage", stage)
+    _textbox(page, "Data dir").fill(str(ROOT))
+    _textbox(page, "Data dir").press("Tab")
+    _choose(page, "Dataset", dataset)
+    page.keyboard.press("Escape")
+    for label, value in (("Max samples", "4"), ("Cutoff length", "2048"), ("Epochs", "1"), ("Batch size", "2")):
+        field = page.get_by_label(label, exact=True).first
+        field.fill(value)
+        field.press("Tab")
+    out_box = page.get_by_label("Output dir", exact=True).first
+    out_box.click()
+    out_box.fill(out)
+    out_box.press("Enter")
+
+
+def _run(page, board: dict, stage: str, dataset: str, out: str, controls: dict, shot: str) -> dict:
+    page.goto(board["url"])
+    page.get_by_label("Stage", exact=True).first.wait_for(timeout=60000)
+    _fill_common(page, board, stage, dataset, out)
+    panel = page.locator(f"#s2l_{stage.lower()}_tab")
+    panel.wait_for(state="visible", timeout=10000)
+    for name, value in controls.items():
+        if isinstance(value, str):
+            box = page.locator(f"#s2l_{name} input").first
+            box.click()
+            box.fill(value)
+            page.get_by_role("option", name=value, exact=True).first.click()
+        else:
+            _number(page, f"s2l_{name}", value)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / shot), full_page=True)
+
+    page.get_by_role("button", name="Preview command").click()
+    preview = page.locator(".prose").filter(has_text="llamafactory-cli train").first
+    preview.wait_for(timeout=30000)
+    command = preview.inner_text()
+
+    page.get_by_role("button", name="Start").click()
+    run_dir = board["work"] / "saves" / "Qwen2.5-0.5B-Instruct" / "full" / out
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run_dir / "train_results.json").exists():
+        time.sleep(1)
+    assert (run_dir / "train_results.json").exists(), (board["work"] / "webui.log").read_text()[-3000:]
+    args = yaml.safe_load((run_dir / "training_args.yaml").read_text())
+    logs = [json.loads(line) for line in (run_dir / "trainer_log.jsonl").read_text().splitlines()]
+    return {"command": command, "args": args, "logs": logs}
+
+
+def test_solopo_from_the_board(board: dict, browser) -> None:
+    page = browser.new_page(viewport={"width": 1400, "height": 2200})
+    result = _run(
+        page,
+        board,
+        "SoLoPO",
+        "solopo_demo",
+        "solopo_board",
+        {"solopo_pref_loss": "simpo", "solopo_alpha": 2.5, "solopo_distance": "square"},
+        "board_solopo.png",
+    )
+    assert "--stage solopo" in result["command"] or "stage: solopo" in result["command"]
+    assert "solopo_alpha" in result["command"] and "2.5" in result["command"]
+    args = result["args"]
+    assert args["stage"] == "solopo" and args["pref_loss"] == "simpo"
+    assert args["solopo_alpha"] == 2.5 and args["solopo_distance"] == "square"
+    steps = [entry for entry in result["logs"] if "loss" in entry]
+    assert steps and {"align_loss", "po_loss", "rewards/long_chosen"} <= set(steps[0])
+    page.close()
+
+
+def test_longpo_from_the_board(board: dict, browser) -> None:
+    page = browser.new_page(viewport={"width": 1400, "height": 2200})
+    result = _run(
+        page,
+        board,
+        "LongPO",
+        "longpo_demo",
+        "longpo_board",
+        {"longpo_lambda": 0.2, "longpo_nll_scope": "response", "longpo_beta": 0.3},
+        "board_longpo.png",
+    )
+    args = result["args"]
+    assert args["stage"] == "longpo" and args["pref_loss"] == "sigmoid"
+    assert args["longpo_lambda"] == 0.2 and args["longpo_nll_scope"] == "response" and args["pref_beta"] == 0.3
+    assert "longpo_lambda" in result["command"]
+    steps = [entry for entry in result["logs"] if "loss" in entry]
+    assert steps and {"nll_loss", "pref_loss"} <= set(steps[0])
+    page.close()
