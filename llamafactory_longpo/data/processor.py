@@ -25,7 +25,7 @@ from llamafactory.extras.constants import IGNORE_INDEX
 from .converter import RECORD_COLUMN, TURN_COLUMN
 from .record import Record, Turn, long_conversation, user_message
 
-logger = logging.get_logger(__name__)
+logger = logging.get_logger(f"llamafactory.longpo.{__name__.rsplit('.', 1)[-1]}")  # under the toolkit's root: its handlers apply
 
 Row = tuple[list[int], list[int]]  # (input_ids, labels)
 MIDDLE_MARK = "\n...\n"

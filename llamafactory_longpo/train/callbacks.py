@@ -17,9 +17,11 @@ import time
 from typing import Any, Optional
 
 import torch
+from llamafactory.extras import logging
 from llamafactory.train.callbacks import LogCallback
 from transformers import TrainerCallback
 
+logger = logging.get_logger(f"llamafactory.longpo.{__name__.rsplit('.', 1)[-1]}")  # under the toolkit's root: its handlers apply
 GRAD_NORM_ENV = "LLAMAFACTORY_LONGPO_GRAD_NORM_FILE"
 STEP_TIME_ENV = "LLAMAFACTORY_LONGPO_STEP_TIME_FILE"
 
@@ -88,3 +90,5 @@ class ShortToLongLogCallback(LogCallback):
             super().on_log(args, state, control, **kwargs)
         finally:
             del self._write_log
+        if self.webui_mode and extra and args.should_save:  # the board shows this log; put the new metrics there too
+            logger.info_rank0("{" + ", ".join(f"'{k}': {v:.4g}" for k, v in extra.items()) + "}")

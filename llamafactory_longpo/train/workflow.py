@@ -18,7 +18,7 @@ from .trainer import ShortToLongTrainer
 if TYPE_CHECKING:
     from transformers import Seq2SeqTrainingArguments, TrainerCallback
 
-logger = logging.get_logger(__name__)
+logger = logging.get_logger(f"llamafactory.longpo.{__name__.rsplit('.', 1)[-1]}")  # under the toolkit's root: its handlers apply
 
 PLOT_KEYS = {
     "solopo": ["loss", "po_loss", "align_loss", "rewards/accuracies", "rewards/distance"],

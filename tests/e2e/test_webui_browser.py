@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -89,16 +90,35 @@ def browser():
         b.close()
 
 
-def _textbox(page, label: str):
-    return page.get_by_label(label, exact=True).first
+def _input(page, label: str):
+    """The input of a component: dropdowns carry ``aria-label``; textboxes sit inside a <label> whose text
+    starts with the label (and goes on with the help text)."""
+    aria = page.locator(f'input[aria-label="{label}"], textarea[aria-label="{label}"]')
+    if aria.count():
+        return aria.first
+    return page.locator("label", has_text=re.compile("^\\s*" + re.escape(label))).first.locator("input, textarea").first
+
+
+def _type(page, label: str, value: str) -> None:
+    box = _input(page, label)
+    box.fill(value)
+    box.press("Tab")
 
 
 def _choose(page, label: str, value: str) -> None:
     """Pick a value in a gradio dropdown: type it, then click the matching option."""
-    box = page.get_by_label(label, exact=True).first
+    box = _input(page, label)
     box.click()
     box.fill(value)
     page.get_by_role("option", name=value, exact=True).first.click()
+
+
+def _slider_number(page, label: str, value: str) -> None:
+    """Sliders show a number box next to their label."""
+    title = page.get_by_text(re.compile("^" + re.escape(label) + "$"))
+    box = page.locator(".block", has=title).locator("input[type=number]").first
+    box.fill(value)
+    box.press("Tab")
 
 
 def _number(page, elem_id: str, value: float) -> None:
@@ -109,18 +129,19 @@ def _number(page, elem_id: str, value: float) -> None:
 
 def _fill_common(page, board: dict, stage: str, dataset: str, out: str) -> None:
     _choose(page, "Model name", "Qwen2.5-0.5B-Instruct")
-    _textbox(page, "Model path").fill(str(board["model"]))
-    _textbox(page, "Model path").press("Tab")
+    _type(page, "Model path", str(board["model"]))
+    _choose(page, "Finetuning method", "full")
     _choose(page, "Stage", stage)
-    _textbox(page, "Data dir").fill(str(ROOT))
-    _textbox(page, "Data dir").press("Tab")
+    _type(page, "Data dir", str(ROOT))
     _choose(page, "Dataset", dataset)
     page.keyboard.press("Escape")
-    for label, value in (("Max samples", "4"), ("Cutoff length", "2048"), ("Epochs", "1"), ("Batch size", "2")):
-        field = page.get_by_label(label, exact=True).first
-        field.fill(value)
-        field.press("Tab")
-    out_box = page.get_by_label("Output dir", exact=True).first
+    _type(page, "Max samples", "12")  # 6 steps: the board logs every 5
+    _type(page, "Epochs", "1")
+    _choose(page, "Compute type", "fp32")
+    _slider_number(page, "Cutoff length", "2048")
+    _slider_number(page, "Batch size", "2")
+    _slider_number(page, "Gradient accumulation", "1")
+    out_box = _input(page, "Output dir")
     out_box.click()
     out_box.fill(out)
     out_box.press("Enter")
@@ -128,7 +149,7 @@ def _fill_common(page, board: dict, stage: str, dataset: str, out: str) -> None:
 
 def _run(page, board: dict, stage: str, dataset: str, out: str, controls: dict, shot: str) -> dict:
     page.goto(board["url"])
-    page.get_by_label("Stage", exact=True).first.wait_for(timeout=60000)
+    page.locator('input[aria-label="Stage"]').wait_for(timeout=60000)
     _fill_common(page, board, stage, dataset, out)
     panel = page.locator(f"#s2l_{stage.lower()}_tab")
     panel.wait_for(state="visible", timeout=10000)
@@ -154,9 +175,11 @@ def _run(page, board: dict, stage: str, dataset: str, out: str, controls: dict, 
     while time.time() < deadline and not (run_dir / "train_results.json").exists():
         time.sleep(1)
     assert (run_dir / "train_results.json").exists(), (board["work"] / "webui.log").read_text()[-3000:]
+    page.get_by_text(re.compile("Finished|finished")).first.wait_for(timeout=60000)
+    page.screenshot(path=str(ARTIFACTS / shot.replace(".png", "_done.png")), full_page=True)
     args = yaml.safe_load((run_dir / "training_args.yaml").read_text())
     logs = [json.loads(line) for line in (run_dir / "trainer_log.jsonl").read_text().splitlines()]
-    return {"command": command, "args": args, "logs": logs}
+    return {"command": command, "args": args, "logs": logs, "running_log": (run_dir / "running_log.txt").read_text()}
 
 
 def test_solopo_from_the_board(board: dict, browser) -> None:
@@ -177,6 +200,44 @@ def test_solopo_from_the_board(board: dict, browser) -> None:
     assert args["solopo_alpha"] == 2.5 and args["solopo_distance"] == "square"
     steps = [entry for entry in result["logs"] if "loss" in entry]
     assert steps and {"align_loss", "po_loss", "rewards/long_chosen"} <= set(steps[0])
+    assert "'align_loss'" in result["running_log"]  # the board's log box shows the new metrics
+
+    # config save/load round-trips the plugin's controls
+    page.get_by_role("button", name="Save arguments").click()
+    page.get_by_text(re.compile("saved", re.IGNORECASE)).first.wait_for(timeout=30000)
+    _number(page, "s2l_solopo_alpha", 7.0)
+    assert float(page.locator("#s2l_solopo_alpha input").first.input_value()) == 7.0
+    page.get_by_role("button", name="Load arguments").click()
+    page.wait_for_function("parseFloat(document.querySelector('#s2l_solopo_alpha input').value) === 2.5", timeout=30000)
+    assert page.locator("#s2l_solopo_distance input").first.input_value() == "square"
+    page.close()
+
+
+def test_dataset_list_offers_only_short_to_long_data(board: dict, browser, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "dataset_info.json").write_text(
+        json.dumps(
+            {
+                "s2l": {"file_name": "s2l.jsonl", "formatting": "short_to_long", "ranking": True},
+                "plain_pairs": {"file_name": "pairs.json", "ranking": True},
+                "plain_sft": {"file_name": "sft.json"},
+            }
+        )
+    )
+    page = browser.new_page(viewport={"width": 1400, "height": 1400})
+    page.goto(board["url"])
+    page.locator('input[aria-label="Stage"]').wait_for(timeout=60000)
+    _type(page, "Data dir", str(data))
+    offered = {}
+    for stage in ("SoLoPO", "LongPO", "DPO"):
+        _choose(page, "Stage", stage)
+        _input(page, "Dataset").click()
+        page.get_by_role("option").first.wait_for(timeout=10000)
+        offered[stage] = set(page.get_by_role("option").all_inner_texts())
+        page.keyboard.press("Escape")
+    assert offered["SoLoPO"] == offered["LongPO"] == {"s2l"}
+    assert offered["DPO"] == {"s2l", "plain_pairs"}
     page.close()
 
 
