@@ -100,9 +100,15 @@ def _input(page, label: str):
 
 
 def _type(page, label: str, value: str) -> None:
+    """Fill a textbox and make sure the value stuck (the board's own events may rewrite fields)."""
     box = _input(page, label)
-    box.fill(value)
-    box.press("Tab")
+    for _ in range(20):
+        box.fill(value)
+        box.press("Tab")
+        page.wait_for_timeout(300)
+        if box.input_value() == value:
+            return
+    raise AssertionError(f"{label}: could not set {value!r}, field shows {box.input_value()!r}")
 
 
 def _choose(page, label: str, value: str) -> None:
@@ -129,6 +135,11 @@ def _number(page, elem_id: str, value: float) -> None:
 
 def _fill_common(page, board: dict, stage: str, dataset: str, out: str) -> None:
     _choose(page, "Model name", "Qwen2.5-0.5B-Instruct")
+    # choosing a model name fills "Model path" with its hub id: wait for that, then point it at the tiny model
+    page.wait_for_function(
+        "[...document.querySelectorAll('label')].some(l => l.innerText.startsWith('Model path') && "
+        "l.querySelector('textarea, input') && l.querySelector('textarea, input').value.includes('Qwen'))"
+    )
     _type(page, "Model path", str(board["model"]))
     _choose(page, "Finetuning method", "full")
     _choose(page, "Stage", stage)
