@@ -1,0 +1,1 @@
+"""Data builders: SoLoPO from MuSiQue + haystack, LongPO self-instruct, and the self-evolution loop."""

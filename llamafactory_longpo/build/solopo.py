@@ -1,0 +1,178 @@
+"""SoLoPO data from MuSiQue (SPEC section 3): short evidence, a RULER-style long haystack, and
+self-generated chain-of-thought answers split into chosen (correct) and rejected (incorrect).
+
+Input: MuSiQue JSONL with the official fields (``id, paragraphs[{idx, title, paragraph_text,
+is_supporting}], question, answer, answer_aliases, answerable``). Output: short-to-long records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ..errors import ConfigError, RecordError
+from .haystack import build_haystack
+from .output import ResumableWriter, merge_dataset_info, summarize
+from .scoring import extract_final_answer, sub_em
+
+COT_PROMPT = (
+    "Answer the question using the passages above. Think step by step, then give the answer on a last "
+    "line that starts with 'Final answer:'.\n\nQuestion: {question}"
+)
+
+
+@dataclass
+class SoLoPOBuildConfig:
+    input: str
+    output: str
+    model: dict[str, Any]
+    target_tokens: int = 8192
+    num_samples: int = 32
+    temperature: float = 0.85
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    seed: int = 42
+    max_records: Optional[int] = None
+    strict: bool = False
+    prompt: str = COT_PROMPT
+    joiner: str = "\n\n"
+    dataset_name: str = "solopo_musique"
+    dataset_info: Optional[str] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MusiqueItem:
+    key: str
+    question: str
+    answers: list[str]
+    supporting: list[str]
+    others: list[str]
+
+
+def _paragraph(p: dict[str, Any]) -> str:
+    title = (p.get("title") or "").strip()
+    text = p["paragraph_text"].strip()
+    return f"{title}\n{text}" if title else text
+
+
+def parse_musique_line(line: str, lineno: int, path: str) -> Optional[MusiqueItem]:
+    """One MuSiQue line; ``None`` for an unanswerable question; :class:`RecordError` if malformed."""
+    where = f"{path}: line {lineno}"
+    try:
+        raw = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise RecordError(f"{where}: invalid JSON ({err.msg})") from None
+    if not isinstance(raw, dict):
+        raise RecordError(f"{where}: expected a JSON object")
+    if raw.get("answerable") is False:
+        return None
+    for name in ("question", "answer"):
+        if not isinstance(raw.get(name), str) or not raw[name].strip():
+            raise RecordError(f"{where}: field '{name}' is missing or empty")
+    paragraphs = raw.get("paragraphs")
+    if not isinstance(paragraphs, list) or not paragraphs:
+        raise RecordError(f"{where}: field 'paragraphs' is missing or empty")
+    for i, p in enumerate(paragraphs):
+        if not isinstance(p, dict) or not isinstance(p.get("paragraph_text"), str) or not p["paragraph_text"].strip():
+            raise RecordError(f"{where}: field 'paragraphs[{i}].paragraph_text' is missing or empty")
+    supporting = [_paragraph(p) for p in paragraphs if p.get("is_supporting")]
+    if not supporting:
+        raise RecordError(f"{where}: no paragraph has 'is_supporting': true")
+    aliases = raw.get("answer_aliases") or []
+    return MusiqueItem(
+        key=str(raw.get("id", f"line{lineno}")),
+        question=raw["question"].strip(),
+        answers=[raw["answer"], *[a for a in aliases if isinstance(a, str)]],
+        supporting=supporting,
+        others=[_paragraph(p) for p in paragraphs if not p.get("is_supporting")],
+    )
+
+
+def read_musique(path: str, strict: bool, log: Any = print) -> tuple[list[MusiqueItem], dict[str, int]]:
+    """All usable items, and counts of what was skipped (bad lines are reported with their number)."""
+    items: list[MusiqueItem] = []
+    skipped: dict[str, int] = {}
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                item = parse_musique_line(line, lineno, path)
+            except RecordError as err:
+                if strict:
+                    raise
+                log(f"[build solopo] skipped: {err}")
+                skipped["malformed"] = skipped.get("malformed", 0) + 1
+                continue
+            if item is None:
+                skipped["unanswerable"] = skipped.get("unanswerable", 0) + 1
+                continue
+            items.append(item)
+    return items, skipped
+
+
+def _seed(base: int, key: str) -> int:
+    """A per-record seed: the same record gets the same randomness whatever ran before it."""
+    return int(hashlib.sha256(f"{base}:{key}".encode()).hexdigest()[:8], 16)
+
+
+def build_solopo(config: SoLoPOBuildConfig, generator: Any = None, log: Any = print) -> dict[str, Any]:
+    """Build (or resume) the output; returns the summary. ``generator`` defaults to the toolkit engine."""
+    from tqdm import tqdm
+
+    items, skipped = read_musique(config.input, config.strict, log)
+    if config.max_records is not None:
+        items = items[: config.max_records]
+    if generator is None:
+        from .generate import Generator
+
+        generator = Generator(config.model)
+    tokenizer = generator.tokenizer
+    # every check before any generation: evidence must fit the target length
+    for item in items:
+        need = len(tokenizer.encode("\n\n".join(item.supporting), add_special_tokens=False))
+        if need > config.target_tokens:
+            raise ConfigError(
+                f"target_tokens: {config.target_tokens} is shorter than the evidence of record {item.key} ({need} tokens)"
+            )
+    pool = [(item.key, p) for item in items for p in item.others]
+
+    writer = ResumableWriter(config.output)
+    try:
+        todo = [item for item in items if not writer.is_done(item.key)]
+        for item in tqdm(todo, desc="SoLoPO records", unit="rec", file=sys.stderr):
+            rng = random.Random(_seed(config.seed, item.key))
+            own = item.others[:]
+            rng.shuffle(own)
+            foreign = [p for key, p in pool if key != item.key]
+            rng.shuffle(foreign)
+            hay = build_haystack(tokenizer, item.supporting, own + foreign, config.target_tokens, seed=rng.randrange(2**31))
+            short = "\n\n".join(item.supporting)
+            instruction = config.prompt.format(question=item.question)
+            messages = [{"role": "user", "content": f"{short}{config.joiner}{instruction}"}]
+            samples = generator.generate(
+                [(messages, None)], seeds=[rng.randrange(2**31)], n=config.num_samples,
+                temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
+            )[0]
+            correct = [s for s in samples if sub_em(extract_final_answer(s), item.answers)]
+            wrong = [s for s in samples if s.strip() and not sub_em(extract_final_answer(s), item.answers)]
+            if not correct or not wrong:
+                writer.drop(item.key, "no_correct" if not correct else "no_incorrect")
+                continue
+            record = {"long_context": hay.text, "turns": [{
+                "short_context": short, "instruction": instruction,
+                "chosen": rng.choice(correct), "rejected": rng.choice(wrong)}]}
+            short_tokens = len(tokenizer.encode(short, add_special_tokens=False))
+            writer.keep(item.key, record, {"long_tokens": hay.tokens, "short_tokens": short_tokens})
+    finally:
+        writer.close()
+    if config.dataset_info:
+        merge_dataset_info(config.dataset_info, config.dataset_name, config.output)
+    summary = summarize(writer, {"skipped_input": skipped})
+    log(f"[build solopo] {json.dumps(summary)}")
+    return summary
