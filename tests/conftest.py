@@ -42,6 +42,27 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_env(grad_norm_file: Path, nproc: int = 2) -> dict[str, str]:
+    """Environment for a ``FORCE_TORCHRUN`` run on CPU, each rank logging its gradient norm."""
+    return dict(
+        FORCE_TORCHRUN="1",
+        NNODES="1",
+        NPROC_PER_NODE=str(nproc),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        LLAMAFACTORY_LONGPO_GRAD_NORM_FILE=str(grad_norm_file),
+    )
+
+
 def run_cli(args: list[str], cwd: Path, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
     """``llamafactory-cli`` as a real subprocess (stdout and stderr captured together)."""
     return subprocess.run(

@@ -10,8 +10,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from tests.conftest import ROOT, VENV_BIN, base_config, cli_env, write_yaml
-from tests.e2e.test_distributed import free_port
+from tests.conftest import ROOT, VENV_BIN, base_config, cli_env, torchrun_env, write_yaml
 
 
 def _py(code: str, **env: str) -> str:
@@ -103,14 +102,7 @@ def test_wheel_install_registers_stages_in_torchrun_workers(tmp_path: Path, tiny
         tmp_path / "cfg.yaml", base_config(tiny_model, out, per_device_train_batch_size=1, max_samples=4, ddp_backend="gloo")
     )
     grads = tmp_path / "grads"
-    env = cli_env(
-        FORCE_TORCHRUN="1",
-        NNODES="1",
-        NPROC_PER_NODE="2",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port()),
-        LLAMAFACTORY_LONGPO_GRAD_NORM_FILE=str(grads),
-    )
+    env = cli_env(**torchrun_env(grads))
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}"
     env.pop("PYTHONPATH", None)
     proc = subprocess.run(

@@ -32,8 +32,13 @@ def _train(cfg_path: str, log_path: str) -> None:
 
 
 def _export(base: str, adapter: str, template: str, out: str, log_path: str) -> None:
-    cfg = {"model_name_or_path": base, "adapter_name_or_path": adapter, "template": template,
-           "finetuning_type": "lora", "export_dir": out}
+    cfg = {
+        "model_name_or_path": base,
+        "adapter_name_or_path": adapter,
+        "template": template,
+        "finetuning_type": "lora",
+        "export_dir": out,
+    }
     path = f"{out}.export.yaml"
     with open(path, "w", encoding="utf-8") as fh:
         yaml.safe_dump(cfg, fh)
@@ -72,10 +77,12 @@ def run_recipe(recipe: dict[str, Any], log: Any = print, generator_factory: Opti
         os.makedirs(folder, exist_ok=True)
         name = f"longpo_round_{k}"
         build_cfg = LongPOBuildConfig(
-            input=recipe["corpus"], output=os.path.join(folder, "data.jsonl"),
+            input=recipe["corpus"],
+            output=os.path.join(folder, "data.jsonl"),
             model={**engine, "model_name_or_path": model},
             **{"min_doc_tokens": length // 2, "max_doc_tokens": length, **build, **spec.get("build", {})},
-            dataset_name=name, dataset_info=os.path.join(folder, "dataset_info.json"),
+            dataset_name=name,
+            dataset_info=os.path.join(folder, "dataset_info.json"),
         )
         log(f"[evolve] round {k}: building data at {length} tokens with {model}")
         generator = generator_factory(build_cfg.model) if generator_factory else None
@@ -86,8 +93,14 @@ def run_recipe(recipe: dict[str, Any], log: Any = print, generator_factory: Opti
             raise RuntimeError(f"round {k}: no record survived the filters; see {build_cfg.output}.summary.json")
         out_dir = os.path.join(folder, "model")
         cfg = {
-            **train, "stage": "longpo", "do_train": True, "model_name_or_path": model, "dataset": name,
-            "dataset_dir": folder, "output_dir": out_dir, "cutoff_len": train.get("cutoff_len", length + 4096),
+            **train,
+            "stage": "longpo",
+            "do_train": True,
+            "model_name_or_path": model,
+            "dataset": name,
+            "dataset_dir": folder,
+            "output_dir": out_dir,
+            "cutoff_len": train.get("cutoff_len", length + 4096),
             **({"policy_rope_theta": spec["policy_rope_theta"]} if "policy_rope_theta" in spec else {}),
         }
         cfg_path = os.path.join(folder, "train.yaml")

@@ -24,8 +24,17 @@ SELF_INSTRUCT_PROMPT = (
     "alone. Write one per line, numbered 1. to {n}."
 )
 REFUSALS = (
-    "i can't assist", "i cannot assist", "as an ai", "i'm sorry", "i am sorry", "i cannot help", "i can't help",
-    "i'm unable", "i am unable", "cannot provide", "can't provide",
+    "i can't assist",
+    "i cannot assist",
+    "as an ai",
+    "i'm sorry",
+    "i am sorry",
+    "i cannot help",
+    "i can't help",
+    "i'm unable",
+    "i am unable",
+    "cannot provide",
+    "can't provide",
 )
 _NUMBERED = re.compile(r"^\s*(?:\d+[.)]|[-*•])\s*(.+?)\s*$")
 _WORD = re.compile(r"[A-Za-z]{2,}")
@@ -147,11 +156,17 @@ def build_longpo(config: LongPOBuildConfig, generator: Any = None, log: Any = pr
                 writer.drop(key, "no_chunk")
                 continue
             chunks = rng.sample(chunks, min(config.max_turns, len(chunks)))
-            pool_prompts = [([{"role": "user", "content": f"{c}{config.joiner}{SELF_INSTRUCT_PROMPT.format(n=config.pool_size)}"}], None)
-                            for c in chunks]
-            pools = generator.generate(pool_prompts, seeds=[rng.randrange(2**31) for _ in chunks],
-                                       temperature=config.instruct_temperature, top_p=config.instruct_top_p,
-                                       max_new_tokens=config.max_new_tokens)
+            pool_prompts = [
+                ([{"role": "user", "content": f"{c}{config.joiner}{SELF_INSTRUCT_PROMPT.format(n=config.pool_size)}"}], None)
+                for c in chunks
+            ]
+            pools = generator.generate(
+                pool_prompts,
+                seeds=[rng.randrange(2**31) for _ in chunks],
+                temperature=config.instruct_temperature,
+                top_p=config.instruct_top_p,
+                max_new_tokens=config.max_new_tokens,
+            )
             picked = [(c, rng.choice(qs)) for c, pool in zip(chunks, pools) if (qs := parse_instructions(pool[0]))]
             if not picked:
                 writer.drop(key, "no_instruction_pool")
@@ -160,7 +175,8 @@ def build_longpo(config: LongPOBuildConfig, generator: Any = None, log: Any = pr
             answers = generator.generate(
                 [ask(c, q) for c, q in picked] + [ask(text, q) for _, q in picked],
                 seeds=[rng.randrange(2**31) for _ in range(2 * len(picked))],
-                temperature=config.answer_temperature, max_new_tokens=config.max_new_tokens,
+                temperature=config.answer_temperature,
+                max_new_tokens=config.max_new_tokens,
             )
             turns, reasons = [], []
             for i, (chunk, question) in enumerate(picked):

@@ -96,7 +96,8 @@ def summarize(writer: ResumableWriter, extra: Optional[dict[str, Any]] = None) -
         "dropped": {k.split(":", 1)[1]: v for k, v in sorted(statuses.items()) if k.startswith("dropped:")},
         "lengths": {
             name: {"count": len(v), "mean": round(statistics.fmean(v), 1), "min": min(v), "max": max(v)}
-            for name, v in lengths.items() if v
+            for name, v in lengths.items()
+            if v
         },
         **({"filtered": dict(sorted(filtered.items()))} if filtered else {}),
         **(extra or {}),

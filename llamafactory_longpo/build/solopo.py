@@ -156,17 +156,29 @@ def build_solopo(config: SoLoPOBuildConfig, generator: Any = None, log: Any = pr
             instruction = config.prompt.format(question=item.question)
             messages = [{"role": "user", "content": f"{short}{config.joiner}{instruction}"}]
             samples = generator.generate(
-                [(messages, None)], seeds=[rng.randrange(2**31)], n=config.num_samples,
-                temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
+                [(messages, None)],
+                seeds=[rng.randrange(2**31)],
+                n=config.num_samples,
+                temperature=config.temperature,
+                top_p=config.top_p,
+                max_new_tokens=config.max_new_tokens,
             )[0]
             correct = [s for s in samples if sub_em(extract_final_answer(s), item.answers)]
             wrong = [s for s in samples if s.strip() and not sub_em(extract_final_answer(s), item.answers)]
             if not correct or not wrong:
                 writer.drop(item.key, "no_correct" if not correct else "no_incorrect")
                 continue
-            record = {"long_context": hay.text, "turns": [{
-                "short_context": short, "instruction": instruction,
-                "chosen": rng.choice(correct), "rejected": rng.choice(wrong)}]}
+            record = {
+                "long_context": hay.text,
+                "turns": [
+                    {
+                        "short_context": short,
+                        "instruction": instruction,
+                        "chosen": rng.choice(correct),
+                        "rejected": rng.choice(wrong),
+                    }
+                ],
+            }
             short_tokens = len(tokenizer.encode(short, add_special_tokens=False))
             writer.keep(item.key, record, {"long_tokens": hay.tokens, "short_tokens": short_tokens})
     finally:

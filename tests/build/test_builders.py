@@ -36,10 +36,17 @@ def _solopo_config(tmp: Path, tiny: Path, **kw) -> Path:
     if not info.exists():
         info.write_text(json.dumps({"keep_me": {"file_name": "other.json"}}))
     cfg = {
-        "input": str(SAMPLE), "output": str(tmp / "solopo.jsonl"),
+        "input": str(SAMPLE),
+        "output": str(tmp / "solopo.jsonl"),
         "model": {"model_name_or_path": str(tiny), "template": "qwen", "infer_backend": "huggingface"},
-        "target_tokens": 600, "num_samples": 6, "temperature": 1.0, "max_new_tokens": 24, "seed": 7,
-        "dataset_info": str(info), "dataset_name": "solopo_sample", **kw,
+        "target_tokens": 600,
+        "num_samples": 6,
+        "temperature": 1.0,
+        "max_new_tokens": 24,
+        "seed": 7,
+        "dataset_info": str(info),
+        "dataset_name": "solopo_sample",
+        **kw,
     }
     path = tmp / "build.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -47,8 +54,14 @@ def _solopo_config(tmp: Path, tiny: Path, **kw) -> Path:
 
 
 def _build(cfg: Path, *extra: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([str(VENV_BIN / "llamafactory-longpo"), "build", "solopo", str(cfg), *extra], env=cli_env(**env),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    return subprocess.run(
+        [str(VENV_BIN / "llamafactory-longpo"), "build", "solopo", str(cfg), *extra],
+        env=cli_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +101,13 @@ def test_solopo_records(solopo_build: Path, tiny_model: Path) -> None:
 
 def test_killed_build_resumes_to_the_same_file(solopo_build: Path, tiny_model: Path, tmp_path: Path) -> None:
     cfg = _solopo_config(tmp_path, tiny_model)
-    proc = subprocess.Popen([str(VENV_BIN / "llamafactory-longpo"), "build", "solopo", str(cfg)], env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "llamafactory-longpo"), "build", "solopo", str(cfg)],
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     progress = tmp_path / "solopo.jsonl.progress.jsonl"
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline:
@@ -127,7 +145,9 @@ def test_bad_input_lines_and_short_target(tmp_path: Path, tiny_model: Path) -> N
     assert summary["kept"] + sum(summary["dropped"].values()) == 2
 
     (tmp_path / "s").mkdir()
-    strict = _build(_solopo_config(tmp_path / "s", tiny_model, input=str(bad), output=str(tmp_path / "s" / "out.jsonl")), "--strict")
+    strict = _build(
+        _solopo_config(tmp_path / "s", tiny_model, input=str(bad), output=str(tmp_path / "s" / "out.jsonl")), "--strict"
+    )
     assert strict.returncode == 1 and "error: " in strict.stdout and "line 2" in strict.stdout
     assert not (tmp_path / "s" / "out.jsonl").exists()
 
@@ -153,8 +173,12 @@ class ScriptedGenerator:
             text = messages[-1]["content"]
             whole_document = any(text.startswith(doc + "\n\n") for doc in self.documents)
             if "numbered 1." in text:
-                out.append(["1. Who founded the firm described here?\n2. Where was its founder born?\n"
-                            "3. When was the firm founded, and by whom?\n4. ok"])
+                out.append(
+                    [
+                        "1. Who founded the firm described here?\n2. Where was its founder born?\n"
+                        "3. When was the firm founded, and by whom?\n4. ok"
+                    ]
+                )
             elif not whole_document and any(text.split("\n\n")[0] in doc and "Calderon" in doc[:40] for doc in self.documents):
                 out.append(["I'm sorry, as an AI I cannot help with that."])
             elif whole_document and text.startswith("A gazetteer of Ostmark"):
@@ -182,9 +206,17 @@ def test_longpo_builder(tmp_path: Path, tiny_model: Path) -> None:
     from llamafactory_longpo.build.longpo import LongPOBuildConfig, build_longpo
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    cfg = LongPOBuildConfig(input=str(_corpus(tmp_path / "corpus.jsonl")), output=str(tmp_path / "longpo.jsonl"),
-                            model={}, min_doc_tokens=200, max_doc_tokens=4000, chunk_min_tokens=60,
-                            chunk_max_tokens=200, max_turns=2, dataset_info=str(tmp_path / "dataset_info.json"))
+    cfg = LongPOBuildConfig(
+        input=str(_corpus(tmp_path / "corpus.jsonl")),
+        output=str(tmp_path / "longpo.jsonl"),
+        model={},
+        min_doc_tokens=200,
+        max_doc_tokens=4000,
+        chunk_min_tokens=60,
+        chunk_max_tokens=200,
+        max_turns=2,
+        dataset_info=str(tmp_path / "dataset_info.json"),
+    )
     logs: list[str] = []
     summary = build_longpo(cfg, generator=ScriptedGenerator(tok, _documents()), log=logs.append)
     assert any("line 6: invalid JSON" in line for line in logs)
@@ -213,12 +245,23 @@ def test_evolution_rounds_train_and_skip_when_done(tmp_path: Path, tiny_model: P
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     recipe = {
-        "base_model": str(tiny_model), "corpus": str(_corpus(tmp_path / "corpus.jsonl")), "work_dir": str(tmp_path / "evo"),
+        "base_model": str(tiny_model),
+        "corpus": str(_corpus(tmp_path / "corpus.jsonl")),
+        "work_dir": str(tmp_path / "evo"),
         "engine": {"template": "qwen"},
         "build": {"min_doc_tokens": 200, "chunk_min_tokens": 60, "chunk_max_tokens": 200, "max_turns": 2},
-        "train": {"finetuning_type": "full", "template": "qwen", "pref_loss": "sigmoid", "max_steps": 1,
-                  "per_device_train_batch_size": 1, "report_to": "none", "short_cutoff_len": 512, "save_strategy": "no",
-                  "overwrite_output_dir": True, "s2l_ref_cache_dir": str(tmp_path / "cache")},
+        "train": {
+            "finetuning_type": "full",
+            "template": "qwen",
+            "pref_loss": "sigmoid",
+            "max_steps": 1,
+            "per_device_train_batch_size": 1,
+            "report_to": "none",
+            "short_cutoff_len": 512,
+            "save_strategy": "no",
+            "overwrite_output_dir": True,
+            "s2l_ref_cache_dir": str(tmp_path / "cache"),
+        },
         "rounds": [{"length": 1500}, {"length": 3000, "policy_rope_theta": 1.0e5}],
     }
     os.environ["PATH"] = f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"

@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import base_config, run_cli, write_yaml
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import base_config, run_cli, torchrun_env, write_yaml
 
 
 @pytest.mark.parametrize("stage", ["solopo", "longpo"])
@@ -29,16 +22,7 @@ def test_two_ranks_same_gradient_norm(tmp_path: Path, tiny_model: Path, stage: s
         base_config(tiny_model, out, stage=stage, per_device_train_batch_size=1, max_samples=6, ddp_backend="gloo", **extra),
     )
     grads = tmp_path / "grads"
-    proc = run_cli(
-        ["train", str(cfg)],
-        cwd=tmp_path,
-        FORCE_TORCHRUN="1",
-        NNODES="1",
-        NPROC_PER_NODE="2",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port()),
-        LLAMAFACTORY_LONGPO_GRAD_NORM_FILE=str(grads),
-    )
+    proc = run_cli(["train", str(cfg)], cwd=tmp_path, **torchrun_env(grads))
     assert proc.returncode == 0, proc.stdout[-4000:]
     ranks = [[json.loads(line) for line in Path(f"{grads}.rank{r}").read_text().splitlines()] for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == 3  # 6 samples / (2 ranks x 1)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, VENV_BIN, cli_env
+from tests.conftest import ROOT, VENV_BIN, cli_env, free_port
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts"
@@ -29,17 +29,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def board(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):
     """A running LlamaBoard (its working folder is a temp dir: runs land in its saves/)."""
     work = tmp_path_factory.mktemp("board")
-    port = _free_port()
+    port = free_port()
     env = cli_env(GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False")
     log = open(work / "webui.log", "w")
     proc = subprocess.Popen(
