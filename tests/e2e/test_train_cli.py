@@ -14,6 +14,9 @@ CASES = {
     "solopo-simpo": dict(stage="solopo", pref_loss="simpo", pref_beta=2.0),
     "solopo-orpo": dict(stage="solopo", pref_loss="orpo", solopo_align="both"),
     "longpo": dict(stage="longpo", pref_loss="sigmoid", dataset="longpo_demo", cutoff_len=2048, policy_rope_theta=1.0e6),
+    # LoRA: the reference is the policy with its adapters disabled (live here), at the original RoPE base
+    "longpo-lora-live-reference": dict(stage="longpo", pref_loss="sigmoid", dataset="longpo_demo", cutoff_len=2048,
+                                       finetuning_type="lora", s2l_precompute_ref=False, policy_rope_theta=1.0e6),
     "dpo-long-view": dict(stage="dpo", pref_loss="sigmoid"),
     "sft-long-view": dict(stage="sft", dataset="longpo_demo", cutoff_len=2048),
 }
@@ -57,7 +60,12 @@ def test_train_subprocess(tmp_path: Path, tiny_model: Path, name: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(out)
+    if overrides.get("finetuning_type") == "lora":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():
         logits = model(torch.tensor([[1, 2, 3]])).logits
     assert torch.isfinite(logits).all()
