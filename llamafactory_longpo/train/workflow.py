@@ -12,6 +12,7 @@ from llamafactory.model import load_model, load_tokenizer
 from llamafactory.train.trainer_utils import create_modelcard_and_push, create_ref_model
 
 from ..data.collator import ShortToLongDataCollator
+from .plots import plot_rewards
 from .rope import set_rope_theta
 from .trainer import ShortToLongTrainer
 
@@ -122,6 +123,7 @@ def run_short_to_long(
         trainer.save_state()
         if trainer.is_world_process_zero() and finetuning_args.plot_loss:
             plot_loss(training_args.output_dir, keys=PLOT_KEYS[stage] + ["eval_loss"])
+            plot_rewards(training_args.output_dir, stage)
 
     if training_args.do_eval:
         metrics = trainer.evaluate(metric_key_prefix="eval")

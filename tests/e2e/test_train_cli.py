@@ -15,8 +15,15 @@ CASES = {
     "solopo-orpo": dict(stage="solopo", pref_loss="orpo", solopo_align="both"),
     "longpo": dict(stage="longpo", pref_loss="sigmoid", dataset="longpo_demo", cutoff_len=2048, policy_rope_theta=1.0e6),
     # LoRA: the reference is the policy with its adapters disabled (live here), at the original RoPE base
-    "longpo-lora-live-reference": dict(stage="longpo", pref_loss="sigmoid", dataset="longpo_demo", cutoff_len=2048,
-                                       finetuning_type="lora", s2l_precompute_ref=False, policy_rope_theta=1.0e6),
+    "longpo-lora-live-reference": dict(
+        stage="longpo",
+        pref_loss="sigmoid",
+        dataset="longpo_demo",
+        cutoff_len=2048,
+        finetuning_type="lora",
+        s2l_precompute_ref=False,
+        policy_rope_theta=1.0e6,
+    ),
     "dpo-long-view": dict(stage="dpo", pref_loss="sigmoid"),
     "sft-long-view": dict(stage="sft", dataset="longpo_demo", cutoff_len=2048),
 }
@@ -55,7 +62,7 @@ def test_train_subprocess(tmp_path: Path, tiny_model: Path, name: str) -> None:
     if stage in ("solopo", "longpo"):  # the toolkit writes only its fixed keys for its own stages
         assert METRICS[stage] <= set(step_logs[0]), sorted(step_logs[0])
     if stage in ("solopo", "longpo"):
-        assert (out / "training_loss.png").exists()
+        assert (out / "training_loss.png").exists() and (out / "training_rewards.png").exists()
     # the result loads and runs as a plain transformers model
     import torch
     from transformers import AutoModelForCausalLM
