@@ -37,6 +37,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     evolve = sub.add_parser("evolve", help="LongPO self-evolution: build, train, repeat at longer lengths")
     evolve.add_argument("recipe")
 
+    ev = sub.add_parser("eval", help="long-context evaluation")
+    ev.add_argument("suite", choices=["ruler"])
+    ev.add_argument("config", help="YAML: model (llamafactory-cli chat keys), output_dir, tasks, lengths, depths, ...")
+
     args = parser.parse_args(argv)
     try:
         return _run(args)
@@ -56,11 +60,14 @@ def _load_config(cls: type, path: str, strict: bool) -> Any:
     for key in raw:
         if key not in names:
             raise ConfigError(f"{path}: unknown key {key!r}; allowed: {', '.join(sorted(names))}")
-    for key in ("input", "output", "model"):
+    required = [
+        f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    for key in required:
         if key not in raw:
             raise ConfigError(f"{path}: {key!r} is missing")
     if strict:
-        raw["strict"] = True
+        raw["strict"] = True  # only the builders have it
     return cls(**raw)
 
 
@@ -94,6 +101,10 @@ def _run(args: argparse.Namespace) -> int:
             from .build.longpo import LongPOBuildConfig, build_longpo
 
             build_longpo(_load_config(LongPOBuildConfig, args.config, args.strict))
+    elif args.command == "eval":
+        from .eval.ruler import RulerConfig, run_ruler
+
+        run_ruler(_load_config(RulerConfig, args.config, False))
     elif args.command == "evolve":
         import yaml
 

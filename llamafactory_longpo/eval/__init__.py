@@ -1,0 +1,1 @@
+"""Long-context evaluation: RULER-style tasks, the runner, plots."""
