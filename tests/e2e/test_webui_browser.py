@@ -129,11 +129,7 @@ def _number(page, elem_id: str, value: float) -> None:
 
 def _fill_common(page, board: dict, stage: str, dataset: str, out: str) -> None:
     _choose(page, "Model name", "Qwen2.5-0.5B-Instruct")
-    # choosing a model name fills "Model path" with its hub id: wait for that, then point it at the tiny model
-    page.wait_for_function(
-        "[...document.querySelectorAll('label')].some(l => l.innerText.startsWith('Model path') && "
-        "l.querySelector('textarea, input') && l.querySelector('textarea, input').value.includes('Qwen'))"
-    )
+    # choosing a model name may rewrite "Model path" a moment later: typed now, checked again at the end
     _type(page, "Model path", str(board["model"]))
     _choose(page, "Finetuning method", "full")
     _choose(page, "Stage", stage)
@@ -150,6 +146,7 @@ def _fill_common(page, board: dict, stage: str, dataset: str, out: str) -> None:
     out_box.click()
     out_box.fill(out)
     out_box.press("Enter")
+    _type(page, "Model path", str(board["model"]))  # once more: a late model-name event may have rewritten it
 
 
 def _run(page, board: dict, stage: str, dataset: str, out: str, controls: dict, shot: str) -> dict:
@@ -237,9 +234,17 @@ def test_dataset_list_offers_only_short_to_long_data(board: dict, browser, tmp_p
     offered = {}
     for stage in ("SoLoPO", "LongPO", "DPO"):
         _choose(page, "Stage", stage)
+        _input(page, "Learning rate").click()  # leave the dataset box so that focusing it lists again
         _input(page, "Dataset").click()
         page.get_by_role("option").first.wait_for(timeout=10000)
-        offered[stage] = set(page.get_by_role("option").all_inner_texts())
+        seen: set[str] = set()
+        for _ in range(20):  # the list is refreshed by an event: read until it is stable
+            page.wait_for_timeout(500)
+            now = set(page.get_by_role("option").all_inner_texts())
+            if now == seen:
+                break
+            seen = now
+        offered[stage] = seen
         page.keyboard.press("Escape")
     assert offered["SoLoPO"] == offered["LongPO"] == {"s2l"}
     assert offered["DPO"] == {"s2l", "plain_pairs"}
