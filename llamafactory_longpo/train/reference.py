@@ -86,6 +86,20 @@ def _save(path: str, key: str, rows: int, values: dict[str, list[float]]) -> Non
     os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache
 
 
+def _gathered(model: torch.nn.Module) -> Any:
+    """Under ZeRO-3 the parameters are partitioned from load on, and this pass runs before DeepSpeed's engine
+    (and its gathering hooks) exists: gather them for the pass (a full model per rank, for the pass only)."""
+    from contextlib import nullcontext
+
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+
+
 def compute_values(
     trainer: Any, model: torch.nn.Module, dataset: Any, keys: tuple[str, ...], batch_size: int, desc: str
 ) -> dict[str, list[float]]:
@@ -102,7 +116,7 @@ def compute_values(
     was_training = model.training
     model.eval()
     results: dict[int, dict[str, float]] = {}
-    with torch.no_grad():
+    with torch.no_grad(), _gathered(model):
         for step in tqdm(range(steps), desc=desc, disable=rank != 0):
             idx = mine[step * batch_size : (step + 1) * batch_size] or [mine[0] if mine else 0]
             features = [dataset[i] for i in idx]
