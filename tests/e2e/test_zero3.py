@@ -21,9 +21,21 @@ STAGES = {
 def _first_step(tmp: Path, tiny: Path, name: str, zero3: bool) -> dict:
     out = tmp / ("z3" if zero3 else "ddp")
     extra = {"deepspeed": str(ROOT / "examples" / "deepspeed" / "ds_z3_config.json")} if zero3 else {}
-    cfg = write_yaml(tmp / f"{out.name}.yaml", base_config(
-        tiny, out, per_device_train_batch_size=1, max_samples=4, max_steps=1, ddp_backend="gloo", disable_shuffling=True,
-        s2l_ref_cache_dir=str(tmp / f"cache_{out.name}"), **STAGES[name], **extra))
+    cfg = write_yaml(
+        tmp / f"{out.name}.yaml",
+        base_config(
+            tiny,
+            out,
+            per_device_train_batch_size=1,
+            max_samples=4,
+            max_steps=1,
+            ddp_backend="gloo",
+            disable_shuffling=True,
+            s2l_ref_cache_dir=str(tmp / f"cache_{out.name}"),
+            **STAGES[name],
+            **extra,
+        ),
+    )
     proc = run_cli(["train", str(cfg)], cwd=tmp, **torchrun_env(tmp / f"grads_{out.name}"))
     assert proc.returncode == 0, proc.stdout[-4000:]
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
