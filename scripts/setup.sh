@@ -23,8 +23,9 @@ if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
   pipq install -q -e ".[dev]"
   echo "$want" > "$stamp"
 fi
-# the browser test drives Debian's Chromium (the test skips, saying why, if it cannot be installed)
-if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+# the browser test drives Debian's Chromium (the test skips, saying why, if it cannot be installed);
+# only the test set-up asks for it (SETUP_BROWSER=1), the demo does not need it
+if [[ ${SETUP_BROWSER:-0} == 1 ]] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
   echo "[setup] installing Debian's chromium for the LlamaBoard browser test"
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ||
     echo "[setup] chromium could not be installed; the browser test will be skipped"
