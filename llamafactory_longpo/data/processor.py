@@ -13,7 +13,6 @@ would cut the instruction and the assistant header): it is dropped and counted, 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -127,7 +126,8 @@ class ShortToLongDatasetProcessor(DatasetProcessor):
         if target not in ("solopo", "longpo"):
             raise ValueError(f"ShortToLongDatasetProcessor needs data_args.s2l_target solopo|longpo, got {target!r}")
         long_rejected = bool(getattr(self.data_args, "s2l_long_rejected", False))
-        model_inputs: dict[str, list[Any]] = defaultdict(list)
+        # every key present even when the whole batch is dropped, so batches share one schema
+        model_inputs: dict[str, list[Any]] = {key: [] for key in output_keys(target, long_rejected)}
         dropped = 0
         for blob, turn in zip(examples[RECORD_COLUMN], examples[TURN_COLUMN]):
             record = record_from_json(blob)
@@ -164,6 +164,15 @@ class ShortToLongDatasetProcessor(DatasetProcessor):
             print(f"{name}_label_ids ({len(labels)} tokens):\n{self.tokenizer.decode(labels, skip_special_tokens=False)}")
         if "ref_chosen_input_ids" in example:
             print(f"ref rows: {len(example['ref_chosen_input_ids'])} short turns per side")
+
+
+def output_keys(target: str, long_rejected: bool) -> list[str]:
+    """The columns a processed row of ``target`` has."""
+    rows = ["chosen", "rejected"] + (["long_chosen"] + (["long_rejected"] if long_rejected else []) if target == "solopo" else [])
+    keys = [f"{r}_{part}" for r in rows for part in ("input_ids", "attention_mask", "labels")]
+    if target == "longpo":
+        keys += [f"{r}_{part}" for r in ("ref_chosen", "ref_rejected") for part in ("input_ids", "labels")]
+    return keys + ["images", "videos", "audios"]
 
 
 def _asst(text: str) -> dict[str, str]:

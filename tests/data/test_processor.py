@@ -109,6 +109,21 @@ def test_overlong_drop_and_middle_cut(setup, caplog, capsys) -> None:
         assert _labels_text(tokenizer, labels) == turn["chosen"] + "<|im_end|>\n"
 
 
+@pytest.mark.parametrize("target,long_rejected", [("solopo", False), ("solopo", True), ("longpo", False)])
+def test_schema_is_stable_when_a_batch_is_all_dropped(setup, target: str, long_rejected: bool) -> None:
+    name = "solopo_demo" if target == "solopo" else "longpo_demo"
+    blobs = _records(name, 2)
+    turns = [0, 0] if target == "solopo" else [-1, -1]
+    kept = _processor(setup, s2l_target=target, s2l_long_rejected=long_rejected).preprocess_dataset(
+        {RECORD_COLUMN: blobs, TURN_COLUMN: turns}
+    )
+    none = _processor(setup, s2l_target=target, s2l_long_rejected=long_rejected, cutoff_len=16).preprocess_dataset(
+        {RECORD_COLUMN: blobs, TURN_COLUMN: turns}
+    )
+    assert set(none) == set(kept) and all(v == [] for v in none.values())
+    assert all(len(v) == 2 for v in kept.values())
+
+
 def test_collator_pads_short_and_long_separately(setup, tiny_model: Path) -> None:
     from transformers import AutoModelForCausalLM
 
