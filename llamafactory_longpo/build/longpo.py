@@ -8,7 +8,6 @@ repetitive and near-empty answers; the surviving turns of a document form one mu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..errors import RecordError
-from .output import ResumableWriter, merge_dataset_info, summarize
+from .output import ResumableWriter, merge_dataset_info, read_inputs, record_seed, summarize
 
 SELF_INSTRUCT_PROMPT = (
     "Read the text above and write {n} diverse questions or instructions that can be answered from it "
@@ -104,28 +103,18 @@ def chunk_document(tokenizer: Any, text: str, low: int, high: int) -> list[str]:
 
 
 def read_corpus(path: str, strict: bool, log: Any = print) -> tuple[list[tuple[str, str]], dict[str, int]]:
-    docs, skipped = [], {}
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-                if not isinstance(raw, dict) or not isinstance(raw.get("text"), str) or not raw["text"].strip():
-                    raise RecordError(f"{path}: line {lineno}: field 'text' is missing or empty")
-            except json.JSONDecodeError as err:
-                raw = None
-                error = RecordError(f"{path}: line {lineno}: invalid JSON ({err.msg})")
-            except RecordError as err:
-                raw, error = None, err
-            if raw is None:
-                if strict:
-                    raise error
-                log(f"[build longpo] skipped: {error}")
-                skipped["malformed"] = skipped.get("malformed", 0) + 1
-                continue
-            docs.append((str(raw.get("id", f"line{lineno}")), raw["text"]))
-    return docs, skipped
+    """``(key, text)`` of every usable document; bad lines are reported with their number and counted."""
+
+    def parse(line: str, lineno: int) -> tuple[str, str]:
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise RecordError(f"{path}: line {lineno}: invalid JSON ({err.msg})") from None
+        if not isinstance(raw, dict) or not isinstance(raw.get("text"), str) or not raw["text"].strip():
+            raise RecordError(f"{path}: line {lineno}: field 'text' is missing or empty")
+        return str(raw.get("id", f"line{lineno}")), raw["text"]
+
+    return read_inputs(path, parse, strict=strict, log=log, tag="build longpo")
 
 
 def build_longpo(config: LongPOBuildConfig, generator: Any = None, log: Any = print) -> dict[str, Any]:
@@ -146,7 +135,7 @@ def build_longpo(config: LongPOBuildConfig, generator: Any = None, log: Any = pr
             if writer.is_done(key):
                 made += writer.done[key] == "kept"
                 continue
-            rng = random.Random(int(hashlib.sha256(f"{config.seed}:{key}".encode()).hexdigest()[:8], 16))
+            rng = random.Random(record_seed(config.seed, key))
             n_tokens = len(tok.encode(text, add_special_tokens=False))
             if not config.min_doc_tokens <= n_tokens <= config.max_doc_tokens:
                 writer.drop(key, "outside_token_window")

@@ -7,11 +7,49 @@ is written at the end. A half-written last line (killed mid-write) is cut off on
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import statistics
 from collections import Counter
-from typing import Any, Optional
+from collections.abc import Callable
+from typing import Any, Optional, TypeVar
+
+from ..errors import RecordError
+
+T = TypeVar("T")
+
+
+def record_seed(base: int, key: str) -> int:
+    """A per-input seed: the same input gets the same randomness whatever ran before it (so a resumed build
+    equals an uninterrupted one)."""
+    return int(hashlib.sha256(f"{base}:{key}".encode()).hexdigest()[:8], 16)
+
+
+def read_inputs(
+    path: str, parse: Callable[[str, int], T | str], *, strict: bool, log: Any, tag: str
+) -> tuple[list[T], dict[str, int]]:
+    """Parse a JSONL input line by line. ``parse(line, lineno)`` returns an item, a string (a reason to
+    skip the line, counted), or raises :class:`RecordError` (reported with its line, counted as
+    ``malformed``; fatal with ``strict``)."""
+    items: list[T] = []
+    skipped: dict[str, int] = {}
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                item = parse(line, lineno)
+            except RecordError as err:
+                if strict:
+                    raise
+                log(f"[{tag}] skipped: {err}")
+                item = "malformed"
+            if isinstance(item, str):
+                skipped[item] = skipped.get(item, 0) + 1
+                continue
+            items.append(item)
+    return items, skipped
 
 
 def _clean_tail(path: str) -> None:

@@ -7,7 +7,6 @@ is_supporting}], question, answer, answer_aliases, answerable``). Output: short-
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import sys
@@ -16,7 +15,7 @@ from typing import Any, Optional
 
 from ..errors import ConfigError, RecordError
 from .haystack import build_haystack
-from .output import ResumableWriter, merge_dataset_info, summarize
+from .output import ResumableWriter, merge_dataset_info, read_inputs, record_seed, summarize
 from .scoring import extract_final_answer, sub_em
 
 COT_PROMPT = (
@@ -95,30 +94,11 @@ def parse_musique_line(line: str, lineno: int, path: str) -> Optional[MusiqueIte
 
 def read_musique(path: str, strict: bool, log: Any = print) -> tuple[list[MusiqueItem], dict[str, int]]:
     """All usable items, and counts of what was skipped (bad lines are reported with their number)."""
-    items: list[MusiqueItem] = []
-    skipped: dict[str, int] = {}
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                item = parse_musique_line(line, lineno, path)
-            except RecordError as err:
-                if strict:
-                    raise
-                log(f"[build solopo] skipped: {err}")
-                skipped["malformed"] = skipped.get("malformed", 0) + 1
-                continue
-            if item is None:
-                skipped["unanswerable"] = skipped.get("unanswerable", 0) + 1
-                continue
-            items.append(item)
-    return items, skipped
 
+    def parse(line: str, lineno: int) -> MusiqueItem | str:
+        return parse_musique_line(line, lineno, path) or "unanswerable"
 
-def _seed(base: int, key: str) -> int:
-    """A per-record seed: the same record gets the same randomness whatever ran before it."""
-    return int(hashlib.sha256(f"{base}:{key}".encode()).hexdigest()[:8], 16)
+    return read_inputs(path, parse, strict=strict, log=log, tag="build solopo")
 
 
 def build_solopo(config: SoLoPOBuildConfig, generator: Any = None, log: Any = print) -> dict[str, Any]:
@@ -146,7 +126,7 @@ def build_solopo(config: SoLoPOBuildConfig, generator: Any = None, log: Any = pr
     try:
         todo = [item for item in items if not writer.is_done(item.key)]
         for item in tqdm(todo, desc="SoLoPO records", unit="rec", file=sys.stderr):
-            rng = random.Random(_seed(config.seed, item.key))
+            rng = random.Random(record_seed(config.seed, item.key))
             own = item.others[:]
             rng.shuffle(own)
             foreign = [p for key, p in pool if key != item.key]

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from transformers import AutoTokenizer
 
-from llamafactory_longpo.eval.tasks import GENERATORS, TASKS, make_samples, score
+from llamafactory_longpo.eval.tasks import GENERATORS, TASKS, Sample, make_samples, score
 from tests.conftest import VENV_BIN, cli_env
 
 SAMPLE = Path(__file__).resolve().parents[1] / "build" / "musique_sample.jsonl"
@@ -53,9 +53,9 @@ def test_same_seed_same_samples(tok) -> None:
 
 
 def test_scoring() -> None:
-    any_sample = make_samples.__globals__["Sample"]("t", 1, 0.0, "", "", ["The Eiffel Tower", "eiffel"])
+    any_sample = Sample("t", 1, 0.0, "", "", ["The Eiffel Tower", "eiffel"])
     assert score(any_sample, "It is the eiffel tower!") == 1.0 and score(any_sample, "Louvre") == 0.0
-    all_sample = make_samples.__globals__["Sample"]("t", 1, 0.0, "", "", ["123", "456", "789"], match="all")
+    all_sample = Sample("t", 1, 0.0, "", "", ["123", "456", "789"], match="all")
     assert score(all_sample, "123 and 789") == pytest.approx(2 / 3)
 
 
