@@ -132,6 +132,13 @@ class ShortToLongFinetuningArguments:
         default=None,
         metadata={"help": "Folder of the reference log-prob cache (default: ~/.cache/llamafactory_longpo/ref_logps)."},
     )
+    sequence_parallel_size: int = field(
+        default=1,
+        metadata={
+            "help": "Ulysses sequence parallelism (DeepSpeed's UlyssesSPAttentionHF): split every row's tokens over this "
+            "many consecutive ranks; needs attention heads divisible by it and flash_attn sdpa or fa2."
+        },
+    )
 
     def validate_short_to_long(self, stage: str, pref_loss: str) -> None:
         """Raise a one-line :class:`ConfigError` naming the key and the allowed values."""
@@ -141,6 +148,10 @@ class ShortToLongFinetuningArguments:
         _positive("policy_rope_theta", _number(self, "policy_rope_theta"), allow_zero=False)
         _positive("s2l_logits_chunk", _number(self, "s2l_logits_chunk"), allow_zero=False)
         self.s2l_logits_chunk = int(self.s2l_logits_chunk)
+        _positive("sequence_parallel_size", _number(self, "sequence_parallel_size"), allow_zero=False)
+        self.sequence_parallel_size = int(self.sequence_parallel_size)
+        if self.sequence_parallel_size > 1 and not self.s2l_response_logits:
+            raise ConfigError("sequence_parallel_size > 1 needs s2l_response_logits: true (each rank scores its own tokens)")
         if stage == "solopo" and pref_loss not in SOLOPO_PREF_LOSSES:
             raise ConfigError(
                 f"pref_loss: {pref_loss!r} is not supported by stage solopo; use one of {', '.join(SOLOPO_PREF_LOSSES)}"

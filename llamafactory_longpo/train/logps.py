@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .sequence_parallel import SequenceParallel, group_sum
+
 IGNORE_INDEX = -100
 DEFAULT_CHUNK = 4096
 
@@ -42,7 +44,11 @@ def capture_head_input(head: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
 
 
 def final_hidden_states(
-    model: torch.nn.Module, head: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: torch.Tensor
+    model: torch.nn.Module,
+    head: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    **kwargs: torch.Tensor,
 ) -> torch.Tensor:
     """``[B, L, H]`` hidden states that the LM head would see, from one ordinary model forward."""
     with capture_head_input(head) as captured:
@@ -83,18 +89,26 @@ def token_logps(
     return torch.cat(outs) if outs else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows, positions and targets of every label token: position ``p`` predicts ``labels[:, p+1]``."""
-    shifted = labels[:, 1:]
-    rows, pos = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)
-    return rows, pos, shifted[rows, pos]
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` targets by position: position ``p`` predicts ``labels[:, p+1]``; the last predicts nothing.
+
+    Shifting before any split keeps each target with the hidden state that predicts it, so a row cut
+    into slices (sequence parallelism) loses no token at a slice boundary.
+    """
+    return torch.cat([labels[:, 1:], labels.new_full((labels.size(0), 1), IGNORE_INDEX)], dim=1)
 
 
-def token_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows, positions and targets of every non-pad token after the first (full-sequence NLL)."""
+def full_sequence_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Targets of a full-sequence NLL, by predicting position: every non-pad token after the first."""
     valid = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
-    rows, pos = valid.nonzero(as_tuple=True)
-    return rows, pos, input_ids[:, 1:][rows, pos]
+    shifted = torch.where(valid, input_ids[:, 1:], IGNORE_INDEX)
+    return torch.cat([shifted, shifted.new_full((shifted.size(0), 1), IGNORE_INDEX)], dim=1)
+
+
+def target_positions(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows, positions and target ids of every scored position of a ``[B, L]`` target tensor."""
+    rows, pos = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    return rows, pos, targets[rows, pos]
 
 
 def per_row_sums(
@@ -131,24 +145,54 @@ def sequence_logps(
     nll_scope: str = "response",
     chunk_size: int = DEFAULT_CHUNK,
     softcap: Optional[float] = None,
+    sequence_parallel: Optional[SequenceParallel] = None,
 ) -> dict[str, torch.Tensor]:
     """One forward: per-row response log-prob sums and lengths, and optionally a token-mean NLL.
 
     ``nll_rows`` > 0 adds ``nll`` = token-mean NLL over the first ``nll_rows`` rows; ``nll_scope`` is
     ``response`` (label tokens) or ``full`` (every non-pad token, the document included).
+
+    With ``sequence_parallel`` each rank of the group feeds one contiguous slice of every (right-padded)
+    row, the model's attention exchanges the rest (Ulysses), and the sums and counts are added up over
+    the group: the same outputs as one process feeding whole rows.
     """
-    hidden = final_hidden_states(model, head, input_ids, attention_mask)
     batch = input_ids.size(0)
-    rows, pos, targets = label_positions(labels)
-    logps, lengths = per_row_sums(head, hidden, rows, pos, targets, batch, chunk_size=chunk_size, softcap=softcap)
+    targets = {"response": next_token_targets(labels)}
+    if nll_rows and nll_scope == "full":
+        targets["full"] = full_sequence_targets(input_ids[:nll_rows], attention_mask[:nll_rows])
+    sp = sequence_parallel
+    if sp is None:
+        hidden = final_hidden_states(model, head, input_ids, attention_mask)
+    else:
+        pad = -input_ids.size(1) % sp.size
+        if pad:
+            input_ids = F.pad(input_ids, (0, pad), value=0)
+            targets = {k: F.pad(t, (0, pad), value=IGNORE_INDEX) for k, t in targets.items()}
+        width = input_ids.size(1) // sp.size
+        local = slice(sp.rank * width, (sp.rank + 1) * width)
+        positions = torch.arange(local.start, local.stop, device=input_ids.device).expand(batch, -1)
+        targets = {k: t[:, local] for k, t in targets.items()}
+        hidden = final_hidden_states(model, head, input_ids[:, local], None, position_ids=positions)
+
+    def sums(name: str, rows_: int) -> tuple[torch.Tensor, torch.Tensor]:
+        r, p, t = target_positions(targets[name])
+        total, count = per_row_sums(head, hidden[:rows_], r, p, t, rows_, chunk_size=chunk_size, softcap=softcap)
+        if sp is None:
+            return total, count
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            # a slice may hold no scored token (the document's start), yet its keys and values feed the other
+            # slices: an exact zero through the head keeps this rank's backward (and its all-to-alls) running
+            total = total + head(hidden[:, :0]).sum()
+        return group_sum(total, sp.group), group_sum(count, sp.group)
+
+    logps, lengths = sums("response", batch)
     out = {"logps": logps, "lengths": lengths}
     if nll_rows:
         if nll_scope == "response":
             nll_sum, nll_count = -logps[:nll_rows].sum(), lengths[:nll_rows].sum()
         else:
-            r, p, t = token_positions(input_ids[:nll_rows], attention_mask[:nll_rows])
-            sums, counts = per_row_sums(head, hidden[:nll_rows], r, p, t, nll_rows, chunk_size=chunk_size, softcap=softcap)
-            nll_sum, nll_count = -sums.sum(), counts.sum()
+            row_sums, counts = sums("full", nll_rows)
+            nll_sum, nll_count = -row_sums.sum(), counts.sum()
         out["nll_sum"], out["nll_count"] = nll_sum, nll_count
         out["nll"] = nll_sum / nll_count.clamp(min=1)
     return out

@@ -103,15 +103,20 @@ def _gathered(model: torch.nn.Module) -> Any:
 def compute_values(
     trainer: Any, model: torch.nn.Module, dataset: Any, keys: tuple[str, ...], batch_size: int, desc: str
 ) -> dict[str, list[float]]:
-    """One no-grad pass; under several processes each rank scores a shard in lockstep, then all gather."""
+    """One no-grad pass; under several processes each rank scores a shard in lockstep, then all gather.
+
+    Under sequence parallelism the shard belongs to the rank's group (its ranks score the same rows together).
+    """
     import torch.distributed as dist
     from tqdm import tqdm
 
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
+    sp = getattr(trainer, "sequence_parallel", None)
+    shards, shard = (sp.dp_size, sp.dp_rank) if sp is not None else (world, rank)
     total = len(dataset)
-    mine = list(range(rank, total, world))
-    steps = -(-len(range(0, total, world)) // batch_size)  # same number of batches on every rank (ZeRO-3 needs lockstep)
+    mine = list(range(shard, total, shards))
+    steps = -(-len(range(0, total, shards)) // batch_size)  # same number of batches on every rank (ZeRO-3 needs lockstep)
     device = trainer.accelerator.device
     was_training = model.training
     model.eval()

@@ -17,6 +17,7 @@ from ..data.collator import REF_LOGP_COLUMNS
 from ..losses import longpo_loss, solopo_loss
 from .logps import plain_sequence_logps, sequence_logps, shared_prefix_logps
 from .rope import rope_theta_override
+from .sequence_parallel import GroupBatchSampler, SequenceParallel
 
 # reference log-probs per sample, as computed live or read from the precomputed dataset columns
 REF_KEYS = REF_LOGP_COLUMNS
@@ -29,6 +30,25 @@ class ShortToLongTrainer(CustomDPOTrainer):
         super().__init__(*args, **kwargs)
         self.stage: str = self.finetuning_args.stage
         self.original_rope_theta: Optional[float] = None  # set by the workflow when the policy's theta was raised
+        self.sequence_parallel: Optional[SequenceParallel] = None  # set by the workflow for sequence_parallel_size > 1
+
+    # ------------------------------------------------------------------ data
+    def _group_sampler(self, dataset: Any, batch_size: int, shuffle: bool) -> GroupBatchSampler:
+        sp = self.sequence_parallel
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return GroupBatchSampler(len(dataset), batch_size, sp.size, shuffle, seed)
+
+    def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Optional[torch.utils.data.Sampler]:
+        """Under sequence parallelism the ranks of a group must see the same batches (see GroupBatchSampler)."""
+        if self.sequence_parallel is None:
+            return super()._get_train_sampler(*args, **kwargs)
+        dataset = args[0] if args else kwargs.get("train_dataset") or self.train_dataset
+        return self._group_sampler(dataset, self._train_batch_size, not self.finetuning_args.disable_shuffling)
+
+    def _get_eval_sampler(self, eval_dataset: Any) -> Optional[torch.utils.data.Sampler]:
+        if self.sequence_parallel is None:
+            return super()._get_eval_sampler(eval_dataset)
+        return self._group_sampler(eval_dataset, self.args.eval_batch_size, False)
 
     # ------------------------------------------------------------------ log-probs
     def _head(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -52,6 +72,7 @@ class ShortToLongTrainer(CustomDPOTrainer):
             labels,
             chunk_size=self.finetuning_args.s2l_logits_chunk,
             softcap=self._softcap(model),
+            sequence_parallel=self.sequence_parallel,
             **kw,
         )
 
@@ -171,7 +192,8 @@ class ShortToLongTrainer(CustomDPOTrainer):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         fa = self.finetuning_args
         n = batch["input_ids"].size(0) // 2
-        if fa.s2l_shared_prefix and fa.s2l_response_logits:
+        # the packed pair needs a 4D mask, which Ulysses cannot shard: under sequence parallelism the rows go separately
+        if fa.s2l_shared_prefix and fa.s2l_response_logits and self.sequence_parallel is None:
             rows = [
                 tuple(batch[k][sl] for k in ("input_ids", "attention_mask", "labels")) for sl in (slice(0, n), slice(n, None))
             ]

@@ -47,6 +47,16 @@ def build_trainer(
     template = get_template_and_fix_tokenizer(tokenizer, data_args)
     dataset_module = get_dataset(template, model_args, data_args, training_args, stage="rm", **tokenizer_module)
     model = load_model(tokenizer, model_args, finetuning_args, training_args.do_train)
+    sequence_parallel = None
+    if finetuning_args.sequence_parallel_size > 1:  # checked and wired before any forward (the reference pass included)
+        from .sequence_parallel import enable_sequence_parallel
+
+        sequence_parallel = enable_sequence_parallel(model, finetuning_args.sequence_parallel_size)
+        logger.info_rank0(
+            f"sequence parallel: {sequence_parallel.size} ranks per row (DeepSpeed Ulysses), "
+            f"{sequence_parallel.dp_size} data-parallel group(s)"
+            + ("; LongPO's shared prefix is off (its 4D mask cannot be sharded)" if finetuning_args.stage == "longpo" else "")
+        )
 
     original_theta = None
     if finetuning_args.policy_rope_theta is not None:
@@ -78,6 +88,7 @@ def build_trainer(
         **dataset_module,
         **tokenizer_module,
     )
+    trainer.sequence_parallel = sequence_parallel
     if precompute:
         from .reference import precompute_reference
 

@@ -1,0 +1,187 @@
+"""Ulysses sequence parallelism for ``solopo`` and ``longpo``, on DeepSpeed's ``UlyssesSPAttentionHF``.
+
+Why DeepSpeed's module and not the toolkit's v1 Ulysses code: DeepSpeed's is a released API
+(``deepspeed.runtime.sequence_parallel``, DeepSpeed >= 0.17) written for Hugging Face attention
+functions, keeps MQA/GQA head replication, its all-to-all is a registered autograd operator, and it
+runs on CPU with gloo, so the equality tests run in CI. The toolkit's v1 code is an SFT-only plugin of
+its experimental trainer and expects its own batch format.
+
+How a step runs with ``sequence_parallel_size: P``: the ``P`` consecutive ranks of a group receive the
+SAME batch (:class:`GroupBatchSampler`); every row is padded to a multiple of ``P`` and each rank
+feeds only its slice of the tokens (global ``position_ids``) through the model. Inside attention,
+DeepSpeed's all-to-all turns "my tokens, all heads" into "all tokens, my heads" and back, so each
+rank's hidden states equal the matching slice of a single-process forward. Log-prob sums and token
+counts are then summed over the group (:func:`group_sum`, gradients intact) in
+:func:`..logps.sequence_logps`. Short rows and reference passes take the same path: the attention
+function is replaced process-wide, so every forward of the model is sharded.
+
+Gradient scale: every rank of a group computes the same loss, and the backward of :func:`group_sum`
+sums the group's (identical) upstream gradients, so a group contributes ``P`` times its gradient;
+the data-parallel average (DDP or DeepSpeed, over all ``world`` ranks) divides by ``world = P x dp``,
+which leaves exactly the mean over the ``dp`` data-parallel groups: the same update as without SP.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+from ..errors import ConfigError
+
+# attention implementations that work without a materialized 4D mask (DeepSpeed drops masks under SP)
+SUPPORTED_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+@dataclass
+class SequenceParallel:
+    """Where this rank sits: its sequence-parallel group and its data-parallel coordinates."""
+
+    group: Any
+    size: int
+    rank: int  # within the group: which slice of the tokens this rank feeds
+    dp_size: int  # number of groups: distinct batches per step
+    dp_rank: int
+
+
+def check_sequence_parallel(size: int, config: Any, attn_implementation: Optional[str], world_size: int) -> None:
+    """Raise a one-line :class:`ConfigError` for each setting Ulysses cannot run; nothing runs before this."""
+    if world_size % size:
+        raise ConfigError(
+            f"sequence_parallel_size: {size} does not divide the world size {world_size}; launch a multiple of "
+            f"{size} processes (FORCE_TORCHRUN=1 NPROC_PER_NODE={size} llamafactory-cli train ...)"
+        )
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads, kv_heads = text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    if heads % size:
+        divisors = [d for d in range(2, heads + 1) if heads % d == 0 and (kv_heads % d == 0 or d % kv_heads == 0)]
+        raise ConfigError(
+            f"sequence_parallel_size: {size} does not divide the model's {heads} attention heads; "
+            f"use one of {', '.join(map(str, divisors))}"
+        )
+    if kv_heads % size and size % kv_heads:
+        raise ConfigError(
+            f"sequence_parallel_size: {size} and the model's {kv_heads} key/value heads must divide one another "
+            "(DeepSpeed replicates or splits whole KV heads)"
+        )
+    if attn_implementation not in SUPPORTED_ATTENTION:
+        raise ConfigError(
+            f"sequence_parallel_size: {size} needs flash_attn: sdpa or fa2 (the model runs {attn_implementation!r} "
+            "attention, which needs a full 4D mask that Ulysses cannot shard)"
+        )
+
+
+def _init_deepspeed_comm() -> None:
+    """DeepSpeed's collectives ride on the process group the toolkit already created."""
+    import deepspeed.comm as ds_dist
+
+    if not ds_dist.is_initialized():
+        ds_dist.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False)
+
+
+def enable_sequence_parallel(model: torch.nn.Module, size: int) -> SequenceParallel:
+    """Check the setting, build the groups and route the model's attention through Ulysses."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    config = model.config
+    attn = getattr(config, "_attn_implementation", None)
+    check_sequence_parallel(size, config, attn, world)
+
+    _init_deepspeed_comm()
+    import deepspeed.runtime.sequence_parallel.parallel_state_sp as mpu
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    mpu.initialize_sequence_parallel(sequence_parallel_size=size)  # groups of consecutive ranks
+    group = mpu.get_sequence_parallel_group()
+    text = config.get_text_config()
+    ulysses = UlyssesSPAttentionHF(
+        attn=ALL_ATTENTION_FUNCTIONS[attn],
+        batch_size=1,
+        attn_head_count=text.num_attention_heads,
+        attn_head_size=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+        kv_head_count=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+        num_hidden_layers=text.num_hidden_layers,
+        process_group=group,
+        seq_length_is_variable=True,
+    )
+    ulysses.core_attn_implementation = attn
+
+    def attention(
+        module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any, *a: Any, **kw: Any
+    ) -> Any:  # noqa: E501
+        # the module is built for one batch size; ours varies (short, long and reference rows), so set it per call
+        batch = query.size(0)
+        if batch != ulysses.batch_size:
+            ulysses.batch_size = batch
+            ulysses.required_query_shape = torch.Size([1, batch, ulysses.attn_head_count, ulysses.attn_head_size])
+            ulysses.required_key_value_shape = torch.Size([1, batch, ulysses.global_kv_head_count, ulysses.attn_head_size])
+            ulysses.required_context_shape = torch.Size(
+                [1, batch, ulysses.attn_head_size * ulysses.attn_head_count // ulysses.world_size]
+            )
+        # rows are right-padded and attention is causal, so no mask is needed (the model's is for the local slice)
+        return ulysses(module, query, key, value, None, *a, **kw)
+
+    # replacing the core implementation in place keeps every branch the model takes on its name (DeepSpeed does the same)
+    ALL_ATTENTION_FUNCTIONS[attn] = attention
+    rank = dist.get_rank()
+    return SequenceParallel(group=group, size=size, rank=dist.get_rank(group), dp_size=world // size, dp_rank=rank // size)
+
+
+class _GroupSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        out = tensor.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def group_sum(tensor: torch.Tensor, group: Any) -> torch.Tensor:
+    """Sum over the sequence-parallel group; differentiable (see the module docstring for the scale)."""
+    if not (torch.is_grad_enabled() and tensor.requires_grad):
+        out = tensor.clone()
+        dist.all_reduce(out, group=group)
+        return out
+    return _GroupSum.apply(tensor, group)
+
+
+class GroupBatchSampler(Sampler[int]):
+    """Sample order in which every batch appears ``copies`` times in a row.
+
+    The toolkit's data loader deals batch ``k`` to rank ``k mod world``; with each batch repeated ``P``
+    times, the ``P`` consecutive ranks of a sequence-parallel group get the same batch and the groups
+    get distinct ones. The order is a function of the seed and epoch only, identical on every rank;
+    the last batch is completed with samples from the start so no batch is ever split.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, copies: int, shuffle: bool, seed: int) -> None:
+        self.num_samples, self.batch_size, self.copies = num_samples, batch_size, copies
+        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.batch_size) * self.batch_size * self.copies
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        else:
+            order = list(range(self.num_samples))
+        while order and len(order) % self.batch_size:
+            order += order[: self.batch_size - len(order) % self.batch_size]
+        for start in range(0, len(order), self.batch_size):
+            for _ in range(self.copies):
+                yield from order[start : start + self.batch_size]
