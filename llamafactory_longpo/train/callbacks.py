@@ -3,7 +3,8 @@
 ``LLAMAFACTORY_LONGPO_STEP_TIME_FILE=path`` appends each optimizer step's wall time (JSON lines), for
 benchmarks of any stage, the toolkit's own included.
 
-``LLAMAFACTORY_LONGPO_GRAD_NORM_FILE=path`` makes every rank append its own gradient norm, measured
+``LLAMAFACTORY_LONGPO_GRAD_NORM_FILE=path`` makes every rank append its own gradient norm (and each
+tensor's gradient norm and sum), measured
 after the gradient all-reduce and before the optimizer step, to ``path.rank<R>`` (JSON lines). With
 data parallelism the ranks must agree; a mismatch means gradients silently went out of sync (the
 reentrant-checkpointing failure described in the seams notes).
@@ -37,9 +38,12 @@ class GradNormPerRankCallback(TrainerCallback):
     ) -> None:
         if model is None:
             return
-        sq = sum(float(p.grad.detach().double().pow(2).sum()) for p in model.parameters() if p.grad is not None)
+        grads = {n: p.grad.detach().double() for n, p in model.named_parameters() if p.grad is not None}
+        sq = sum(float(g.pow(2).sum()) for g in grads.values())
+        # per tensor: norm and signed sum, so equality checks see more than one number
+        params = {n: [float(g.norm()), float(g.sum())] for n, g in grads.items()}
         with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"rank": self.rank, "step": state.global_step, "grad_norm": sq**0.5}) + "\n")
+            fh.write(json.dumps({"rank": self.rank, "step": state.global_step, "grad_norm": sq**0.5, "params": params}) + "\n")
 
 
 class StepTimeCallback(TrainerCallback):

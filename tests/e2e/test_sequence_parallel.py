@@ -1,0 +1,107 @@
+"""Ulysses sequence parallelism on CPU (2 torchrun ranks, gloo, DeepSpeed's UlyssesSPAttentionHF):
+``sequence_parallel_size: 2`` gives the same losses, log-probs and gradients as ONE process on the same
+batches; and every setting it cannot run stops before training with its one-line message."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from tests.conftest import base_config, run_cli, torchrun_env, write_yaml
+
+pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install '.[deepspeed]')")
+
+CASES = {
+    # SoLo-ORPO: short pair + long chosen, no reference
+    "solopo-orpo": dict(stage="solopo", pref_loss="orpo", solopo_alpha=2.0),
+    # SoLo-DPO on LoRA with a LIVE reference (adapters disabled) instead of the cache: reference passes sharded too
+    "solopo-dpo-lora-live": dict(
+        stage="solopo", pref_loss="sigmoid", finetuning_type="lora", lora_rank=4, s2l_precompute_ref=False, learning_rate=1.0e-2
+    ),
+    # LongPO: cached short reference, long pair, full-document NLL
+    "longpo": dict(stage="longpo", pref_loss="sigmoid", dataset="longpo_demo", cutoff_len=2048),
+}
+
+
+def _train(tmp: Path, tiny: Path, case: str, sp: int) -> tuple[list[dict], list[dict]]:
+    out = tmp / f"sp{sp}"
+    extra = {"sequence_parallel_size": sp, "ddp_backend": "gloo"} if sp > 1 else {}
+    cfg = write_yaml(
+        tmp / f"{out.name}.yaml",
+        base_config(
+            tiny,
+            out,
+            per_device_train_batch_size=2,
+            max_samples=4,
+            max_steps=2,
+            disable_shuffling=True,
+            s2l_ref_cache_dir=str(tmp / f"cache_{out.name}"),
+            **CASES[case],
+            **extra,
+        ),
+    )
+    grads = tmp / f"grads_{out.name}"
+    env = torchrun_env(grads, nproc=sp) if sp > 1 else {"LLAMAFACTORY_LONGPO_GRAD_NORM_FILE": str(grads)}
+    proc = run_cli(["train", str(cfg)], cwd=tmp, **env)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    history = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    steps = [json.loads(line) for line in Path(f"{grads}.rank0").read_text().splitlines()]
+    return history, steps
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sequence_parallel_equals_one_process(tmp_path: Path, tiny_model: Path, case: str) -> None:
+    one_hist, one_grads = _train(tmp_path, tiny_model, case, sp=1)
+    sp_hist, sp_grads = _train(tmp_path, tiny_model, case, sp=2)
+    assert len(one_hist) == len(sp_hist) == 2  # 4 samples / batch 2: both runs see the same two batches
+    for a, b in zip(one_hist, sp_hist):
+        keys = [k for k in a if k == "loss" or k.startswith(("logps/", "rewards/", "po_", "align_", "pref_", "nll_"))]
+        assert keys and set(keys) <= set(b)
+        for k in keys:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-5), k
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+    assert len(one_grads) == len(sp_grads) == 2
+    for a, b in zip(one_grads, sp_grads):
+        assert a["params"].keys() == b["params"].keys()
+        for name, (norm, total) in a["params"].items():
+            assert b["params"][name][0] == pytest.approx(norm, rel=1e-5, abs=1e-7), name
+            assert b["params"][name][1] == pytest.approx(total, rel=1e-4, abs=1e-6), name
+
+
+def test_checks_name_each_problem() -> None:
+    from llamafactory_longpo.errors import ConfigError
+    from llamafactory_longpo.train.sequence_parallel import check_sequence_parallel
+
+    qwen7b = SimpleNamespace(num_attention_heads=28, num_key_value_heads=4)
+    check_sequence_parallel(4, qwen7b, "sdpa", 8)  # the paper's setting: fine
+    cases = [
+        ((2, qwen7b, "sdpa", 3), "does not divide the world size 3"),
+        ((8, qwen7b, "sdpa", 8), "does not divide the model's 28 attention heads; use one of 2, 4, 28"),
+        ((7, qwen7b, "sdpa", 7), "7 and the model's 4 key/value heads must divide one another"),
+        ((4, qwen7b, "eager", 8), "needs flash_attn: sdpa or fa2 (the model runs 'eager' attention"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+            check_sequence_parallel(*args)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({}, "sequence_parallel_size: 2 does not divide the world size 1"),
+        ({"stage": "dpo", "pref_loss": "sigmoid", "dataset": "solopo_demo"}, "stage 'dpo' has no sequence parallelism here"),
+        ({"s2l_response_logits": False}, "sequence_parallel_size > 1 needs s2l_response_logits: true"),
+    ],
+)
+def test_cli_errors_before_training(tmp_path: Path, tiny_model: Path, overrides: dict, message: str) -> None:
+    out = tmp_path / "out"
+    cfg = write_yaml(tmp_path / "cfg.yaml", base_config(tiny_model, out, sequence_parallel_size=2, max_steps=1, **overrides))
+    proc = run_cli(["train", str(cfg)], cwd=tmp_path)
+    assert proc.returncode == 1
+    errors = [line for line in proc.stdout.splitlines() if line.startswith("[llamafactory-longpo] error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout
+    assert not (out / "trainer_state.json").exists()
