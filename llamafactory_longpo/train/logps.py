@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -122,16 +123,38 @@ def per_row_sums(
     out_rows: Optional[torch.Tensor] = None,
     chunk_size: int = DEFAULT_CHUNK,
     softcap: Optional[float] = None,
+    min_chunks: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs ``[num_rows]`` and token counts ``[num_rows]`` at the given positions.
 
     ``hidden[rows, pos]`` predicts ``targets``; each token is added to ``out_rows`` (default ``rows``).
+    At least ``min_chunks`` head calls are made (:func:`chunk_plan`).
     """
     out_rows = rows if out_rows is None else out_rows
     logps = token_logps(head, hidden[rows, pos], targets, chunk_size=chunk_size, softcap=softcap)
     sums = torch.zeros(num_rows, dtype=logps.dtype, device=logps.device).index_add(0, out_rows, logps)
     counts = torch.zeros(num_rows, dtype=torch.long, device=rows.device).index_add(0, out_rows, torch.ones_like(out_rows))
+    # filler head calls (see chunk_plan): one token each, added as an exact zero, recomputed in backward like the rest
+    filler, filler_target = hidden.reshape(-1, hidden.size(-1))[:1], torch.zeros(1, dtype=torch.long, device=rows.device)
+    for _ in range(min_chunks - -(-rows.numel() // chunk_size)):
+        sums = sums + 0.0 * token_logps(head, filler, filler_target, chunk_size=1, softcap=softcap).sum()
     return sums, counts
+
+
+def chunk_plan(counts: list[int], chunk_size: int, device: torch.device, *, at_least_one: bool, lockstep: bool) -> list[int]:
+    """How many head calls each gather of a pass makes (``counts``: scored tokens of each gather).
+
+    ``at_least_one``: a sequence-parallel slice may hold no scored token, yet its keys and values feed the
+    other slices, so it still needs a path from the loss back through its forward (and its all-to-alls).
+    ``lockstep``: under ZeRO-3 every head call gathers the head's weight across all ranks, so every rank
+    must make the same number of calls: the maximum over ranks (one tiny all-reduce).
+    """
+    plan = [max(int(at_least_one), -(-c // chunk_size)) for c in counts]
+    if lockstep and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        most = torch.tensor(plan, dtype=torch.long, device=device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        plan = most.tolist()
+    return plan
 
 
 def sequence_logps(
@@ -146,6 +169,7 @@ def sequence_logps(
     chunk_size: int = DEFAULT_CHUNK,
     softcap: Optional[float] = None,
     sequence_parallel: Optional[SequenceParallel] = None,
+    lockstep: bool = False,
 ) -> dict[str, torch.Tensor]:
     """One forward: per-row response log-prob sums and lengths, and optionally a token-mean NLL.
 
@@ -154,7 +178,7 @@ def sequence_logps(
 
     With ``sequence_parallel`` each rank of the group feeds one contiguous slice of every (right-padded)
     row, the model's attention exchanges the rest (Ulysses), and the sums and counts are added up over
-    the group: the same outputs as one process feeding whole rows.
+    the group: the same outputs as one process feeding whole rows. ``lockstep``: see :func:`chunk_plan`.
     """
     batch = input_ids.size(0)
     targets = {"response": next_token_targets(labels)}
@@ -174,16 +198,26 @@ def sequence_logps(
         targets = {k: t[:, local] for k, t in targets.items()}
         hidden = final_hidden_states(model, head, input_ids[:, local], None, position_ids=positions)
 
+    names = list(targets)
+    plan = dict(
+        zip(
+            names,
+            chunk_plan(
+                [int((targets[k] != IGNORE_INDEX).sum()) for k in names],
+                chunk_size,
+                hidden.device,
+                at_least_one=sp is not None and torch.is_grad_enabled(),
+                lockstep=lockstep,
+            ),
+        )
+    )
+
     def sums(name: str, rows_: int) -> tuple[torch.Tensor, torch.Tensor]:
         r, p, t = target_positions(targets[name])
-        total, count = per_row_sums(head, hidden[:rows_], r, p, t, rows_, chunk_size=chunk_size, softcap=softcap)
-        if sp is None:
-            return total, count
-        if torch.is_grad_enabled() and hidden.requires_grad:
-            # a slice may hold no scored token (the document's start), yet its keys and values feed the other
-            # slices: an exact zero through the head keeps this rank's backward (and its all-to-alls) running
-            total = total + head(hidden[:, :0]).sum()
-        return group_sum(total, sp.group), group_sum(count, sp.group)
+        total, count = per_row_sums(
+            head, hidden[:rows_], r, p, t, rows_, chunk_size=chunk_size, softcap=softcap, min_chunks=plan[name]
+        )
+        return (total, count) if sp is None else (group_sum(total, sp.group), group_sum(count, sp.group))
 
     logps, lengths = sums("response", batch)
     out = {"logps": logps, "lengths": lengths}
@@ -307,12 +341,15 @@ def shared_prefix_logps(
     nll_scope: str = "full",
     chunk_size: int = DEFAULT_CHUNK,
     softcap: Optional[float] = None,
+    lockstep: bool = False,
 ) -> dict[str, torch.Tensor]:
     """LongPO's policy pass with the shared prefix computed once; same outputs as :func:`sequence_logps`
-    on the ``2n`` stacked rows with ``nll_rows = n``."""
+    on the ``2n`` stacked rows with ``nll_rows = n``. ``lockstep``: see :func:`chunk_plan`."""
     n = chosen[0].size(0)
     packed = pack_shared_prefix(*chosen, *rejected)
     hidden = final_hidden_states(model, head, packed["input_ids"], packed["attention_mask"], position_ids=packed["position_ids"])
+    counts = [packed["rows"].numel()] + ([packed["nll_rows"].numel()] if nll_scope != "response" else [])
+    plan = chunk_plan(counts, chunk_size, hidden.device, at_least_one=False, lockstep=lockstep)
     logps, lengths = per_row_sums(
         head,
         hidden,
@@ -323,13 +360,22 @@ def shared_prefix_logps(
         out_rows=packed["out_rows"],
         chunk_size=chunk_size,
         softcap=softcap,
+        min_chunks=plan[0],
     )
     out = {"logps": logps, "lengths": lengths}
     if nll_scope == "response":
         nll_sum, nll_count = -logps[:n].sum(), lengths[:n].sum()
     else:
         sums, counts = per_row_sums(
-            head, hidden, packed["nll_rows"], packed["nll_pos"], packed["nll_targets"], n, chunk_size=chunk_size, softcap=softcap
+            head,
+            hidden,
+            packed["nll_rows"],
+            packed["nll_pos"],
+            packed["nll_targets"],
+            n,
+            chunk_size=chunk_size,
+            softcap=softcap,
+            min_chunks=plan[1],
         )
         nll_sum, nll_count = -sums.sum(), counts.sum()
     out["nll"] = nll_sum / nll_count.clamp(min=1)

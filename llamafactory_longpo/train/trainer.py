@@ -31,6 +31,10 @@ class ShortToLongTrainer(CustomDPOTrainer):
         self.stage: str = self.finetuning_args.stage
         self.original_rope_theta: Optional[float] = None  # set by the workflow when the policy's theta was raised
         self.sequence_parallel: Optional[SequenceParallel] = None  # set by the workflow for sequence_parallel_size > 1
+        # under ZeRO-3 each LM-head call gathers its weight over all ranks: they must make the same number of calls
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        self.lockstep_head: bool = is_deepspeed_zero3_enabled()
 
     # ------------------------------------------------------------------ data
     def _group_sampler(self, dataset: Any, batch_size: int, shuffle: bool) -> GroupBatchSampler:
@@ -73,6 +77,7 @@ class ShortToLongTrainer(CustomDPOTrainer):
             chunk_size=self.finetuning_args.s2l_logits_chunk,
             softcap=self._softcap(model),
             sequence_parallel=self.sequence_parallel,
+            lockstep=self.lockstep_head,
             **kw,
         )
 
@@ -205,6 +210,7 @@ class ShortToLongTrainer(CustomDPOTrainer):
                 nll_scope=fa.longpo_nll_scope,
                 chunk_size=fa.s2l_logits_chunk,
                 softcap=self._softcap(model),
+                lockstep=self.lockstep_head,
             )
         else:
             policy = self._logps(model, batch, nll_rows=n, nll_scope=fa.longpo_nll_scope)

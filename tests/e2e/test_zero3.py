@@ -15,6 +15,9 @@ pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install
 STAGES = {
     "solopo-sigmoid": dict(stage="solopo", pref_loss="sigmoid", solopo_alpha=2.0),
     "longpo": dict(stage="longpo", pref_loss="sigmoid", dataset="longpo_demo", cutoff_len=2048),
+    # small head chunks: the two ranks' samples need different numbers of LM-head calls, which ZeRO-3 must not
+    # see (each call gathers the head's weight over all ranks; unequal counts hang)
+    "solopo-orpo-small-chunks": dict(stage="solopo", pref_loss="orpo", s2l_logits_chunk=16),
 }
 
 

@@ -82,3 +82,31 @@ def test_reference_cache_hit_stale_and_corrupt(tmp_path: Path, tiny_model: Path)
     rebuilt, batch4 = build(tmp_path / "e", tiny_model, **common)
     assert rebuilt.reference_cache["train"] == (path, "miss")
     assert torch.equal(batch4["ref_chosen_logps"], batch1["ref_chosen_logps"])
+
+
+def test_filler_head_calls_are_exact_zeros() -> None:
+    """Extra head calls (ZeRO-3 lockstep, empty sequence-parallel slices) change no value and no gradient."""
+    from llamafactory_longpo.train.logps import per_row_sums
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 32, bias=False)
+    hidden = torch.randn(2, 10, 8, requires_grad=True)
+    rows, pos = torch.tensor([0, 0, 1, 1, 1]), torch.tensor([3, 4, 5, 6, 7])
+    targets = torch.randint(0, 32, (5,))
+    results = []
+    for min_chunks in (0, 5):
+        head.zero_grad()
+        hidden.grad = None
+        sums, counts = per_row_sums(head, hidden, rows, pos, targets, 2, chunk_size=2, min_chunks=min_chunks)
+        (sums * torch.tensor([1.0, -2.0])).sum().backward()
+        results.append((sums.detach(), counts, head.weight.grad.clone(), hidden.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # an empty slice still reaches the head and the hidden states (zero gradients, but a path for backward)
+    head.zero_grad()
+    hidden.grad = None
+    empty = torch.zeros(0, dtype=torch.long)
+    sums, _ = per_row_sums(head, hidden, empty, empty, empty, 2, min_chunks=1)
+    sums.sum().backward()
+    assert head.weight.grad is not None and hidden.grad is not None
+    assert not head.weight.grad.any() and not hidden.grad.any()
