@@ -37,7 +37,9 @@ def capture_head_input(head: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
         captured.append(hidden)
         return (hidden[..., :0, :],) + tuple(args[1:])
 
-    handle = head.register_forward_pre_hook(pre_hook)
+    # first among the head's pre-hooks: capture the hidden states as the model made them, before wrappers
+    # such as ZeRO-3's backward bookkeeping see (and wrap) the head's input
+    handle = head.register_forward_pre_hook(pre_hook, prepend=True)
     try:
         yield captured
     finally:
@@ -170,6 +172,7 @@ def sequence_logps(
     softcap: Optional[float] = None,
     sequence_parallel: Optional[SequenceParallel] = None,
     lockstep: bool = False,
+    logits_head: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> dict[str, torch.Tensor]:
     """One forward: per-row response log-prob sums and lengths, and optionally a token-mean NLL.
 
@@ -179,6 +182,8 @@ def sequence_logps(
     With ``sequence_parallel`` each rank of the group feeds one contiguous slice of every (right-padded)
     row, the model's attention exchanges the rest (Ulysses), and the sums and counts are added up over
     the group: the same outputs as one process feeding whole rows. ``lockstep``: see :func:`chunk_plan`.
+    ``logits_head``: what computes logits from hidden states when it is not ``head`` itself (a frozen head
+    gathered once under ZeRO-3); ``head`` is still the module whose input is captured.
     """
     batch = input_ids.size(0)
     targets = {"response": next_token_targets(labels)}
@@ -215,7 +220,7 @@ def sequence_logps(
     def sums(name: str, rows_: int) -> tuple[torch.Tensor, torch.Tensor]:
         r, p, t = target_positions(targets[name])
         total, count = per_row_sums(
-            head, hidden[:rows_], r, p, t, rows_, chunk_size=chunk_size, softcap=softcap, min_chunks=plan[name]
+            logits_head or head, hidden[:rows_], r, p, t, rows_, chunk_size=chunk_size, softcap=softcap, min_chunks=plan[name]
         )
         return (total, count) if sp is None else (group_sum(total, sp.group), group_sum(count, sp.group))
 
@@ -342,16 +347,17 @@ def shared_prefix_logps(
     chunk_size: int = DEFAULT_CHUNK,
     softcap: Optional[float] = None,
     lockstep: bool = False,
+    logits_head: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> dict[str, torch.Tensor]:
     """LongPO's policy pass with the shared prefix computed once; same outputs as :func:`sequence_logps`
-    on the ``2n`` stacked rows with ``nll_rows = n``. ``lockstep``: see :func:`chunk_plan`."""
+    on the ``2n`` stacked rows with ``nll_rows = n``. ``lockstep``, ``logits_head``: as in :func:`sequence_logps`."""
     n = chosen[0].size(0)
     packed = pack_shared_prefix(*chosen, *rejected)
     hidden = final_hidden_states(model, head, packed["input_ids"], packed["attention_mask"], position_ids=packed["position_ids"])
     counts = [packed["rows"].numel()] + ([packed["nll_rows"].numel()] if nll_scope != "response" else [])
     plan = chunk_plan(counts, chunk_size, hidden.device, at_least_one=False, lockstep=lockstep)
     logps, lengths = per_row_sums(
-        head,
+        logits_head or head,
         hidden,
         packed["rows"],
         packed["pos"],
@@ -367,7 +373,7 @@ def shared_prefix_logps(
         nll_sum, nll_count = -logps[:n].sum(), lengths[:n].sum()
     else:
         sums, counts = per_row_sums(
-            head,
+            logits_head or head,
             hidden,
             packed["nll_rows"],
             packed["nll_pos"],

@@ -7,10 +7,13 @@ come from :mod:`.logps` (response positions only) and the losses from :mod:`llam
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any, Literal, Optional
 
 import torch
+import torch.nn.functional as F
 from llamafactory.train.dpo.trainer import CustomDPOTrainer
 
 from ..data.collator import REF_LOGP_COLUMNS
@@ -58,6 +61,26 @@ class ShortToLongTrainer(CustomDPOTrainer):
     def _head(self, model: torch.nn.Module) -> torch.nn.Module:
         return self.accelerator.unwrap_model(model).get_output_embeddings()
 
+    @contextmanager
+    def _logits_head(self, model: torch.nn.Module) -> Iterator[Optional[Callable[[torch.Tensor], torch.Tensor]]]:
+        """Under ZeRO-3 a FROZEN head (LoRA, freeze) is gathered once per pass and applied as a plain function.
+
+        Through the module, ZeRO-3 gathers the weight on every call; the chunk recomputed in backward then
+        found it partitioned (DeepSpeed does not re-gather frozen modules there). A trainable head keeps the
+        module path, whose gradients ZeRO-3 must see.
+        """
+        head = self._head(model)
+        params = list(head.parameters())
+        if not self.lockstep_head or any(p.requires_grad for p in params):
+            yield None
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            weight = head.weight.detach().clone()
+            bias = head.bias.detach().clone() if getattr(head, "bias", None) is not None else None
+        yield functools.partial(F.linear, weight=weight, bias=bias)
+
     def _softcap(self, model: torch.nn.Module) -> Optional[float]:
         return getattr(self.accelerator.unwrap_model(model).config, "final_logit_softcapping", None)
 
@@ -68,18 +91,20 @@ class ShortToLongTrainer(CustomDPOTrainer):
         ids, mask, labels = batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"], batch[f"{prefix}labels"]
         if not self.finetuning_args.s2l_response_logits:
             return plain_sequence_logps(model, ids, mask, labels, **kw)
-        return sequence_logps(
-            model,
-            self._head(model),
-            ids,
-            mask,
-            labels,
-            chunk_size=self.finetuning_args.s2l_logits_chunk,
-            softcap=self._softcap(model),
-            sequence_parallel=self.sequence_parallel,
-            lockstep=self.lockstep_head,
-            **kw,
-        )
+        with self._logits_head(model) as logits_head:
+            return sequence_logps(
+                model,
+                self._head(model),
+                ids,
+                mask,
+                labels,
+                chunk_size=self.finetuning_args.s2l_logits_chunk,
+                softcap=self._softcap(model),
+                sequence_parallel=self.sequence_parallel,
+                lockstep=self.lockstep_head,
+                logits_head=logits_head,
+                **kw,
+            )
 
     def _reference_context(self, model: torch.nn.Module) -> tuple[torch.nn.Module, Any]:
         """Frozen reference: a separate model, the policy with its adapters disabled (LoRA), or, before
@@ -202,16 +227,18 @@ class ShortToLongTrainer(CustomDPOTrainer):
             rows = [
                 tuple(batch[k][sl] for k in ("input_ids", "attention_mask", "labels")) for sl in (slice(0, n), slice(n, None))
             ]
-            policy = shared_prefix_logps(
-                model,
-                self._head(model),
-                rows[0],
-                rows[1],
-                nll_scope=fa.longpo_nll_scope,
-                chunk_size=fa.s2l_logits_chunk,
-                softcap=self._softcap(model),
-                lockstep=self.lockstep_head,
-            )
+            with self._logits_head(model) as logits_head:
+                policy = shared_prefix_logps(
+                    model,
+                    self._head(model),
+                    rows[0],
+                    rows[1],
+                    nll_scope=fa.longpo_nll_scope,
+                    chunk_size=fa.s2l_logits_chunk,
+                    softcap=self._softcap(model),
+                    lockstep=self.lockstep_head,
+                    logits_head=logits_head,
+                )
         else:
             policy = self._logps(model, batch, nll_rows=n, nll_scope=fa.longpo_nll_scope)
         ref_values = self.reference_values(model, batch)

@@ -1,5 +1,6 @@
-"""DeepSpeed ZeRO-3 (the toolkit's integration) on CPU, 2 ranks with gloo: each plugin stage trains, and
-its first-step loss equals the same run without DeepSpeed (data parallel only)."""
+"""DeepSpeed ZeRO-3 (the toolkit's integration) on CPU, 2 ranks with gloo: each plugin stage trains, full
+and LoRA, with the cached or a live reference, and its first-step loss and gradient norm equal the same
+run without DeepSpeed (data parallel only)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,22 @@ from tests.conftest import ROOT, base_config, run_cli, torchrun_env, write_yaml
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install '.[deepspeed]')")
 
 STAGES = {
-    "solopo-sigmoid": dict(stage="solopo", pref_loss="sigmoid", solopo_alpha=2.0),
-    "longpo": dict(stage="longpo", pref_loss="sigmoid", dataset="longpo_demo", cutoff_len=2048),
-    # small head chunks: the two ranks' samples need different numbers of LM-head calls, which ZeRO-3 must not
-    # see (each call gathers the head's weight over all ranks; unequal counts hang)
-    "solopo-orpo-small-chunks": dict(stage="solopo", pref_loss="orpo", s2l_logits_chunk=16),
+    # cached reference (SoLo-DPO), small head chunks: the two ranks' samples need different numbers of LM-head
+    # calls, which ZeRO-3 must not see (each call gathers the head's weight over all ranks; unequal counts hang).
+    # LongPO full fine-tuning with the cache runs on ZeRO-3 in test_sequence_parallel.
+    "solopo-dpo-cached-small-chunks": dict(stage="solopo", pref_loss="sigmoid", solopo_alpha=2.0, s2l_logits_chunk=16),
+    # LoRA with the reference LIVE (adapters disabled on the partitioned policy), no cache
+    "longpo-lora-live": dict(
+        stage="longpo",
+        pref_loss="sigmoid",
+        dataset="longpo_demo",
+        cutoff_len=2048,
+        finetuning_type="lora",
+        lora_rank=4,
+        s2l_precompute_ref=False,
+    ),
+    # full fine-tuning with a live reference copy (the toolkit prepares it as a ZeRO-3 inference engine)
+    "solopo-dpo-full-live": dict(stage="solopo", pref_loss="sigmoid", solopo_alpha=2.0, s2l_precompute_ref=False),
 }
 
 
