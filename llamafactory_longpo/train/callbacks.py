@@ -3,6 +3,9 @@
 ``LLAMAFACTORY_LONGPO_STEP_TIME_FILE=path`` appends each optimizer step's wall time (JSON lines), for
 benchmarks of any stage, the toolkit's own included.
 
+``LLAMAFACTORY_LONGPO_PEAK_MEMORY_FILE=path``: each rank writes its peak RSS (and peak CUDA memory) at the
+end of training to ``path.rank<R>``, for per-rank memory under data or sequence parallelism.
+
 ``LLAMAFACTORY_LONGPO_GRAD_NORM_FILE=path`` makes every rank append its own gradient norm (and each
 tensor's gradient norm and sum), measured
 after the gradient all-reduce and before the optimizer step, to ``path.rank<R>`` (JSON lines). With
@@ -25,6 +28,7 @@ from transformers import TrainerCallback
 logger = logging.get_logger(f"llamafactory.longpo.{__name__.rsplit('.', 1)[-1]}")  # under the toolkit's root: its handlers apply
 GRAD_NORM_ENV = "LLAMAFACTORY_LONGPO_GRAD_NORM_FILE"
 STEP_TIME_ENV = "LLAMAFACTORY_LONGPO_STEP_TIME_FILE"
+PEAK_MEMORY_ENV = "LLAMAFACTORY_LONGPO_PEAK_MEMORY_FILE"
 
 
 class GradNormPerRankCallback(TrainerCallback):
@@ -44,6 +48,22 @@ class GradNormPerRankCallback(TrainerCallback):
         params = {n: [float(g.norm()), float(g.sum())] for n, g in grads.items()}
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"rank": self.rank, "step": state.global_step, "grad_norm": sq**0.5, "params": params}) + "\n")
+
+
+class PeakMemoryCallback(TrainerCallback):
+    """Each rank's peak resident memory (and, on GPU, peak allocated CUDA memory) at the end of training."""
+
+    def __init__(self, path: str) -> None:
+        self.path = f"{path}.rank{os.environ.get('RANK', '0')}"
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        import resource
+
+        entry = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            entry["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 1024**3
+        with open(self.path, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry) + "\n")
 
 
 class StepTimeCallback(TrainerCallback):
@@ -66,6 +86,8 @@ def diagnostic_callbacks() -> list[TrainerCallback]:
         out.append(GradNormPerRankCallback(os.environ[GRAD_NORM_ENV]))
     if os.environ.get(STEP_TIME_ENV):
         out.append(StepTimeCallback(os.environ[STEP_TIME_ENV]))
+    if os.environ.get(PEAK_MEMORY_ENV):
+        out.append(PeakMemoryCallback(os.environ[PEAK_MEMORY_ENV]))
     return out
 
 
