@@ -1,0 +1,171 @@
+"""A synthetic multi-hop key-value task for the small-scale replication (``replicate_small.py``).
+
+A context is a list of facts "The key of Bako is Rilu." over made-up names. The question asks to follow
+the keys from a start name a stated number of times ("Follow the keys from Bako two times."); the answer
+is a short chain of thought that quotes the facts it follows, then the answer line: ``The key of Bako is
+Rilu. The key of Rilu is Tesa. Final answer: Tesa`` (so the builders' and the evaluation's ``Final answer:``
+parsing applies). Every name is a key at most once in a whole context (short
+or long), so the chain is unambiguous; facts are random per item, so the task can only be solved by
+reading the context.
+
+An item's evidence is two paragraphs of ``facts_per_paragraph`` facts each (one hop fact per paragraph, the
+rest distractor facts): that is the SHORT context. Its ``others`` are more paragraphs of distractor facts
+with keys disjoint from every key of the item; a long context is the evidence paragraphs hidden among them
+(the project's haystack builder), so an item's own ``others`` never contradict its evidence.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+SYSTEM = "Answer from the facts."
+HOP_WORDS = {1: "one time", 2: "two times", 3: "three times", 4: "four times"}
+_CONSONANTS = "bdfgklmnprstvz"
+_VOWELS = "aeiou"
+
+
+def make_names(n: int = 160, seed: int = 0) -> list[str]:
+    """``n`` distinct two-syllable names (Bako, Rilu, ...), the same for a seed."""
+    syllables = [c + v for c in _CONSONANTS for v in _VOWELS]
+    pairs = [(a + b).capitalize() for a in syllables for b in syllables]
+    random.Random(seed).shuffle(pairs)
+    return sorted(pairs[:n])
+
+
+NAMES = make_names()
+
+
+def fact(key: str, value: str) -> str:
+    return f"The key of {key} is {value}."
+
+
+def question(start: str, hops: int) -> str:
+    return f"Follow the keys from {start} {HOP_WORDS[hops]}."
+
+
+def answer_text(chain: list[str]) -> str:
+    """The chain of thought and final line the model is trained to write."""
+    steps = " ".join(fact(chain[i], chain[i + 1]) for i in range(len(chain) - 1))
+    return f"{steps} Final answer: {chain[-1]}"
+
+
+@dataclass
+class Item:
+    key: str
+    question: str
+    answer: str
+    chain: list[str]
+    supporting: list[str]  # the short context's paragraphs (the evidence)
+    others: list[str] = field(default_factory=list)  # distractor paragraphs for long contexts
+
+    @property
+    def short_context(self) -> str:
+        return "\n\n".join(self.supporting)
+
+    @property
+    def response(self) -> str:
+        return answer_text(self.chain)
+
+    def musique(self) -> dict[str, Any]:
+        """The item as a MuSiQue-format record (the SoLoPO builder's input format)."""
+        paragraphs = [{"idx": i, "title": "", "paragraph_text": p, "is_supporting": True} for i, p in enumerate(self.supporting)]
+        paragraphs += [
+            {"idx": len(paragraphs) + i, "title": "", "paragraph_text": p, "is_supporting": False}
+            for i, p in enumerate(self.others)
+        ]
+        return {
+            "id": self.key,
+            "paragraphs": paragraphs,
+            "question": self.question,
+            "answer": self.answer,
+            "answer_aliases": [],
+            "answerable": True,
+        }
+
+
+def _paragraph(facts: list[str], rng: random.Random) -> str:
+    facts = facts[:]
+    rng.shuffle(facts)
+    return " ".join(facts)
+
+
+def make_item(
+    key: str,
+    rng: random.Random,
+    *,
+    hops: int = 2,
+    facts_per_paragraph: int = 6,
+    other_paragraphs: int = 0,
+    names: list[str] = NAMES,
+    used_keys: set[str] | None = None,
+) -> Item:
+    """One item; ``used_keys`` (updated) are names that may not be keys here (several items in one document)."""
+    taken = set(used_keys or ())
+    free = [n for n in names if n not in taken]
+    chain = rng.sample(free, hops + 1)
+    keys = set(chain[:-1])  # the chain's keys; its last name may also be a distractor key (it is never followed)
+    hop_facts = [fact(chain[i], chain[i + 1]) for i in range(hops)]
+    n_paragraphs = max(2, hops)
+    n_distract = n_paragraphs * facts_per_paragraph - hops + other_paragraphs * facts_per_paragraph
+    pool = [n for n in free if n not in keys]
+    if n_distract > len(pool):
+        raise ValueError(f"{n_distract} distractor keys needed, {len(pool)} names free: use more names or shorter contexts")
+    distract_keys = rng.sample(pool, n_distract)
+    distract = [fact(k, rng.choice(names)) for k in distract_keys]
+    # hop fact i goes to evidence paragraph i (two hops: one per paragraph, as MuSiQue's two supporting paragraphs)
+    groups: list[list[str]] = [[] for _ in range(n_paragraphs)]
+    for i, f in enumerate(hop_facts):
+        groups[i % n_paragraphs].append(f)
+    it = iter(distract)
+    for g in groups:
+        while len(g) < facts_per_paragraph:
+            g.append(next(it))
+    supporting = [_paragraph(g, rng) for g in groups]
+    others = [" ".join(next(it) for _ in range(facts_per_paragraph)) for _ in range(other_paragraphs)]
+    if used_keys is not None:
+        used_keys.update(keys | set(distract_keys))
+    return Item(key=key, question=question(chain[0], hops), answer=chain[-1], chain=chain, supporting=supporting, others=others)
+
+
+def recall_question(item: Item, rng: random.Random, n_keys: int = 6) -> tuple[str, str]:
+    """An auxiliary single-hop question over the item's short context: the keys of ``n_keys`` names it lists
+    ("What are the keys of Bako, Rilu and Tesa?"), answered by quoting the facts. Used in the SFT mix: each
+    answer is ``n_keys`` retrievals, so the lookup is learned much faster than from two-hop questions alone."""
+    facts = [f for p in item.supporting for f in p.split(". ") if f]
+    pairs = [f.rstrip(".").removeprefix("The key of ").split(" is ") for f in facts]
+    picked = rng.sample(pairs, min(n_keys, len(pairs)))
+    names = [k for k, _ in picked]
+    listed = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
+    return f"What are the keys of {listed}?", " ".join(fact(k, v) for k, v in picked)
+
+
+def make_items(prefix: str, n: int, seed: int, **kwargs: Any) -> list[Item]:
+    rng = random.Random(seed)
+    return [make_item(f"{prefix}{i}", rng, **kwargs) for i in range(n)]
+
+
+def make_document(key: str, rng: random.Random, chunks: int, **kwargs: Any) -> tuple[str, list[Item]]:
+    """A long document of ``chunks`` short contexts (keys unique over the whole document), and their items."""
+    used: set[str] = set()
+    items = [make_item(f"{key}-{i}", rng, used_keys=used, **kwargs) for i in range(chunks)]
+    return "\n\n".join(it.short_context for it in items), items
+
+
+def tokenizer_corpus(seed: int = 0, n: int = 400) -> list[str]:
+    """Texts for training the task model's tokenizer: every phrasing the task, the template and the system use."""
+    texts = [SYSTEM, "system\nuser\nassistant\n"]
+    for it in make_items("tok", n, seed, other_paragraphs=2):
+        texts += [it.short_context, *it.others, it.question, it.response, *recall_question(it, random.Random(0))]
+    for hops in HOP_WORDS:
+        texts.append(question(NAMES[0], hops))
+    return texts
+
+
+def write_jsonl(path: str, rows: list[dict[str, Any]]) -> str:
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path

@@ -1,0 +1,656 @@
+"""Small-scale replication of the papers' comparison (issue 6), on a CPU, end to end.
+
+1. A Qwen2-shaped model is built locally with random weights and a tokenizer trained on the task's text,
+   then trained FROM SCRATCH with ``llamafactory-cli train`` (``stage: sft``) on a short-context
+   multi-hop key-value task (``kv_hops.py``): "The key of Bako is Rilu." facts, two of them evidence, the
+   rest distractors; "Follow the keys from Bako two times."; answer = the two quoted facts and a
+   ``Final answer:`` line. This is the SFT start of every method below.
+2. Preference data is built WITH THE MODEL ITSELF by the project's builders: ``llamafactory-longpo build
+   solopo`` (the task as MuSiQue-format input; short = the evidence paragraphs, long = the same paragraphs
+   hidden among distractor paragraphs at ``--train-mult`` x the short length; sampled answers scored by
+   sub-EM). For LongPO the script first runs ``llamafactory-longpo build longpo`` unchanged (the model must
+   write the instructions: a task model cannot, and the summary says how many records that gave), then
+   runs the same builder (``build_longpo``) with the task's questions as each chunk's instruction pool:
+   the chosen (chunk) and rejected (whole document) answers are still the model's own.
+3. From the SFT start, with the same number of steps and batch size: SFT on the long view (chosen
+   answers), Long-DPO (the toolkit's ``dpo`` on the long view), LongPO, SoLo-DPO, SoLo-SimPO and
+   SoLo-ORPO, each a ``llamafactory-cli train`` subprocess (wall time recorded).
+4. Every model and the SFT start answer held-out questions at the short length and at 2x, 4x, 8x (greedy,
+   through the toolkit's ChatModel), scored by sub-EM on the ``Final answer:`` line.
+5. Prints the table (method | short | 2x | 4x | 8x | train time) and writes ``results.json``,
+   ``results.md``, ``samples.jsonl`` and ``accuracy_vs_length.png`` to ``--out``.
+
+  .venv/bin/python benchmarks/replicate_small.py              # the full configuration (CPU, ~40 min)
+  .venv/bin/python benchmarks/replicate_small.py --smallest   # the whole pipeline, tiny step counts (~3 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import kv_hops as kv  # noqa: E402
+
+MULTS = (1, 2, 4, 8)  # evaluated lengths, in multiples of the short context
+
+
+@dataclasses.dataclass
+class Settings:
+    # model (Qwen2-shaped, random init)
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    tokenizer_vocab: int = 1024
+    # task
+    facts_per_paragraph: int = 6
+    hops: int = 2
+    # SFT from scratch (short contexts only)
+    sft_steps: int = 2000
+    sft_batch: int = 16
+    sft_lr: float = 2.0e-3
+    recall_share: float = 0.5  # share of SFT examples that are single-hop recall questions (kv_hops.recall_question)
+    # preference data
+    train_mult: int = 4  # long context of the training data = train_mult x the short context
+    solopo_inputs: int = 600
+    num_samples: int = 8
+    temperature: float = 1.5
+    longpo_docs: int = 300
+    longpo_max_turns: int = 2
+    longpo_attempt_docs: int = 4  # documents given to the unmodified LongPO builder (self-written instructions)
+    # preference training (every method the same budget)
+    steps: int = 150
+    batch: int = 8
+    lr: float = 1.0e-4
+    # evaluation
+    eval_items: int = 200
+    max_new_tokens: int = 32
+    seed: int = 0
+
+
+FULL = Settings()
+SMALLEST = Settings(
+    hidden=64,
+    layers=2,
+    sft_steps=30,
+    sft_batch=8,
+    solopo_inputs=12,
+    num_samples=4,
+    longpo_docs=6,
+    longpo_attempt_docs=2,
+    steps=3,
+    batch=2,
+    eval_items=6,
+)
+
+# method -> (stage, dataset kind, extra config); the papers' settings where they give them
+METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "SFT-long": ("sft", "solopo", {"s2l_view": "long"}),
+    "Long-DPO": ("dpo", "solopo", {"s2l_view": "long", "pref_loss": "sigmoid", "pref_beta": 0.1}),
+    "LongPO": ("longpo", "longpo", {"pref_loss": "sigmoid", "pref_beta": 0.1, "longpo_lambda": 0.01}),
+    "SoLo-DPO": ("solopo", "solopo", {"pref_loss": "sigmoid", "pref_beta": 0.1, "solopo_alpha": 3.0}),
+    "SoLo-SimPO": ("solopo", "solopo", {"pref_loss": "simpo", "pref_beta": 2.0, "simpo_gamma": 1.0, "solopo_alpha": 1.0}),
+    "SoLo-ORPO": ("solopo", "solopo", {"pref_loss": "orpo", "pref_beta": 0.1, "solopo_alpha": 1.0}),
+}
+START = "SFT start"
+
+
+def log(msg: str) -> None:
+    print(f"[replicate] {msg}", flush=True)
+
+
+# the engine's loading chatter, in this process only (the training logs keep the toolkit's own verbosity)
+QUIET = {"LLAMAFACTORY_VERBOSITY": "WARN", "TRANSFORMERS_VERBOSITY": "error"}
+_quieted: list[str] = []
+
+
+def quiet() -> None:
+    for key, value in QUIET.items():
+        if key not in os.environ:
+            os.environ[key] = value
+            _quieted.append(key)
+
+
+def env() -> dict[str, str]:
+    return dict(
+        {k: v for k, v in os.environ.items() if k not in _quieted},
+        PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        HF_HUB_OFFLINE="1",
+        WANDB_DISABLED="true",
+        DISABLE_VERSION_CHECK="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+
+
+def run(cmd: list[str], log_path: Path) -> float:
+    """A subprocess with its output in ``log_path``; returns its wall time, raises with the log's tail on failure."""
+    start = time.perf_counter()
+    with open(log_path, "w", encoding="utf-8") as fh:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env(), stdout=fh, stderr=subprocess.STDOUT, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        tail = "".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-30:])
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+    return wall
+
+
+def write_yaml(path: Path, config: dict[str, Any]) -> Path:
+    # YAML, not JSON: the toolkit's .json config path is broken in 0.9.5
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def engine_args(model: Path) -> dict[str, Any]:
+    return {"model_name_or_path": str(model), "template": "qwen", "default_system": kv.SYSTEM, "infer_backend": "huggingface"}
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def item_kwargs(s: Settings, others: int = 0) -> dict[str, Any]:
+    return {"hops": s.hops, "facts_per_paragraph": s.facts_per_paragraph, "other_paragraphs": others}
+
+
+def others_needed(s: Settings, short_tokens: int, para_tokens: int, mult: int) -> int:
+    """Distractor paragraphs an item needs for a long context of ``mult`` x the short one (with a margin)."""
+    return int((mult - 1) * short_tokens / para_tokens) + 3
+
+
+def register(info_path: Path, name: str, entry: dict[str, Any]) -> None:
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    info[name] = entry
+    info_path.write_text(json.dumps(info, indent=2) + "\n")
+
+
+def write_sft_data(data_dir: Path, s: Settings) -> str:
+    rng = random.Random(s.seed + 1)
+    n = s.sft_steps * s.sft_batch
+    rows = []
+    for item in kv.make_items("sft", n, s.seed + 1, **item_kwargs(s)):
+        q, a = kv.recall_question(item, rng) if rng.random() < s.recall_share else (item.question, item.response)
+        rows.append(
+            {"messages": [{"role": "user", "content": f"{item.short_context}\n\n{q}"}, {"role": "assistant", "content": a}]}
+        )
+    kv.write_jsonl(str(data_dir / "kv_sft.jsonl"), rows)
+    register(
+        data_dir / "dataset_info.json",
+        "kv_sft",
+        {
+            "file_name": "kv_sft.jsonl",
+            "formatting": "sharegpt",
+            "columns": {"messages": "messages"},
+            "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"},
+        },
+    )
+    return "kv_sft"
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def train_config(model: Path, out_dir: Path, data_dir: Path, dataset: str, stage: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "model_name_or_path": str(model),
+        "stage": stage,
+        "do_train": True,
+        "finetuning_type": "full",
+        "dataset": dataset,
+        "dataset_dir": str(data_dir),
+        "template": "qwen",
+        "default_system": kv.SYSTEM,
+        "preprocessing_num_workers": 1,
+        "overwrite_cache": True,
+        "output_dir": str(out_dir),
+        "overwrite_output_dir": True,
+        "logging_steps": 10,
+        "save_strategy": "no",
+        "plot_loss": True,
+        "report_to": "none",
+        "lr_scheduler_type": "cosine",
+        "warmup_ratio": 0.05,
+        "disable_gradient_checkpointing": True,  # a tiny model: recomputation only costs time
+        "bf16": False,
+        "seed": 0,
+        **extra,
+    }
+
+
+def train(name: str, config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = write_yaml(run_dir / "train.yaml", config)
+    log(f"train {name}: llamafactory-cli train {cfg}")
+    wall = run([str(VENV_BIN / "llamafactory-cli"), "train", str(cfg)], run_dir / "train.log")
+    out = Path(config["output_dir"])
+    results = json.loads((out / "all_results.json").read_text()) if (out / "all_results.json").exists() else {}
+    log(f"train {name}: {wall:.0f} s wall (train loop {results.get('train_runtime', float('nan')):.0f} s)")
+    return {"wall_s": round(wall, 1), "train_runtime_s": results.get("train_runtime"), "train_loss": results.get("train_loss")}
+
+
+# ---------------------------------------------------------------------------------------------- builders
+
+
+def build_solopo_data(s: Settings, work: Path, model: Path, data_dir: Path, short_tokens: int, para_tokens: int) -> dict:
+    others = others_needed(s, short_tokens, para_tokens, s.train_mult)
+    items = kv.make_items("solopo", s.solopo_inputs, s.seed + 2, **item_kwargs(s, others))
+    musique = kv.write_jsonl(str(work / "solopo_input.jsonl"), [it.musique() for it in items])
+    out = data_dir / "kv_solopo.jsonl"
+    for p in (out, Path(f"{out}.progress.jsonl")):
+        p.unlink(missing_ok=True)
+    cfg = {
+        "input": musique,
+        "output": str(out),
+        "model": engine_args(model),
+        "target_tokens": s.train_mult * short_tokens,
+        "num_samples": s.num_samples,
+        "temperature": s.temperature,
+        "max_new_tokens": s.max_new_tokens,
+        "prompt": "{question}",  # the task's own question (the model was trained on it), not the MuSiQue CoT prompt
+        "seed": s.seed,
+        "dataset_name": "kv_solopo",
+        "dataset_info": str(data_dir / "dataset_info.json"),
+    }
+    path = write_yaml(work / "build_solopo.yaml", cfg)
+    log(f"build solopo: llamafactory-longpo build solopo {path}")
+    wall = run([str(VENV_BIN / "llamafactory-longpo"), "build", "solopo", str(path)], work / "build_solopo.log")
+    summary = json.loads(Path(f"{out}.summary.json").read_text())
+    log(f"build solopo: kept {summary['kept']} of {s.solopo_inputs} ({summary['dropped']}), {wall:.0f} s")
+    if not summary["kept"]:
+        raise SystemExit("build solopo kept no record (no question had both a correct and a wrong sample): see its summary")
+    return {"how": "llamafactory-longpo build solopo (unchanged)", "config": cfg, "summary": summary, "wall_s": round(wall, 1)}
+
+
+def longpo_corpus(s: Settings, path: Path, n: int, seed: int) -> dict[str, list[kv.Item]]:
+    """``n`` documents of ``train_mult`` chunks; each chunk is one item's short context (keys unique per document)."""
+    rng = random.Random(seed)
+    docs: dict[str, list[kv.Item]] = {}
+    rows = []
+    for i in range(n):
+        text, items = kv.make_document(f"doc{seed}-{i}", rng, s.train_mult, **item_kwargs(s))
+        docs[f"doc{seed}-{i}"] = items
+        rows.append({"id": f"doc{seed}-{i}", "text": text})
+    kv.write_jsonl(str(path), rows)
+    return docs
+
+
+def longpo_config(s: Settings, corpus: Path, out: Path, model: Path, short_tokens: int, data_dir: Optional[Path]) -> dict:
+    doc = s.train_mult * short_tokens
+    for p in (out, Path(f"{out}.progress.jsonl")):
+        p.unlink(missing_ok=True)
+    return {
+        "input": str(corpus),
+        "output": str(out),
+        "model": engine_args(model),
+        "min_doc_tokens": doc // 2,
+        "max_doc_tokens": 2 * doc,
+        # chunks on paragraph boundaries of about one short context (an item's two paragraphs)
+        "chunk_min_tokens": int(0.75 * short_tokens),
+        "chunk_max_tokens": int(1.25 * short_tokens),
+        "max_turns": s.longpo_max_turns,
+        "pool_size": 4,
+        "answer_temperature": 0.0,
+        "max_new_tokens": s.max_new_tokens,
+        "seed": s.seed,
+        "dataset_name": "kv_longpo",
+        **({"dataset_info": str(data_dir / "dataset_info.json")} if data_dir else {}),
+    }
+
+
+class TaskInstructionPool:
+    """The task model's generator for ``build_longpo``, with one step replaced: the self-instruct request for a
+    chunk ("write N questions about the text above") is answered with the task's question for that chunk, as
+    a numbered list. Every answer (chosen on the chunk, rejected on the whole document) is the model's own."""
+
+    def __init__(self, generator: Any, docs: dict[str, list[kv.Item]], joiner: str, pool_size: int) -> None:
+        from llamafactory_longpo.build.longpo import SELF_INSTRUCT_PROMPT
+
+        self.generator = generator
+        self.tokenizer = generator.tokenizer
+        self.suffix = joiner + SELF_INSTRUCT_PROMPT.format(n=pool_size)
+        self.pools = {it.short_context: [it.question] for items in docs.values() for it in items}
+        self.pool_requests = 0
+        self.pool_misses = 0  # chunks that are not exactly one item's short context
+
+    def generate(self, requests: list[tuple[list[dict[str, str]], Optional[str]]], *, seeds=None, **kwargs: Any):
+        out: list[Optional[list[str]]] = [None] * len(requests)
+        passed = []
+        for i, (messages, _) in enumerate(requests):
+            content = messages[-1]["content"]
+            if content.endswith(self.suffix):
+                self.pool_requests += 1
+                questions = self.pools.get(content[: -len(self.suffix)], [])
+                self.pool_misses += not questions
+                out[i] = ["\n".join(f"{j + 1}. {q}" for j, q in enumerate(questions))]
+            else:
+                passed.append(i)
+        if passed:
+            answers = self.generator.generate(
+                [requests[i] for i in passed], seeds=[seeds[i] for i in passed] if seeds else None, **kwargs
+            )
+            for i, a in zip(passed, answers):
+                out[i] = a
+        return out
+
+
+def build_longpo_data(s: Settings, work: Path, model: Path, data_dir: Path, short_tokens: int) -> dict:
+    import contextlib
+    import io
+
+    # (a) the builder unchanged: the model must write its own instruction pools
+    attempt_corpus = work / "longpo_attempt_input.jsonl"
+    longpo_corpus(s, attempt_corpus, s.longpo_attempt_docs, s.seed + 30)
+    attempt_out = work / "longpo_attempt.jsonl"
+    cfg = longpo_config(s, attempt_corpus, attempt_out, model, short_tokens, None)
+    path = write_yaml(work / "build_longpo_attempt.yaml", cfg)
+    log(f"build longpo (unchanged, self-written instructions): llamafactory-longpo build longpo {path}")
+    wall_attempt = run([str(VENV_BIN / "llamafactory-longpo"), "build", "longpo", str(path)], work / "build_longpo_attempt.log")
+    attempt = json.loads(Path(f"{attempt_out}.summary.json").read_text())
+    samples = [json.loads(line) for line in Path(f"{attempt_out}.progress.jsonl").read_text().splitlines()]
+    log(f"build longpo (unchanged): kept {attempt['kept']} of {s.longpo_attempt_docs} documents ({attempt['dropped']})")
+
+    # (b) the same builder, the task's questions as the instruction pools
+    from llamafactory_longpo.build.generate import Generator
+    from llamafactory_longpo.build.longpo import LongPOBuildConfig, build_longpo
+
+    corpus = work / "longpo_input.jsonl"
+    docs = longpo_corpus(s, corpus, s.longpo_docs, s.seed + 3)
+    out = data_dir / "kv_longpo.jsonl"
+    cfg = longpo_config(s, corpus, out, model, short_tokens, data_dir)
+    write_yaml(work / "build_longpo.yaml", cfg)
+    log(f"build longpo (task questions as the instruction pool): build_longpo({work / 'build_longpo.yaml'})")
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):  # the engine's loading chatter
+        generator = TaskInstructionPool(Generator(cfg["model"]), docs, "\n\n", cfg["pool_size"])
+    summary = build_longpo(LongPOBuildConfig(**cfg), generator=generator, log=lambda m: None)
+    wall = time.perf_counter() - start
+    if not summary["kept"]:
+        raise SystemExit("build longpo kept no record: see its summary")
+    pool_stats = {"pool_requests": generator.pool_requests, "pool_misses": generator.pool_misses}
+    del generator
+    log(
+        f"build longpo (task questions): kept {summary['kept']} of {s.longpo_docs} documents ({summary['dropped']}), {wall:.0f} s"
+    )
+    return {
+        "attempt": {
+            "how": "llamafactory-longpo build longpo (unchanged): the model writes each chunk's instruction pool",
+            "config": cfg | {"input": str(attempt_corpus), "output": str(attempt_out)},
+            "summary": attempt,
+            "progress": samples,
+            "wall_s": round(wall_attempt, 1),
+        },
+        "how": (
+            "llamafactory_longpo.build.longpo.build_longpo (the builder's own function) with a generator that answers "
+            "the self-instruct request of a chunk with the task's question for that chunk; chosen (answer on the "
+            "chunk) and rejected (answer on the whole document) are generated by the model"
+        ),
+        "config": cfg,
+        "summary": summary,
+        **pool_stats,
+        "wall_s": round(wall, 1),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+def eval_set(s: Settings, tokenizer: Any, short_tokens: int, para_tokens: int) -> list[dict[str, Any]]:
+    """Held-out questions (their own seed), each at the short length and at 2x, 4x, 8x (evidence at random depths)."""
+    from llamafactory_longpo.build.haystack import build_haystack
+
+    others = others_needed(s, short_tokens, para_tokens, max(MULTS))
+    items = kv.make_items("eval", s.eval_items, s.seed + 4, **item_kwargs(s, others))
+    samples = []
+    for i, it in enumerate(items):
+        for mult in MULTS:
+            if mult == 1:
+                context, tokens = it.short_context, len(tokenizer.encode(it.short_context, add_special_tokens=False))
+            else:
+                hay = build_haystack(tokenizer, it.supporting, it.others, mult * short_tokens, seed=1000 * s.seed + i)
+                context, tokens = hay.text, hay.tokens
+            samples.append(
+                {"id": it.key, "mult": mult, "tokens": tokens, "prompt": f"{context}\n\n{it.question}", "answer": it.answer}
+            )
+    return samples
+
+
+def evaluate(name: str, model: Path, samples: list[dict[str, Any]], s: Settings) -> tuple[dict[str, float], list[dict]]:
+    """Greedy answers through the toolkit's ChatModel; sub-EM of the ``Final answer:`` line, per length."""
+    import contextlib
+    import gc
+    import io
+
+    from llamafactory_longpo.build.generate import Generator
+    from llamafactory_longpo.build.scoring import extract_final_answer, sub_em
+
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        generator = Generator(engine_args(model))
+    rows = []
+    for mult in MULTS:
+        batch = [x for x in samples if x["mult"] == mult]
+        outs = generator.generate(
+            [([{"role": "user", "content": x["prompt"]}], None) for x in batch], max_new_tokens=s.max_new_tokens
+        )
+        for x, out in zip(batch, outs):
+            pred = out[0]
+            rows.append(
+                {
+                    "method": name,
+                    "id": x["id"],
+                    "mult": mult,
+                    "tokens": x["tokens"],
+                    "answer": x["answer"],
+                    "prediction": pred,
+                    "correct": sub_em(extract_final_answer(pred), [x["answer"]]),
+                }
+            )
+    del generator
+    gc.collect()
+    acc = {str(m): 100.0 * statistics.fmean(r["correct"] for r in rows if r["mult"] == m) for m in MULTS}
+    log(f"eval {name}: " + ", ".join(f"{m}x {acc[str(m)]:.1f}" for m in MULTS) + f" ({time.perf_counter() - start:.0f} s)")
+    return acc, rows
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def table(result: dict[str, Any]) -> str:
+    lengths = result["lengths"]
+    head = ["method", "stage"] + [f"short ({lengths['1']} tok)"] + [f"{m}x ({lengths[str(m)]} tok)" for m in MULTS[1:]]
+    lines = ["| " + " | ".join([*head, "train time"]) + " |", "|" + " --- |" * (len(head) + 1)]
+    for name, r in result["methods"].items():
+        cells = [name, r["stage"]] + [f"{r['accuracy'][str(m)]:.1f}" for m in MULTS]
+        t = r.get("train")
+        cells.append(f"{t['wall_s']:.0f} s" if t else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    plt.switch_backend("agg")
+    xs = [result["lengths"][str(m)] for m in MULTS]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in result["methods"].items():
+        style = {"linestyle": "--", "color": "black"} if name == START else {}
+        ax.plot(xs, [r["accuracy"][str(m)] for m in MULTS], marker="o", label=name, **style)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [f"{t}\n({m}x)" if m > 1 else f"{t}\n(short)" for t, m in zip(xs, MULTS)])
+    ax.set_ylim(-5, 105)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("accuracy (sub-EM, %)")
+    ax.set_title(f"two-hop key-value QA, {result['eval_items']} held-out questions per length")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smallest", action="store_true", help="the whole pipeline with tiny step counts (~3 min)")
+    parser.add_argument("--out", type=Path, default=None, help="default saves/replicate_small (saves/replicate_smallest)")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--resume", action="store_true", help="reuse the SFT start, data and models already in --out")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override a setting, e.g. steps=200")
+    args = parser.parse_args(argv)
+
+    s = dataclasses.replace(SMALLEST if args.smallest else FULL)
+    for kv_pair in args.set:
+        key, value = kv_pair.split("=", 1)
+        kind = type(getattr(s, key))
+        setattr(s, key, kind(value))
+    out = (args.out or ROOT / "saves" / ("replicate_smallest" if args.smallest else "replicate_small")).resolve()
+    work, data_dir, models = out / "work", out / "data", out / "models"
+    for d in (work, data_dir, models):
+        d.mkdir(parents=True, exist_ok=True)
+    state_path = out / "state.json"
+    state: dict[str, Any] = json.loads(state_path.read_text()) if args.resume and state_path.exists() else {}
+    if state.get("settings") not in (None, dataclasses.asdict(s)):
+        raise SystemExit(f"--resume: {state_path} was made with other settings; use another --out or drop --resume")
+    state["settings"] = dataclasses.asdict(s)
+
+    def save_state() -> None:
+        state_path.write_text(json.dumps(state, indent=2))
+
+    quiet()
+    t0 = time.perf_counter()
+    log(f"settings: {json.dumps(dataclasses.asdict(s))}")
+    log(f"output: {out}")
+
+    # 1. the model (random init) and its tokenizer, then SFT from scratch on short contexts
+    from transformers import AutoTokenizer
+
+    from llamafactory_longpo.tiny import make_tiny_model
+
+    init = models / "init"
+    if not (init / "model.safetensors").exists():
+        make_tiny_model(
+            str(init),
+            texts=kv.tokenizer_corpus(s.seed),
+            tokenizer_vocab=s.tokenizer_vocab,
+            hidden_size=s.hidden,
+            intermediate_size=4 * s.hidden,
+            num_layers=s.layers,
+            num_heads=s.heads,
+            num_kv_heads=s.kv_heads,
+            max_position_embeddings=8192,
+            seed=s.seed,
+        )
+    tokenizer = AutoTokenizer.from_pretrained(init)
+    probe = kv.make_items("probe", 50, s.seed + 9, **item_kwargs(s, 1))
+    short_tokens = int(statistics.median(len(tokenizer.encode(it.short_context, add_special_tokens=False)) for it in probe))
+    para_tokens = int(statistics.median(len(tokenizer.encode(it.others[0], add_special_tokens=False)) for it in probe))
+    n_params = sum(p.numel() for p in __import__("safetensors.torch").torch.load_file(str(init / "model.safetensors")).values())
+    log(f"model: {n_params:,} parameters, vocabulary {len(tokenizer)}; short context {short_tokens} tokens")
+
+    sft = models / "sft"
+    if "sft" not in state:
+        dataset = write_sft_data(data_dir, s)
+        cfg = train_config(
+            init,
+            sft,
+            data_dir,
+            dataset,
+            "sft",
+            cutoff_len=short_tokens + 128,
+            per_device_train_batch_size=s.sft_batch,
+            max_steps=s.sft_steps,
+            learning_rate=s.sft_lr,
+            weight_decay=0.01,
+        )
+        state["sft"] = train("SFT start", cfg, work / "sft")
+        save_state()
+
+    # 2. preference data, built by the SFT start itself
+    if "solopo_data" not in state:
+        state["solopo_data"] = build_solopo_data(s, work, sft, data_dir, short_tokens, para_tokens)
+        save_state()
+    if "longpo_data" not in state:
+        state["longpo_data"] = build_longpo_data(s, work, sft, data_dir, short_tokens)
+        save_state()
+
+    # 3. the methods, same start, same steps and batch size
+    datasets = {"solopo": "kv_solopo", "longpo": "kv_longpo"}
+    state.setdefault("train", {})
+    for name in args.methods:
+        if name in state["train"]:
+            continue
+        stage, kind, extra = METHODS[name]
+        run_dir = work / name
+        cfg = train_config(
+            sft,
+            models / name,
+            data_dir,
+            datasets[kind],
+            stage,
+            cutoff_len=(s.train_mult + 1) * short_tokens + 2 * s.max_new_tokens + 128,
+            short_cutoff_len=short_tokens + 2 * s.max_new_tokens + 128,
+            per_device_train_batch_size=s.batch,
+            max_steps=s.steps,
+            learning_rate=s.lr,
+            s2l_ref_cache_dir=str(run_dir / "ref_cache"),
+            **extra,
+        )
+        if stage == "sft":
+            cfg.pop("short_cutoff_len")
+        state["train"][name] = train(name, cfg, run_dir)
+        save_state()
+
+    # 4. evaluation
+    samples = eval_set(s, tokenizer, short_tokens, para_tokens)
+    lengths = {str(m): int(statistics.median(x["tokens"] for x in samples if x["mult"] == m)) for m in MULTS}
+    result: dict[str, Any] = {
+        "command": "benchmarks/replicate_small.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "settings": dataclasses.asdict(s),
+        "model_parameters": n_params,
+        "short_tokens": short_tokens,
+        "lengths": lengths,
+        "eval_items": s.eval_items,
+        "data": {"sft": state["sft"], "solopo": state["solopo_data"], "longpo": state["longpo_data"]},
+        "methods": {},
+    }
+    all_rows = []
+    for name in [START, *args.methods]:
+        model = sft if name == START else models / name
+        acc, rows = evaluate(name, model, samples, s)
+        all_rows += rows
+        stage = "sft (short)" if name == START else METHODS[name][0]
+        result["methods"][name] = {"stage": stage, "accuracy": acc, "train": state["train"].get(name) if name != START else None}
+        if name != START:
+            result["methods"][name]["config"] = {k: v for k, v in METHODS[name][2].items()}
+    result["total_wall_s"] = round(time.perf_counter() - t0, 1)
+
+    # 5. report
+    kv.write_jsonl(str(out / "samples.jsonl"), all_rows)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    md = table(result)
+    (out / "results.md").write_text(md + "\n")
+    plot(result, out / "accuracy_vs_length.png")
+    print("\n" + md + "\n")
+    log(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'accuracy_vs_length.png'}, {out / 'samples.jsonl'}")
+    log(f"total wall time {result['total_wall_s']:.0f} s (this invocation)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The replication benchmark (benchmarks/replicate_small.py) end to end in its smallest configuration, as a
+real subprocess: SFT from scratch, both builders, the six methods through ``llamafactory-cli train``, the
+evaluation and the report. No accuracy is asserted (a few steps teach the model nothing)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+from tests.conftest import ROOT, cli_env
+
+METHODS = ["SFT-long", "Long-DPO", "LongPO", "SoLo-DPO", "SoLo-SimPO", "SoLo-ORPO"]
+
+
+def test_replicate_smallest_writes_table_json_and_plot(tmp_path):
+    out = tmp_path / "replicate"
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "replicate_small.py"), "--smallest", "--out", str(out)],
+        cwd=ROOT,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=1200,
+    )
+    wall = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    print(f"replicate_small.py --smallest: {wall:.0f} s")
+
+    # the table, printed and written
+    header = "| method | stage | short ("
+    assert header in proc.stdout
+    table = (out / "results.md").read_text()
+    assert table.startswith(header)
+    for name in ["SFT start", *METHODS]:
+        assert f"| {name} |" in table
+
+    # the JSON: every method evaluated at every length, trained with a recorded wall time
+    result = json.loads((out / "results.json").read_text())
+    assert list(result["methods"]) == ["SFT start", *METHODS]
+    for name, r in result["methods"].items():
+        assert set(r["accuracy"]) == {"1", "2", "4", "8"}
+        assert all(0.0 <= a <= 100.0 for a in r["accuracy"].values())
+        if name != "SFT start":
+            assert r["train"]["wall_s"] > 0
+    lengths = result["lengths"]
+    assert lengths["1"] < lengths["2"] < lengths["4"] < lengths["8"]
+    # what was built how: SoLoPO by the CLI builder, LongPO attempted unchanged, then with the task's questions
+    data = result["data"]
+    assert data["solopo"]["summary"]["kept"] > 0
+    assert "attempt" in data["longpo"] and data["longpo"]["summary"]["kept"] > 0
+    samples = (out / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 7 * 4 * result["eval_items"]
+
+    # the plot
+    png = out / "accuracy_vs_length.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
