@@ -26,6 +26,8 @@ from bench_efficiency import ROOT, VENV_BIN, make_data, make_model  # noqa: E402
 
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "longpo": ("longpo", {"pref_loss": "sigmoid"}),
+    # LongPO's chosen and rejected as two rows on one process too (under SP the shared prefix is always off)
+    "longpo-two-rows": ("longpo", {"pref_loss": "sigmoid", "s2l_shared_prefix": False}),
     "solopo-orpo": ("solopo", {"pref_loss": "orpo"}),
 }
 
@@ -124,7 +126,7 @@ def report(results: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384])
-    parser.add_argument("--only", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--only", nargs="+", choices=list(CONFIGS), default=["longpo", "solopo-orpo"])
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--response", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=32768)
@@ -147,7 +149,8 @@ def main() -> None:
     print(table)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     (ROOT / "benchmarks" / "results").mkdir(exist_ok=True)
-    (ROOT / "benchmarks" / "results" / "sequence_parallel_cpu.json").write_text(json.dumps(results, indent=2))
+    suffix = "" if args.only == ["longpo", "solopo-orpo"] else "_" + "_".join(args.only)
+    (ROOT / "benchmarks" / "results" / f"sequence_parallel_cpu{suffix}.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
