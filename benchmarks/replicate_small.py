@@ -31,6 +31,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -53,7 +54,7 @@ MULTS = (1, 2, 4, 8)  # evaluated lengths, in multiples of the short context
 class Settings:
     # model (Qwen2-shaped, random init)
     hidden: int = 128
-    layers: int = 4
+    layers: int = 2
     heads: int = 4
     kv_heads: int = 2
     tokenizer_vocab: int = 1024
@@ -61,26 +62,40 @@ class Settings:
     facts_per_paragraph: int = 6
     hops: int = 2
     # SFT from scratch (short contexts only)
-    sft_steps: int = 2000
+    sft_steps: int = 3000
     sft_batch: int = 16
     sft_lr: float = 2.0e-3
     recall_share: float = 0.5  # share of SFT examples that are single-hop recall questions (kv_hops.recall_question)
+    sft_min_facts: int = 1  # SFT paragraphs have sft_min_facts..facts_per_paragraph facts (easy ones teach the lookup)
     # preference data
-    train_mult: int = 4  # long context of the training data = train_mult x the short context
+    train_mult: int = 8  # long context of the training data = train_mult x the short context
     solopo_inputs: int = 600
     num_samples: int = 8
     temperature: float = 1.5
-    longpo_docs: int = 300
+    longpo_docs: int = 200
     longpo_max_turns: int = 2
     longpo_attempt_docs: int = 4  # documents given to the unmodified LongPO builder (self-written instructions)
     # preference training (every method the same budget)
     steps: int = 150
     batch: int = 8
-    lr: float = 1.0e-4
+    lr: float = 2.0e-4
     # evaluation
-    eval_items: int = 200
+    eval_items: int = 100
     max_new_tokens: int = 32
     seed: int = 0
+    threads: int = 1  # torch threads per process (1 is faster on a small, shared CPU; not part of any result key)
+
+
+MODEL_KEYS = ("hidden", "layers", "heads", "kv_heads", "tokenizer_vocab", "facts_per_paragraph", "hops", "seed")
+SFT_KEYS = (*MODEL_KEYS, "sft_steps", "sft_batch", "sft_lr", "recall_share", "sft_min_facts")
+DATA_KEYS = (*SFT_KEYS, "train_mult", "solopo_inputs", "num_samples", "temperature", "longpo_docs", "longpo_max_turns")
+DATA_KEYS = (*DATA_KEYS, "longpo_attempt_docs", "max_new_tokens")
+TRAIN_KEYS = (*DATA_KEYS, "steps", "batch", "lr")
+
+
+def key_of(s: Settings, names: tuple[str, ...], **extra: Any) -> dict[str, Any]:
+    """What a step's output depends on: ``--resume`` reuses a step only when this is unchanged."""
+    return {**{n: getattr(s, n) for n in names}, **extra}
 
 
 FULL = Settings()
@@ -89,8 +104,8 @@ SMALLEST = Settings(
     layers=2,
     sft_steps=30,
     sft_batch=8,
-    solopo_inputs=12,
-    num_samples=4,
+    solopo_inputs=32,
+    num_samples=8,
     longpo_docs=6,
     longpo_attempt_docs=2,
     steps=3,
@@ -134,6 +149,7 @@ def env() -> dict[str, str]:
         WANDB_DISABLED="true",
         DISABLE_VERSION_CHECK="1",
         TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS=os.environ.get("REPLICATE_THREADS", "1"),
     )
 
 
@@ -181,7 +197,8 @@ def write_sft_data(data_dir: Path, s: Settings) -> str:
     rng = random.Random(s.seed + 1)
     n = s.sft_steps * s.sft_batch
     rows = []
-    for item in kv.make_items("sft", n, s.seed + 1, **item_kwargs(s)):
+    for i in range(n):
+        item = kv.make_item(f"sft{i}", rng, hops=s.hops, facts_per_paragraph=rng.randint(s.sft_min_facts, s.facts_per_paragraph))
         q, a = kv.recall_question(item, rng) if rng.random() < s.recall_share else (item.question, item.response)
         rows.append(
             {"messages": [{"role": "user", "content": f"{item.short_context}\n\n{q}"}, {"role": "assistant", "content": a}]}
@@ -525,14 +542,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         d.mkdir(parents=True, exist_ok=True)
     state_path = out / "state.json"
     state: dict[str, Any] = json.loads(state_path.read_text()) if args.resume and state_path.exists() else {}
-    if state.get("settings") not in (None, dataclasses.asdict(s)):
-        raise SystemExit(f"--resume: {state_path} was made with other settings; use another --out or drop --resume")
-    state["settings"] = dataclasses.asdict(s)
+    state.setdefault("train", {})
+
+    def reuse(entry: Optional[dict[str, Any]], key: dict[str, Any]) -> bool:
+        return bool(entry) and entry.get("key") == key
 
     def save_state() -> None:
         state_path.write_text(json.dumps(state, indent=2))
 
     quiet()
+    os.environ["REPLICATE_THREADS"] = str(s.threads)
+    import torch
+
+    torch.set_num_threads(s.threads)
     t0 = time.perf_counter()
     log(f"settings: {json.dumps(dataclasses.asdict(s))}")
     log(f"output: {out}")
@@ -543,7 +565,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from llamafactory_longpo.tiny import make_tiny_model
 
     init = models / "init"
-    if not (init / "model.safetensors").exists():
+    if not reuse(state.get("init"), key_of(s, MODEL_KEYS)) or not (init / "model.safetensors").exists():
+        shutil.rmtree(init, ignore_errors=True)
         make_tiny_model(
             str(init),
             texts=kv.tokenizer_corpus(s.seed),
@@ -556,6 +579,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             max_position_embeddings=8192,
             seed=s.seed,
         )
+        state["init"] = {"key": key_of(s, MODEL_KEYS)}
     tokenizer = AutoTokenizer.from_pretrained(init)
     probe = kv.make_items("probe", 50, s.seed + 9, **item_kwargs(s, 1))
     short_tokens = int(statistics.median(len(tokenizer.encode(it.short_context, add_special_tokens=False)) for it in probe))
@@ -564,7 +588,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     log(f"model: {n_params:,} parameters, vocabulary {len(tokenizer)}; short context {short_tokens} tokens")
 
     sft = models / "sft"
-    if "sft" not in state:
+    if not reuse(state.get("sft"), key_of(s, SFT_KEYS)):
         dataset = write_sft_data(data_dir, s)
         cfg = train_config(
             init,
@@ -578,24 +602,26 @@ def main(argv: Optional[list[str]] = None) -> int:
             learning_rate=s.sft_lr,
             weight_decay=0.01,
         )
-        state["sft"] = train("SFT start", cfg, work / "sft")
+        state["sft"] = {**train("SFT start", cfg, work / "sft"), "key": key_of(s, SFT_KEYS)}
         save_state()
 
     # 2. preference data, built by the SFT start itself
-    if "solopo_data" not in state:
-        state["solopo_data"] = build_solopo_data(s, work, sft, data_dir, short_tokens, para_tokens)
+    if not reuse(state.get("solopo_data"), key_of(s, DATA_KEYS)):
+        state["solopo_data"] = {
+            **build_solopo_data(s, work, sft, data_dir, short_tokens, para_tokens),
+            "key": key_of(s, DATA_KEYS),
+        }
         save_state()
-    if "longpo_data" not in state:
-        state["longpo_data"] = build_longpo_data(s, work, sft, data_dir, short_tokens)
+    if not reuse(state.get("longpo_data"), key_of(s, DATA_KEYS)):
+        state["longpo_data"] = {**build_longpo_data(s, work, sft, data_dir, short_tokens), "key": key_of(s, DATA_KEYS)}
         save_state()
 
     # 3. the methods, same start, same steps and batch size
     datasets = {"solopo": "kv_solopo", "longpo": "kv_longpo"}
-    state.setdefault("train", {})
     for name in args.methods:
-        if name in state["train"]:
-            continue
         stage, kind, extra = METHODS[name]
+        if reuse(state["train"].get(name), key_of(s, TRAIN_KEYS, method=extra)):
+            continue
         run_dir = work / name
         cfg = train_config(
             sft,
@@ -613,7 +639,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         )
         if stage == "sft":
             cfg.pop("short_cutoff_len")
-        state["train"][name] = train(name, cfg, run_dir)
+        state["train"][name] = {**train(name, cfg, run_dir), "key": key_of(s, TRAIN_KEYS, method=extra)}
         save_state()
 
     # 4. evaluation
