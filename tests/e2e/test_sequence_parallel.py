@@ -114,3 +114,27 @@ def test_cli_errors_before_training(tmp_path: Path, tiny_model: Path, overrides:
     assert len(errors) == 1 and message in errors[0], proc.stdout[-3000:]
     assert "Traceback" not in proc.stdout
     assert not (out / "trainer_state.json").exists()
+
+
+def test_group_sampler_deals_one_batch_per_group() -> None:
+    """Through accelerate's own sharding (what the toolkit's data loader does): world 4, SP 2 -> the two ranks
+    of a group get the same batches, the two groups different ones, every sample once per epoch, new order
+    each epoch."""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    from llamafactory_longpo.train.sequence_parallel import GroupBatchSampler
+
+    sampler = GroupBatchSampler(num_samples=12, batch_size=3, copies=2, shuffle=True, seed=7)
+
+    def epoch(e: int) -> list[list[list[int]]]:
+        sampler.set_epoch(e)
+        return [list(BatchSamplerShard(BatchSampler(sampler, 3, False), num_processes=4, process_index=r)) for r in range(4)]
+
+    first = epoch(0)
+    assert first[0] == first[1] and first[2] == first[3] and first[0] != first[2]
+    assert len(first[0]) == 2  # 12 samples / (2 groups x batch 3)
+    assert sorted(i for batch in first[0] + first[2] for i in batch) == list(range(12))
+    assert epoch(1)[0] != first[0]
+    ordered = GroupBatchSampler(num_samples=5, batch_size=2, copies=2, shuffle=False, seed=0)
+    assert list(ordered) == [0, 1, 0, 1, 2, 3, 2, 3, 4, 0, 4, 0]  # last batch completed from the start, never split
