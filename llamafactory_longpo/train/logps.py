@@ -199,7 +199,7 @@ def sequence_logps(
             targets = {k: F.pad(t, (0, pad), value=IGNORE_INDEX) for k, t in targets.items()}
         width = input_ids.size(1) // sp.size
         local = slice(sp.rank * width, (sp.rank + 1) * width)
-        positions = torch.arange(local.start, local.stop, device=input_ids.device).expand(batch, -1)
+        positions = torch.arange(local.start, local.stop, device=input_ids.device).expand(batch, -1).contiguous()  # all-gathered
         targets = {k: t[:, local] for k, t in targets.items()}
         hidden = final_hidden_states(model, head, input_ids[:, local], None, position_ids=positions)
 
