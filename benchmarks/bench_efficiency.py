@@ -116,26 +116,26 @@ def make_data(out: Path, model: Path, length: int, n: int, response: int) -> str
     return name
 
 
-def run_one(out: Path, model: Path, dataset: str, length: int, name: str, args: argparse.Namespace) -> dict[str, Any]:
-    stage, extra = CONFIGS[name]
-    run_dir = out / f"{name}-{length}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config = {
+def train_config(
+    model: Path, stage: str, dataset: str, data_dir: Path, run_dir: Path, length: int, steps: int, response: int, extra: dict
+) -> dict[str, Any]:
+    """The one training config every benchmark run uses (long rows ``length``, short rows ``length/8``)."""
+    return {
         "model_name_or_path": str(model),
         "stage": stage,
         "do_train": True,
         "finetuning_type": "full",
         "dataset": dataset,
-        "dataset_dir": str(out),
+        "dataset_dir": str(data_dir),
         "template": "qwen",
-        "cutoff_len": length + 2 * args.response + 256,
-        "short_cutoff_len": length // 8 + 2 * args.response + 256,
+        "cutoff_len": length + 2 * response + 256,
+        "short_cutoff_len": length // 8 + 2 * response + 256,
         "preprocessing_num_workers": 1,
         "overwrite_cache": True,
         "output_dir": str(run_dir / "out"),
         "overwrite_output_dir": True,
         "per_device_train_batch_size": 1,
-        "max_steps": args.warmup + args.steps,
+        "max_steps": steps,
         "learning_rate": 1.0e-5,
         "logging_steps": 1,
         "save_strategy": "no",
@@ -145,6 +145,13 @@ def run_one(out: Path, model: Path, dataset: str, length: int, name: str, args: 
         "s2l_ref_cache_dir": str(run_dir / "ref_cache"),
         **extra,
     }
+
+
+def run_one(out: Path, model: Path, dataset: str, length: int, name: str, args: argparse.Namespace) -> dict[str, Any]:
+    stage, extra = CONFIGS[name]
+    run_dir = out / f"{name}-{length}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = train_config(model, stage, dataset, out, run_dir, length, args.warmup + args.steps, args.response, extra)
     cfg = run_dir / "cfg.yaml"  # (the toolkit's .json config path is broken in 0.9.5: json.load on a Path)
     cfg.write_text(yaml.safe_dump(config))
     times, rss = run_dir / "steps", run_dir / "maxrss"

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_efficiency import ROOT, VENV_BIN, make_data, make_model  # noqa: E402
+from bench_efficiency import ROOT, VENV_BIN, make_data, make_model, train_config  # noqa: E402
 
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "longpo": ("longpo", {"pref_loss": "sigmoid"}),
@@ -44,31 +44,7 @@ def run_one(out: Path, model: Path, dataset: str, length: int, name: str, sp: in
     stage, extra = CONFIGS[name]
     run_dir = out / f"{name}-{length}-sp{sp}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = {
-        "model_name_or_path": str(model),
-        "stage": stage,
-        "do_train": True,
-        "finetuning_type": "full",
-        "dataset": dataset,
-        "dataset_dir": str(out),
-        "template": "qwen",
-        "cutoff_len": length + 2 * args.response + 256,
-        "short_cutoff_len": length // 8 + 2 * args.response + 256,
-        "preprocessing_num_workers": 1,
-        "overwrite_cache": True,
-        "output_dir": str(run_dir / "out"),
-        "overwrite_output_dir": True,
-        "per_device_train_batch_size": 1,
-        "max_steps": args.steps,
-        "learning_rate": 1.0e-5,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "plot_loss": False,
-        "report_to": "none",
-        "disable_shuffling": True,
-        "s2l_ref_cache_dir": str(run_dir / "ref_cache"),
-        **extra,
-    }
+    config = train_config(model, stage, dataset, out, run_dir, length, args.steps, args.response, extra)
     if sp > 1:
         config.update(sequence_parallel_size=sp, ddp_backend="gloo")
     cfg = run_dir / "cfg.yaml"
