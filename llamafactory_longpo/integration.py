@@ -204,6 +204,7 @@ def _run_plugin_stage(tuner: Any, config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     from .train.callbacks import ShortToLongLogCallback
+    from .train.sequence_parallel import shutdown_distributed
     from .train.workflow import run_short_to_long
 
     callbacks: list[Any] = config.get("callbacks")
@@ -233,7 +234,7 @@ def _run_plugin_stage(tuner: Any, config: dict[str, Any]) -> None:
             return
     try:
         if dist.is_initialized():
-            dist.destroy_process_group()
+            shutdown_distributed()
     except Exception as err:  # same tolerance as the toolkit
         print(f"[llamafactory-longpo] failed to destroy process group: {err}", file=sys.stderr)
 

@@ -23,7 +23,9 @@ which leaves exactly the mean over the ``dp`` data-parallel groups: the same upd
 
 from __future__ import annotations
 
+import gc
 import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -74,6 +76,34 @@ def check_sequence_parallel(size: int, config: Any, attn_implementation: Optiona
             f"sequence_parallel_size: {size} needs flash_attn: sdpa or fa2 (the model runs {attn_implementation!r} "
             "attention, which needs a full 4D mask that Ulysses cannot shard)"
         )
+
+
+_ORIGINAL_ATTENTION: dict[str, Any] = {}  # the attention functions Ulysses replaced, restored at shutdown
+
+
+def shutdown_distributed() -> None:
+    """Destroy every process group and drop every reference to one while the interpreter is alive.
+
+    Why not just ``torch.distributed.destroy_process_group()``: the sequence-parallel group stays
+    referenced by DeepSpeed's module globals, by the Ulysses wrapper in transformers' attention registry
+    and by garbage cycles of the trainer; a gloo group freed during interpreter finalization can abort the
+    process ("terminate called without an active exception", exit -6) after a successful run. DeepSpeed's
+    own ``destroy_process_group`` releases its globals; the registry entry is restored here, and the
+    cycles are collected before returning.
+    """
+    if _ORIGINAL_ATTENTION:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        for name, function in _ORIGINAL_ATTENTION.items():
+            ALL_ATTENTION_FUNCTIONS[name] = function
+        _ORIGINAL_ATTENTION.clear()
+    gc.collect()  # the trainer, model and engine of the finished run: free them before their groups go
+    ds_comm = sys.modules.get("deepspeed.comm")
+    if ds_comm is not None and ds_comm.is_initialized():
+        ds_comm.destroy_process_group()  # torch's, plus DeepSpeed's own group references
+    elif dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()
 
 
 def _init_deepspeed_comm() -> None:
@@ -127,6 +157,7 @@ def enable_sequence_parallel(model: torch.nn.Module, size: int) -> SequenceParal
         return ulysses(module, query, key, value, None, *a, **kw)
 
     # replacing the core implementation in place keeps every branch the model takes on its name (DeepSpeed does the same)
+    _ORIGINAL_ATTENTION.setdefault(attn, ALL_ATTENTION_FUNCTIONS[attn])
     ALL_ATTENTION_FUNCTIONS[attn] = attention
     rank = dist.get_rank()
     return SequenceParallel(group=group, size=size, rank=dist.get_rank(group), dp_size=world // size, dp_rank=rank // size)
