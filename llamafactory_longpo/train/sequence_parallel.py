@@ -179,11 +179,8 @@ class _GroupSum(torch.autograd.Function):
 
 
 def group_sum(tensor: torch.Tensor, group: Any) -> torch.Tensor:
-    """Sum over the sequence-parallel group; differentiable (see the module docstring for the scale)."""
-    if not (torch.is_grad_enabled() and tensor.requires_grad):
-        out = tensor.clone()
-        dist.all_reduce(out, group=group)
-        return out
+    """Sum over the sequence-parallel group; differentiable (see the module docstring for the scale).
+    Without grad (reference passes) the same forward runs and no graph is recorded."""
     return _GroupSum.apply(tensor, group)
 
 
