@@ -1,0 +1,175 @@
+"""Why the replication's SFT start stays low: a fast probe of what the task model learns, and where it fails.
+
+``replicate_small.py`` trains its SFT start through ``llamafactory-cli train``; this probe trains the same
+model (same tokenizer, same Qwen2 shape, same SFT mix from ``kv_hops``) in a plain torch loop, so a
+setting can be tried in minutes, and every ``--every`` steps it prints what matters for the diagnosis:
+
+- greedy two-hop accuracy on 100 held-out short questions (same scoring: the ``Final answer:`` name);
+- the teacher-forced loss of the two-hop answer's names (50 held-out questions), by role. The answer is
+  ``The key of A is B. The key of B is C. Final answer: C``: the two LOOKUPS are the first B and the first
+  C (the value of a key among the context's facts); the COPIES are A, the second B and the last C (a name
+  already in the question or the answer). Reference points: ln(160) = 5.08 (any name), ln(12) = 2.48 (any
+  of the 12 names keyed in a full-size short context).
+
+  .venv/bin/python benchmarks/sft_probe.py --steps 1000 --lr 1e-3
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import kv_hops as kv  # noqa: E402
+
+from llamafactory_longpo.tiny import make_tiny_model  # noqa: E402
+
+
+def encode(tokenizer: Any, context: str, question: str, answer: str | None = None) -> Any:
+    """Chat-template ids of a prompt (and the answer's labels when given), as the toolkit's SFT sees them."""
+    messages = [{"role": "system", "content": kv.SYSTEM}, {"role": "user", "content": f"{context}\n\n{question}"}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if answer is None:
+        return ids
+    target = tokenizer(answer + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+    return ids + target, [-100] * len(ids) + target
+
+
+def sft_batch(tokenizer: Any, rng: random.Random, a: argparse.Namespace) -> tuple[torch.Tensor, ...]:
+    """One batch of the replication's SFT mix (two-hop and recall questions, 1..facts facts per paragraph)."""
+    rows = []
+    for _ in range(a.batch):
+        item = kv.make_item("p", rng, facts_per_paragraph=rng.randint(a.min_facts, a.facts))
+        if rng.random() < a.recall_share:
+            question, answer = kv.recall_question(item, rng, n_keys=a.recall_keys)
+        else:
+            question, answer = item.question, item.response
+        rows.append(encode(tokenizer, item.short_context, question, answer))
+    width = max(len(ids) for ids, _ in rows)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r, _ in rows])
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
+    mask = (torch.arange(width)[None] < torch.tensor([len(r) for r, _ in rows])[:, None]).long()
+    return ids, labels, mask
+
+
+def name_roles(tokenizer: Any, item: kv.Item) -> dict[int, str]:
+    """Index (within the answer's tokens) -> role of each name in a two-hop answer: ``copy``, ``hop 1``, ``hop 2``."""
+    tokens = tokenizer(item.response, add_special_tokens=False)["input_ids"]
+    seen: set[str] = set()
+    roles = {}
+    for index, token in enumerate(tokens):
+        name = tokenizer.decode([token]).strip()
+        if name in item.chain:
+            hop = item.chain.index(name)
+            roles[index] = f"hop {hop}" if hop > 0 and name not in seen else "copy"
+            seen.add(name)
+    return roles
+
+
+@torch.no_grad()
+def probe(model: Any, tokenizer: Any, items: list[kv.Item]) -> tuple[float, dict[str, float]]:
+    """Greedy two-hop accuracy on ``items`` and the mean teacher-forced loss of the answer's names by role."""
+    model.eval()
+    correct = 0
+    pad = tokenizer.pad_token_id
+    for start in range(0, len(items), 25):
+        chunk = items[start : start + 25]
+        prompts = [encode(tokenizer, it.short_context, it.question) for it in chunk]
+        width = max(map(len, prompts))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left-padded for generation
+        mask = (ids != pad).long()
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=pad)
+        for it, row in zip(chunk, out[:, width:]):
+            text = tokenizer.decode(row, skip_special_tokens=True)
+            correct += "Final answer:" in text and text.split("Final answer:")[-1].strip().split(" ")[0] == it.answer
+    by_role: dict[str, list[float]] = {}
+    for it in items[:50]:
+        ids, labels = encode(tokenizer, it.short_context, it.question, it.response)
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+        targets = torch.tensor(labels[1:])
+        scored = targets != -100
+        losses = torch.nn.functional.cross_entropy(logits[scored], targets[scored], reduction="none").tolist()
+        for index, role in name_roles(tokenizer, it).items():
+            by_role.setdefault(role, []).append(losses[index])
+    model.train()
+    return correct / len(items), {role: sum(v) / len(v) for role, v in sorted(by_role.items())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--steps", type=int, default=1000, help="cosine schedule length (and the step budget)")
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--facts", type=int, default=6, help="facts per paragraph (two paragraphs per short context)")
+    parser.add_argument("--min-facts", type=int, default=1, help="SFT paragraphs have min-facts..facts facts")
+    parser.add_argument("--recall-share", type=float, default=0.5)
+    parser.add_argument("--recall-keys", type=int, default=6)
+    parser.add_argument("--every", type=int, default=250)
+    parser.add_argument("--seed", type=int, default=0)
+    a = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.manual_seed(a.seed)
+
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:  # the replication's own model builder and tokenizer corpus
+        make_tiny_model(
+            tmp,
+            tokenizer_vocab=1024,
+            hidden_size=a.hidden,
+            intermediate_size=4 * a.hidden,
+            num_layers=a.layers,
+            num_heads=a.heads,
+            num_kv_heads=max(1, a.heads // 2),
+            max_position_embeddings=8192,
+            seed=a.seed,
+            texts=kv.tokenizer_corpus(a.seed),
+        )
+        tokenizer = AutoTokenizer.from_pretrained(tmp)
+        model = Qwen2ForCausalLM.from_pretrained(tmp)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
+    held_out = kv.make_items("probe", 100, 12345, facts_per_paragraph=a.facts)
+    rng = random.Random(a.seed + 1)
+    start, recent = time.perf_counter(), []
+    print(f"[probe] {vars(a)}", flush=True)
+    for step in range(1, a.steps + 1):
+        scale = min(1.0, step / a.warmup) * 0.5 * (1 + math.cos(math.pi * (step - 1) / a.steps))
+        for group in optimizer.param_groups:
+            group["lr"] = a.lr * scale
+        ids, labels, mask = sft_batch(tokenizer, rng, a)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        recent = (recent + [loss.item()])[-50:]
+        if step % a.every == 0 or step == a.steps:
+            accuracy, roles = probe(model, tokenizer, held_out)
+            print(
+                f"[probe] step {step} ({time.perf_counter() - start:.0f} s): train loss {sum(recent) / len(recent):.3f}, "
+                f"short accuracy {accuracy:.0%}, name loss: lookup hop 1 {roles['hop 1']:.2f}, "
+                f"lookup hop 2 {roles['hop 2']:.2f}, copy {roles['copy']:.2f}",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
