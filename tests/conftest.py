@@ -65,8 +65,13 @@ def torchrun_env(grad_norm_file: Path, nproc: int = 2) -> dict[str, str]:
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
     """``llamafactory-cli`` as a real subprocess (stdout and stderr captured together)."""
+    return run_command([str(VENV_BIN / "llamafactory-cli"), *args], cwd, timeout, **env)
+
+
+def run_command(cmd: list[str], cwd: Path, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
+    """Any command as a real subprocess, in the CLI environment (stdout and stderr captured together)."""
     return subprocess.run(
-        [str(VENV_BIN / "llamafactory-cli"), *args],
+        cmd,
         cwd=cwd,
         env=cli_env(**env),
         stdout=subprocess.PIPE,

@@ -5,11 +5,10 @@ evaluation and the report. No accuracy is asserted (a few steps teach the model 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 
-from tests.conftest import ROOT, cli_env
+from tests.conftest import ROOT, run_command
 
 METHODS = ["SFT-long", "Long-DPO", "LongPO", "SoLo-DPO", "SoLo-SimPO", "SoLo-ORPO"]
 
@@ -17,15 +16,8 @@ METHODS = ["SFT-long", "Long-DPO", "LongPO", "SoLo-DPO", "SoLo-SimPO", "SoLo-ORP
 def test_replicate_smallest_writes_table_json_and_plot(tmp_path):
     out = tmp_path / "replicate"
     start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "replicate_small.py"), "--smallest", "--out", str(out)],
-        cwd=ROOT,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=1200,
-    )
+    script = str(ROOT / "benchmarks" / "replicate_small.py")
+    proc = run_command([sys.executable, script, "--smallest", "--out", str(out)], ROOT, timeout=1200)
     wall = time.perf_counter() - start
     assert proc.returncode == 0, proc.stdout[-4000:]
     print(f"replicate_small.py --smallest: {wall:.0f} s")

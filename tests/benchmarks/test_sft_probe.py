@@ -5,10 +5,9 @@ teach nothing)."""
 from __future__ import annotations
 
 import random
-import subprocess
 import sys
 
-from tests.conftest import ROOT, cli_env
+from tests.conftest import ROOT, run_command
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -30,15 +29,8 @@ def test_name_roles_mark_the_two_lookups_and_the_copies():
 
 
 def test_probe_runs_and_reports(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "sft_probe.py"), "--steps", "2", "--every", "2", "--hidden", "32"],
-        cwd=tmp_path,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=300,
-    )
+    args = ["--steps", "2", "--every", "2", "--hidden", "32"]
+    proc = run_command([sys.executable, str(ROOT / "benchmarks" / "sft_probe.py"), *args], tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("[probe] step 2 ")]
     assert line and "short accuracy" in line[0] and "lookup hop 1" in line[0] and "lookup hop 2" in line[0] and "copy" in line[0]

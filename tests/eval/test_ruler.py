@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import yaml
 from transformers import AutoTokenizer
 
 from llamafactory_longpo.eval.tasks import GENERATORS, TASKS, Sample, make_samples, score
-from tests.conftest import VENV_BIN, cli_env
+from tests.conftest import VENV_BIN, run_command
 
 SAMPLE = Path(__file__).resolve().parents[1] / "build" / "musique_sample.jsonl"
 
@@ -88,14 +87,7 @@ def test_eval_ruler_cli_and_perfect_stub(tmp_path: Path, tiny_model: Path, tok) 
     }
     path = tmp_path / "ruler.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run(
-        [str(VENV_BIN / "llamafactory-longpo"), "eval", "ruler", str(path)],
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=600,
-    )
+    proc = run_command([str(VENV_BIN / "llamafactory-longpo"), "eval", "ruler", str(path)], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:]
     result = json.loads((tmp_path / "ruler" / "scores.json").read_text())
     assert set(result["tasks"]) == set(TASKS) and set(result["by_length"]) == {"512", "1024"}
