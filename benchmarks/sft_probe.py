@@ -51,7 +51,7 @@ def sft_batch(tokenizer: Any, rng: random.Random, a: argparse.Namespace) -> tupl
     """One batch of the replication's SFT mix (two-hop and recall questions, 1..facts facts per paragraph)."""
     rows = []
     for _ in range(a.batch):
-        item = kv.make_item("p", rng, facts_per_paragraph=rng.randint(a.min_facts, a.facts))
+        item = kv.make_item("p", rng, hops=a.hops, facts_per_paragraph=rng.randint(a.min_facts, a.facts))
         if rng.random() < a.recall_share:
             question, answer = kv.recall_question(item, rng, n_keys=a.recall_keys)
         else:
@@ -66,7 +66,7 @@ def sft_batch(tokenizer: Any, rng: random.Random, a: argparse.Namespace) -> tupl
 
 
 def name_roles(tokenizer: Any, item: kv.Item) -> dict[int, str]:
-    """Index (within the answer's tokens) -> role of each name in a two-hop answer: ``copy``, ``hop 1``, ``hop 2``."""
+    """Index (within the answer's tokens) -> role of each name in the answer: ``copy`` or ``hop k`` (the k-th lookup)."""
     tokens = tokenizer(item.response, add_special_tokens=False)["input_ids"]
     seen: set[str] = set()
     roles = {}
@@ -81,7 +81,7 @@ def name_roles(tokenizer: Any, item: kv.Item) -> dict[int, str]:
 
 @torch.no_grad()
 def probe(model: Any, tokenizer: Any, items: list[kv.Item]) -> tuple[float, dict[str, float]]:
-    """Greedy two-hop accuracy on ``items`` and the mean teacher-forced loss of the answer's names by role."""
+    """Greedy accuracy on ``items`` and the mean teacher-forced loss of the answer's names by role."""
     model.eval()
     correct = 0
     pad = tokenizer.pad_token_id
@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=1000, help="cosine schedule length (and the step budget)")
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--hops", type=int, default=2, choices=sorted(kv.HOP_WORDS))
     parser.add_argument("--facts", type=int, default=6, help="facts per paragraph (two paragraphs per short context)")
     parser.add_argument("--min-facts", type=int, default=1, help="SFT paragraphs have min-facts..facts facts")
     parser.add_argument("--recall-share", type=float, default=0.5)
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = AutoTokenizer.from_pretrained(tmp)
         model = Qwen2ForCausalLM.from_pretrained(tmp)
     optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
-    held_out = kv.make_items("probe", 100, 12345, facts_per_paragraph=a.facts)
+    held_out = kv.make_items("probe", 100, 12345, hops=a.hops, facts_per_paragraph=a.facts)
     rng = random.Random(a.seed + 1)
     start, recent = time.perf_counter(), []
     print(f"[probe] {vars(a)}", flush=True)
@@ -164,8 +165,9 @@ def main(argv: list[str] | None = None) -> int:
             accuracy, roles = probe(model, tokenizer, held_out)
             print(
                 f"[probe] step {step} ({time.perf_counter() - start:.0f} s): train loss {sum(recent) / len(recent):.3f}, "
-                f"short accuracy {accuracy:.0%}, name loss: lookup hop 1 {roles['hop 1']:.2f}, "
-                f"lookup hop 2 {roles['hop 2']:.2f}, copy {roles['copy']:.2f}",
+                f"short accuracy {accuracy:.0%}, name loss: "
+                + ", ".join(f"lookup {role} {loss:.2f}" for role, loss in roles.items() if role != "copy")
+                + f", copy {roles['copy']:.2f}",
                 flush=True,
             )
     return 0
