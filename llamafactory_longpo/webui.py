@@ -28,7 +28,13 @@ CONTROLS: dict[str, tuple[str, str, Any]] = {
     "longpo_nll_weight": ("longpo", "longpo_nll_weight", 1.0),
     "longpo_nll_scope": ("longpo", "longpo_nll_scope", "full"),
     "policy_rope_theta": ("longpo", "policy_rope_theta", 0),
+    "solopo_sequence_parallel": ("solopo", "sequence_parallel_size", 1),
+    "longpo_sequence_parallel": ("longpo", "sequence_parallel_size", 1),
 }
+_SEQUENCE_PARALLEL_HELP = (
+    "Sequence parallel",
+    "Split each sequence over this many GPUs (Ulysses; DeepSpeed >= 0.17); the GPU count must be a multiple. 1 = off.",
+)
 HELP = {
     "solopo_pref_loss": ("Base loss", "SoLo-DPO (sigmoid), SoLo-SimPO (simpo) or SoLo-ORPO (orpo) on the short pair."),
     "solopo_beta": ("Beta", "DPO/SimPO temperature, ORPO's lambda."),
@@ -45,6 +51,8 @@ HELP = {
     "longpo_nll_weight": ("NLL weight", "Weight of the NLL term on the long chosen sequence."),
     "longpo_nll_scope": ("NLL scope", "Every token of the long chosen sequence (full) or its responses only."),
     "policy_rope_theta": ("Policy RoPE theta", "Raise the policy's rope_theta before training (LongPO: 1e7); 0 = unchanged."),
+    "solopo_sequence_parallel": _SEQUENCE_PARALLEL_HELP,
+    "longpo_sequence_parallel": _SEQUENCE_PARALLEL_HELP,
 }
 STAGE_LABELS = {"solopo": "SoLoPO settings (llamafactory-longpo)", "longpo": "LongPO settings (llamafactory-longpo)"}
 
@@ -73,7 +81,10 @@ def _build_controls() -> dict[str, Any]:
                             choices=choices[name], value=default, label=label, info=info, elem_id=f"s2l_{name}"
                         )
                     else:
-                        elems[name] = gr.Number(value=default, label=label, info=info, elem_id=f"s2l_{name}")
+                        whole = CONTROLS[name][1] == "sequence_parallel_size"  # a rank count: integers only
+                        elems[name] = gr.Number(
+                            value=default, label=label, info=info, elem_id=f"s2l_{name}", precision=0 if whole else None
+                        )
         elems[f"{stage}_tab"] = tab
     return elems
 
@@ -150,6 +161,10 @@ def add_train_args(runner: Any, data: dict[Any, Any], args: dict[str, Any]) -> N
         if name == "policy_rope_theta":
             if value:
                 args[key] = float(value)
+            continue
+        if key == "sequence_parallel_size":  # written only when on, so saved configs of plain runs stay unchanged
+            if value and int(value) > 1:
+                args[key] = int(value)
             continue
         args[key] = value
     if stage == "longpo":

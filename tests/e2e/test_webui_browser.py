@@ -269,3 +269,22 @@ def test_longpo_from_the_board(board: dict, browser) -> None:
     steps = [entry for entry in result["logs"] if "loss" in entry]
     assert steps and {"nll_loss", "pref_loss"} <= set(steps[0])
     page.close()
+
+
+def test_sequence_parallel_control_reaches_the_command(board: dict, browser) -> None:
+    """The board's sequence-parallel control (preview only: one CPU process cannot run P = 2)."""
+    page = browser.new_page(viewport={"width": 1400, "height": 2200})
+    page.goto(board["url"])
+    page.locator('input[aria-label="Stage"]').wait_for(timeout=60000)
+    _fill_common(page, board, "LongPO", "longpo_demo", "longpo_sp_board")
+    page.locator("#s2l_longpo_tab").wait_for(state="visible", timeout=10000)
+    preview = page.locator(".prose").filter(has_text="llamafactory-cli train").first
+    page.get_by_role("button", name="Preview command").click()
+    preview.wait_for(timeout=30000)
+    assert "sequence_parallel_size" not in preview.inner_text()  # off (1) by default: not written
+    _number(page, "s2l_longpo_sequence_parallel", 2)
+    page.get_by_role("button", name="Preview command").click()
+    page.wait_for_function(
+        "[...document.querySelectorAll('.prose')].some(e => /sequence_parallel_size\\W+2\\b/.test(e.innerText))", timeout=30000
+    )
+    page.close()
