@@ -33,7 +33,7 @@ CONTROLS: dict[str, tuple[str, str, Any]] = {
 }
 _SEQUENCE_PARALLEL_HELP = (
     "Sequence parallel",
-    "Split each sequence over this many GPUs (Ulysses; DeepSpeed >= 0.17); the GPU count must be a multiple. 1 = off.",
+    "GPUs per sequence (Ulysses); 1 = off.",
 )
 HELP = {
     "solopo_pref_loss": ("Base loss", "SoLo-DPO (sigmoid), SoLo-SimPO (simpo) or SoLo-ORPO (orpo) on the short pair."),
@@ -83,7 +83,13 @@ def _build_controls() -> dict[str, Any]:
                     else:
                         whole = CONTROLS[name][1] == "sequence_parallel_size"  # a rank count: integers only
                         elems[name] = gr.Number(
-                            value=default, label=label, info=info, elem_id=f"s2l_{name}", precision=0 if whole else None
+                            value=default,
+                            label=label,
+                            info=info,
+                            elem_id=f"s2l_{name}",
+                            precision=0 if whole else None,
+                            scale=0 if whole else None,  # a wrapped last control keeps its width, not the row's
+                            min_width=160,
                         )
         elems[f"{stage}_tab"] = tab
     return elems
