@@ -142,6 +142,27 @@ def recall_question(item: Item, rng: random.Random, n_keys: int = 6) -> tuple[st
     return f"What are the keys of {listed}?", " ".join(fact(k, v) for k, v in picked)
 
 
+def sft_example(
+    rng: random.Random,
+    *,
+    hops: int,
+    max_facts: int,
+    min_facts: int = 1,
+    recall_share: float = 0.5,
+    recall_keys: int = 6,
+    key: str = "sft",
+) -> tuple[str, str, str]:
+    """One example of the SFT mix, as (short context, question, answer): paragraphs of ``min_facts`` to
+    ``max_facts`` facts (small ones make the lookup easy to find), and with probability ``recall_share`` a
+    recall question (:func:`recall_question`) instead of the multi-hop one."""
+    item = make_item(key, rng, hops=hops, facts_per_paragraph=rng.randint(min_facts, max_facts))
+    if rng.random() < recall_share:
+        question, answer = recall_question(item, rng, n_keys=recall_keys)
+    else:
+        question, answer = item.question, item.response
+    return item.short_context, question, answer
+
+
 def make_items(prefix: str, n: int, seed: int, **kwargs: Any) -> list[Item]:
     rng = random.Random(seed)
     return [make_item(f"{prefix}{i}", rng, **kwargs) for i in range(n)]

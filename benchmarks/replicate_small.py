@@ -193,16 +193,44 @@ def register(info_path: Path, name: str, entry: dict[str, Any]) -> None:
     info_path.write_text(json.dumps(info, indent=2) + "\n")
 
 
+def sft_example(s: Settings, rng: random.Random, key: str = "sft", recall_keys: int = 6) -> tuple[str, str, str]:
+    """One SFT example of these settings (also the SFT probe's, ``sft_probe.py``)."""
+    return kv.sft_example(
+        rng,
+        hops=s.hops,
+        max_facts=s.facts_per_paragraph,
+        min_facts=s.sft_min_facts,
+        recall_share=s.recall_share,
+        recall_keys=recall_keys,
+        key=key,
+    )
+
+
+def make_task_model(path: Path, s: Settings) -> None:
+    """The random-init model of these settings and its tokenizer trained on the task's text."""
+    from llamafactory_longpo.tiny import make_tiny_model
+
+    make_tiny_model(
+        str(path),
+        texts=kv.tokenizer_corpus(s.seed),
+        tokenizer_vocab=s.tokenizer_vocab,
+        hidden_size=s.hidden,
+        intermediate_size=4 * s.hidden,
+        num_layers=s.layers,
+        num_heads=s.heads,
+        num_kv_heads=s.kv_heads,
+        max_position_embeddings=8192,
+        seed=s.seed,
+    )
+
+
 def write_sft_data(data_dir: Path, s: Settings) -> str:
     rng = random.Random(s.seed + 1)
     n = s.sft_steps * s.sft_batch
     rows = []
     for i in range(n):
-        item = kv.make_item(f"sft{i}", rng, hops=s.hops, facts_per_paragraph=rng.randint(s.sft_min_facts, s.facts_per_paragraph))
-        q, a = kv.recall_question(item, rng) if rng.random() < s.recall_share else (item.question, item.response)
-        rows.append(
-            {"messages": [{"role": "user", "content": f"{item.short_context}\n\n{q}"}, {"role": "assistant", "content": a}]}
-        )
+        context, q, a = sft_example(s, rng, key=f"sft{i}")
+        rows.append({"messages": [{"role": "user", "content": f"{context}\n\n{q}"}, {"role": "assistant", "content": a}]})
     kv.write_jsonl(str(data_dir / "kv_sft.jsonl"), rows)
     register(
         data_dir / "dataset_info.json",
@@ -562,23 +590,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     # 1. the model (random init) and its tokenizer, then SFT from scratch on short contexts
     from transformers import AutoTokenizer
 
-    from llamafactory_longpo.tiny import make_tiny_model
-
     init = models / "init"
     if not reuse(state.get("init"), key_of(s, MODEL_KEYS)) or not (init / "model.safetensors").exists():
         shutil.rmtree(init, ignore_errors=True)
-        make_tiny_model(
-            str(init),
-            texts=kv.tokenizer_corpus(s.seed),
-            tokenizer_vocab=s.tokenizer_vocab,
-            hidden_size=s.hidden,
-            intermediate_size=4 * s.hidden,
-            num_layers=s.layers,
-            num_heads=s.heads,
-            num_kv_heads=s.kv_heads,
-            max_position_embeddings=8192,
-            seed=s.seed,
-        )
+        make_task_model(init, s)
         state["init"] = {"key": key_of(s, MODEL_KEYS)}
     tokenizer = AutoTokenizer.from_pretrained(init)
     probe = kv.make_items("probe", 50, s.seed + 9, **item_kwargs(s, 1))

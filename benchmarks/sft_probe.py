@@ -4,19 +4,21 @@
 model (same tokenizer, same Qwen2 shape, same SFT mix from ``kv_hops``) in a plain torch loop, so a
 setting can be tried in minutes, and every ``--every`` steps it prints what matters for the diagnosis:
 
-- greedy two-hop accuracy on 100 held-out short questions (same scoring: the ``Final answer:`` name);
+- greedy accuracy on 100 held-out short questions (the replication's scoring: sub-EM of ``Final answer:``);
 - the teacher-forced loss of the two-hop answer's names (50 held-out questions), by role. The answer is
   ``The key of A is B. The key of B is C. Final answer: C``: the two LOOKUPS are the first B and the first
   C (the value of a key among the context's facts); the COPIES are A, the second B and the last C (a name
   already in the question or the answer). Reference points: ln(160) = 5.08 (any name), ln(12) = 2.48 (any
   of the 12 names keyed in a full-size short context).
 
-  .venv/bin/python benchmarks/sft_probe.py --steps 1000 --lr 1e-3
+  .venv/bin/python benchmarks/sft_probe.py                          # the replication's own SFT settings
+  .venv/bin/python benchmarks/sft_probe.py --facts 6 --steps 1500   # one setting changed
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import random
 import sys
@@ -32,8 +34,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import kv_hops as kv  # noqa: E402
+from replicate_small import FULL, Settings, make_task_model, sft_example  # noqa: E402
 
-from llamafactory_longpo.tiny import make_tiny_model  # noqa: E402
+from llamafactory_longpo.build.scoring import extract_final_answer, sub_em  # noqa: E402
 
 
 def encode(tokenizer: Any, context: str, question: str, answer: str | None = None) -> Any:
@@ -47,16 +50,9 @@ def encode(tokenizer: Any, context: str, question: str, answer: str | None = Non
     return ids + target, [-100] * len(ids) + target
 
 
-def sft_batch(tokenizer: Any, rng: random.Random, a: argparse.Namespace) -> tuple[torch.Tensor, ...]:
-    """One batch of the replication's SFT mix (two-hop and recall questions, 1..facts facts per paragraph)."""
-    rows = []
-    for _ in range(a.batch):
-        item = kv.make_item("p", rng, hops=a.hops, facts_per_paragraph=rng.randint(a.min_facts, a.facts))
-        if rng.random() < a.recall_share:
-            question, answer = kv.recall_question(item, rng, n_keys=a.recall_keys)
-        else:
-            question, answer = item.question, item.response
-        rows.append(encode(tokenizer, item.short_context, question, answer))
+def sft_batch(tokenizer: Any, rng: random.Random, s: Settings, recall_keys: int) -> tuple[torch.Tensor, ...]:
+    """One batch of the replication's SFT mix (``replicate_small.sft_example``)."""
+    rows = [encode(tokenizer, *sft_example(s, rng, recall_keys=recall_keys)) for _ in range(s.sft_batch)]
     width = max(len(ids) for ids, _ in rows)
     pad = tokenizer.pad_token_id
     ids = torch.tensor([r + [pad] * (width - len(r)) for r, _ in rows])
@@ -93,8 +89,8 @@ def probe(model: Any, tokenizer: Any, items: list[kv.Item]) -> tuple[float, dict
         mask = (ids != pad).long()
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=pad)
         for it, row in zip(chunk, out[:, width:]):
-            text = tokenizer.decode(row, skip_special_tokens=True)
-            correct += "Final answer:" in text and text.split("Final answer:")[-1].strip().split(" ")[0] == it.answer
+            prediction = extract_final_answer(tokenizer.decode(row, skip_special_tokens=True))
+            correct += sub_em(prediction, [it.answer])  # the replication's own scoring
     by_role: dict[str, list[float]] = {}
     for it in items[:50]:
         ids, labels = encode(tokenizer, it.short_context, it.question, it.response)
@@ -109,59 +105,65 @@ def probe(model: Any, tokenizer: Any, items: list[kv.Item]) -> tuple[float, dict
 
 
 def main(argv: list[str] | None = None) -> int:
+    # defaults: the replication's own SFT settings (replicate_small.FULL)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--steps", type=int, default=1000, help="cosine schedule length (and the step budget)")
+    parser.add_argument("--layers", type=int, default=FULL.layers)
+    parser.add_argument("--hidden", type=int, default=FULL.hidden)
+    parser.add_argument("--heads", type=int, default=FULL.heads)
+    parser.add_argument("--kv-heads", type=int, default=FULL.kv_heads)
+    parser.add_argument("--lr", type=float, default=FULL.sft_lr)
+    parser.add_argument("--steps", type=int, default=FULL.sft_steps, help="cosine schedule length (and the step budget)")
     parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--hops", type=int, default=2, choices=sorted(kv.HOP_WORDS))
-    parser.add_argument("--facts", type=int, default=6, help="facts per paragraph (two paragraphs per short context)")
-    parser.add_argument("--min-facts", type=int, default=1, help="SFT paragraphs have min-facts..facts facts")
-    parser.add_argument("--recall-share", type=float, default=0.5)
+    parser.add_argument("--batch", type=int, default=FULL.sft_batch)
+    parser.add_argument("--hops", type=int, default=FULL.hops, choices=sorted(kv.HOP_WORDS))
+    parser.add_argument("--facts", type=int, default=FULL.facts_per_paragraph, help="facts per paragraph (two paragraphs)")
+    parser.add_argument("--min-facts", type=int, default=FULL.sft_min_facts, help="SFT paragraphs have min-facts..facts facts")
+    parser.add_argument("--recall-share", type=float, default=FULL.recall_share)
     parser.add_argument("--recall-keys", type=int, default=6)
     parser.add_argument("--every", type=int, default=250)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=FULL.seed)
     a = parser.parse_args(argv)
+    s = dataclasses.replace(
+        FULL,
+        layers=a.layers,
+        hidden=a.hidden,
+        heads=a.heads,
+        kv_heads=a.kv_heads,
+        sft_lr=a.lr,
+        sft_steps=a.steps,
+        sft_batch=a.batch,
+        hops=a.hops,
+        facts_per_paragraph=a.facts,
+        sft_min_facts=a.min_facts,
+        recall_share=a.recall_share,
+        seed=a.seed,
+    )
     torch.set_num_threads(1)
-    torch.manual_seed(a.seed)
+    torch.manual_seed(s.seed)
 
     from transformers import AutoTokenizer, Qwen2ForCausalLM
 
     with tempfile.TemporaryDirectory() as tmp:  # the replication's own model builder and tokenizer corpus
-        make_tiny_model(
-            tmp,
-            tokenizer_vocab=1024,
-            hidden_size=a.hidden,
-            intermediate_size=4 * a.hidden,
-            num_layers=a.layers,
-            num_heads=a.heads,
-            num_kv_heads=max(1, a.heads // 2),
-            max_position_embeddings=8192,
-            seed=a.seed,
-            texts=kv.tokenizer_corpus(a.seed),
-        )
+        make_task_model(Path(tmp), s)
         tokenizer = AutoTokenizer.from_pretrained(tmp)
         model = Qwen2ForCausalLM.from_pretrained(tmp)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
-    held_out = kv.make_items("probe", 100, 12345, hops=a.hops, facts_per_paragraph=a.facts)
-    rng = random.Random(a.seed + 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s.sft_lr, weight_decay=0.0)
+    held_out = kv.make_items("probe", 100, 12345, hops=s.hops, facts_per_paragraph=s.facts_per_paragraph)
+    rng = random.Random(s.seed + 1)
     start, recent = time.perf_counter(), []
     print(f"[probe] {vars(a)}", flush=True)
-    for step in range(1, a.steps + 1):
-        scale = min(1.0, step / a.warmup) * 0.5 * (1 + math.cos(math.pi * (step - 1) / a.steps))
+    for step in range(1, s.sft_steps + 1):
+        scale = min(1.0, step / a.warmup) * 0.5 * (1 + math.cos(math.pi * (step - 1) / s.sft_steps))
         for group in optimizer.param_groups:
-            group["lr"] = a.lr * scale
-        ids, labels, mask = sft_batch(tokenizer, rng, a)
+            group["lr"] = s.sft_lr * scale
+        ids, labels, mask = sft_batch(tokenizer, rng, s, a.recall_keys)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
         recent = (recent + [loss.item()])[-50:]
-        if step % a.every == 0 or step == a.steps:
+        if step % a.every == 0 or step == s.sft_steps:
             accuracy, roles = probe(model, tokenizer, held_out)
             print(
                 f"[probe] step {step} ({time.perf_counter() - start:.0f} s): train loss {sum(recent) / len(recent):.3f}, "

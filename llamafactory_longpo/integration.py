@@ -201,8 +201,6 @@ def peek_stage(args: Any) -> Any:
 
 def _run_plugin_stage(tuner: Any, config: dict[str, Any]) -> None:
     """The toolkit's ``_training_function`` for a plugin stage: same callbacks, the plugin's workflow."""
-    import torch.distributed as dist
-
     from .train.callbacks import ShortToLongLogCallback
     from .train.sequence_parallel import shutdown_distributed
     from .train.workflow import run_short_to_long
@@ -233,8 +231,7 @@ def _run_plugin_stage(tuner: Any, config: dict[str, Any]) -> None:
         if ray.is_initialized():
             return
     try:
-        if dist.is_initialized():
-            shutdown_distributed()
+        shutdown_distributed()  # a no-op for the process groups when not distributed
     except Exception as err:  # same tolerance as the toolkit
         print(f"[llamafactory-longpo] failed to destroy process group: {err}", file=sys.stderr)
 

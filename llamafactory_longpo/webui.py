@@ -27,10 +27,12 @@ CONTROLS: dict[str, tuple[str, str, Any]] = {
     "longpo_lambda": ("longpo", "longpo_lambda", 0.01),
     "longpo_nll_weight": ("longpo", "longpo_nll_weight", 1.0),
     "longpo_nll_scope": ("longpo", "longpo_nll_scope", "full"),
-    "policy_rope_theta": ("longpo", "policy_rope_theta", 0),
+    "policy_rope_theta": ("longpo", "policy_rope_theta", 0.0),
     "solopo_sequence_parallel": ("solopo", "sequence_parallel_size", 1),
     "longpo_sequence_parallel": ("longpo", "sequence_parallel_size", 1),
 }
+# controls whose default means "off": written to the run only when changed, so plain runs' configs stay unchanged
+OFF_AT_DEFAULT = {"policy_rope_theta", "solopo_sequence_parallel", "longpo_sequence_parallel"}
 _SEQUENCE_PARALLEL_HELP = (
     "Sequence parallel",
     "GPUs per sequence (Ulysses); 1 = off.",
@@ -81,7 +83,7 @@ def _build_controls() -> dict[str, Any]:
                             choices=choices[name], value=default, label=label, info=info, elem_id=f"s2l_{name}"
                         )
                     else:
-                        whole = CONTROLS[name][1] == "sequence_parallel_size"  # a rank count: integers only
+                        whole = isinstance(default, int)  # a count: integers only
                         elems[name] = gr.Number(
                             value=default,
                             label=label,
@@ -157,20 +159,16 @@ def add_train_args(runner: Any, data: dict[Any, Any], args: dict[str, Any]) -> N
         typed = set()
     stage = args["stage"]
     args["pref_ftx"] = args.get("pref_ftx", 0.0)
-    for name, (owner, key, _) in CONTROLS.items():
+    for name, (owner, key, default) in CONTROLS.items():
         if owner != stage or key in typed:
             continue
         try:
             value = get(f"train.{name}")
         except KeyError:  # the board was built without the plugin's controls
             continue
-        if name == "policy_rope_theta":
-            if value:
-                args[key] = float(value)
-            continue
-        if key == "sequence_parallel_size":  # written only when on, so saved configs of plain runs stay unchanged
-            if value and int(value) > 1:
-                args[key] = int(value)
+        if isinstance(default, (int, float)) and value is not None:
+            value = type(default)(value)  # the board's number boxes may hand back either type
+        if name in OFF_AT_DEFAULT and value == default:
             continue
         args[key] = value
     if stage == "longpo":
