@@ -106,9 +106,17 @@ def _type(page, label: str, value: str) -> None:
 
 
 def _choose(page, label: str, value: str) -> None:
-    """Pick a value in a gradio dropdown: type it, then click the matching option."""
-    box = _input(page, label)
-    box.click()
+    """Pick a value in the gradio dropdown labelled ``label``."""
+    _pick(page, _input(page, label), value)
+
+
+def _pick(page, box, value: str) -> None:
+    """Pick a value in a gradio dropdown: type it, then click the matching option.
+
+    The box is focused, not clicked: the Tab that leaves the previous field may already have focused this
+    dropdown and opened its option list, which can lie over the box and swallow a pointer click (seen in CI).
+    Focusing opens the list just the same, and ``fill`` filters it."""
+    box.focus()
     box.fill(value)
     page.get_by_role("option", name=value, exact=True).first.click()
 
@@ -143,7 +151,7 @@ def _fill_common(page, board: dict, stage: str, dataset: str, out: str) -> None:
     _slider_number(page, "Batch size", "2")
     _slider_number(page, "Gradient accumulation", "1")
     out_box = _input(page, "Output dir")
-    out_box.click()
+    out_box.focus()  # focused, not clicked: see _pick
     out_box.fill(out)
     out_box.press("Enter")
     _type(page, "Model path", str(board["model"]))  # once more: a late model-name event may have rewritten it
@@ -157,10 +165,7 @@ def _run(page, board: dict, stage: str, dataset: str, out: str, controls: dict, 
     panel.wait_for(state="visible", timeout=10000)
     for name, value in controls.items():
         if isinstance(value, str):
-            box = page.locator(f"#s2l_{name} input").first
-            box.click()
-            box.fill(value)
-            page.get_by_role("option", name=value, exact=True).first.click()
+            _pick(page, page.locator(f"#s2l_{name} input").first, value)
         else:
             _number(page, f"s2l_{name}", value)
     ARTIFACTS.mkdir(exist_ok=True)
@@ -234,8 +239,8 @@ def test_dataset_list_offers_only_short_to_long_data(board: dict, browser, tmp_p
     offered = {}
     for stage in ("SoLoPO", "LongPO", "DPO"):
         _choose(page, "Stage", stage)
-        _input(page, "Learning rate").click()  # leave the dataset box so that focusing it lists again
-        _input(page, "Dataset").click()
+        _input(page, "Learning rate").focus()  # leave the dataset box so that focusing it lists again
+        _input(page, "Dataset").focus()
         page.get_by_role("option").first.wait_for(timeout=10000)
         seen: set[str] = set()
         for _ in range(20):  # the list is refreshed by an event: read until it is stable
