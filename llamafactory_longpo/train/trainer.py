@@ -62,14 +62,13 @@ class ShortToLongTrainer(CustomDPOTrainer):
         return self.accelerator.unwrap_model(model).get_output_embeddings()
 
     @contextmanager
-    def _logits_head(self, model: torch.nn.Module) -> Iterator[Optional[Callable[[torch.Tensor], torch.Tensor]]]:
+    def _logits_head(self, head: torch.nn.Module) -> Iterator[Optional[Callable[[torch.Tensor], torch.Tensor]]]:
         """Under ZeRO-3 a FROZEN head (LoRA, freeze) is gathered once per pass and applied as a plain function.
 
         Through the module, ZeRO-3 gathers the weight on every call; the chunk recomputed in backward then
         found it partitioned (DeepSpeed does not re-gather frozen modules there). A trainable head keeps the
         module path, whose gradients ZeRO-3 must see.
         """
-        head = self._head(model)
         params = list(head.parameters())
         if not self.lockstep_head or any(p.requires_grad for p in params):
             yield None
@@ -91,10 +90,11 @@ class ShortToLongTrainer(CustomDPOTrainer):
         ids, mask, labels = batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"], batch[f"{prefix}labels"]
         if not self.finetuning_args.s2l_response_logits:
             return plain_sequence_logps(model, ids, mask, labels, **kw)
-        with self._logits_head(model) as logits_head:
+        head = self._head(model)
+        with self._logits_head(head) as logits_head:
             return sequence_logps(
                 model,
-                self._head(model),
+                head,
                 ids,
                 mask,
                 labels,
@@ -227,10 +227,11 @@ class ShortToLongTrainer(CustomDPOTrainer):
             rows = [
                 tuple(batch[k][sl] for k in ("input_ids", "attention_mask", "labels")) for sl in (slice(0, n), slice(n, None))
             ]
-            with self._logits_head(model) as logits_head:
+            head = self._head(model)
+            with self._logits_head(head) as logits_head:
                 policy = shared_prefix_logps(
                     model,
-                    self._head(model),
+                    head,
                     rows[0],
                     rows[1],
                     nll_scope=fa.longpo_nll_scope,
