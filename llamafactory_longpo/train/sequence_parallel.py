@@ -33,6 +33,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
+from transformers import TrainerCallback
 
 from ..errors import ConfigError
 
@@ -213,3 +214,20 @@ class GroupBatchSampler(Sampler[int]):
         for start in range(0, len(order), self.batch_size):
             for _ in range(self.copies):
                 yield from order[start : start + self.batch_size]
+
+
+class SamplerEpochCallback(TrainerCallback):
+    """Sets the group sampler's epoch at each epoch's start, resumed epochs included.
+
+    accelerate's ``set_epoch`` looks for a sampler at most two wrappers deep. After a mid-epoch resume
+    the loader is wrapped once more (``skip_first_batches``), the epoch never reaches the sampler, and the
+    resumed epoch would replay epoch 0's order. ``state.epoch`` is the restored fractional epoch there
+    (e.g. 1.33 -> epoch 1), and a whole number at a normal epoch start.
+    """
+
+    def __init__(self) -> None:
+        self.sampler: Optional[GroupBatchSampler] = None
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.sampler is not None:
+            self.sampler.set_epoch(math.floor(state.epoch + 1e-6))  # + 1e-6: an epoch's end may land at x.9999999

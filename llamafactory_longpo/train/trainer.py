@@ -20,10 +20,32 @@ from ..data.collator import REF_LOGP_COLUMNS
 from ..losses import longpo_loss, solopo_loss
 from .logps import plain_sequence_logps, sequence_logps, shared_prefix_logps
 from .rope import rope_theta_override
-from .sequence_parallel import GroupBatchSampler, SequenceParallel
+from .sequence_parallel import GroupBatchSampler, SamplerEpochCallback, SequenceParallel
 
 # reference log-probs per sample, as computed live or read from the precomputed dataset columns
 REF_KEYS = REF_LOGP_COLUMNS
+_INDEXED_CPU_LOADS = False
+
+
+def accept_indexed_cpu_locations() -> None:
+    """Let ``torch.load(..., map_location=torch.device("cpu", i))`` work: resuming on several CPU processes.
+
+    accelerate gives each CPU rank the device ``cpu:0`` and transformers resumes the optimizer with
+    ``torch.load(map_location=args.device)``; torch knows the location ``"cpu"`` but not ``"cpu:0"`` and
+    stops with "don't know how to restore data location". A deserializer for ``cpu:N`` (public
+    ``torch.serialization.register_package``) keeps such storages on the CPU. Other locations are untouched.
+    """
+    global _INDEXED_CPU_LOADS
+    if _INDEXED_CPU_LOADS:
+        return
+
+    def deserialize(obj: Any, location: str) -> Any:
+        if location.startswith("cpu:") and location[4:].isdigit():
+            return obj
+        return None  # not ours: torch tries the next deserializer
+
+    torch.serialization.register_package(100, lambda _obj: None, deserialize)
+    _INDEXED_CPU_LOADS = True
 
 
 class ShortToLongTrainer(CustomDPOTrainer):
@@ -38,6 +60,10 @@ class ShortToLongTrainer(CustomDPOTrainer):
         from transformers.integrations import is_deepspeed_zero3_enabled
 
         self.lockstep_head: bool = is_deepspeed_zero3_enabled()
+        self.sampler_epoch = SamplerEpochCallback()  # inert unless sequence parallelism deals the batches
+        self.add_callback(self.sampler_epoch)
+        if self.args.device.type == "cpu" and self.args.device.index is not None:  # several CPU ranks: resumable
+            accept_indexed_cpu_locations()
 
     # ------------------------------------------------------------------ data
     def _group_sampler(self, dataset: Any, batch_size: int, shuffle: bool) -> GroupBatchSampler:
@@ -50,7 +76,9 @@ class ShortToLongTrainer(CustomDPOTrainer):
         if self.sequence_parallel is None:
             return super()._get_train_sampler(*args, **kwargs)
         dataset = args[0] if args else kwargs.get("train_dataset") or self.train_dataset
-        return self._group_sampler(dataset, self._train_batch_size, not self.finetuning_args.disable_shuffling)
+        sampler = self._group_sampler(dataset, self._train_batch_size, not self.finetuning_args.disable_shuffling)
+        self.sampler_epoch.sampler = sampler
+        return sampler
 
     def _get_eval_sampler(self, eval_dataset: Any) -> Optional[torch.utils.data.Sampler]:
         if self.sequence_parallel is None:

@@ -80,6 +80,38 @@ def test_sequence_parallel_equals_one_process(tmp_path: Path, tiny_model: Path, 
             assert b["params"][name][1] == pytest.approx(total, rel=1e-4, abs=1e-6), name
 
 
+def test_sequence_parallel_resumes_where_it_stopped(tmp_path: Path, tiny_model: Path) -> None:
+    """SP 2, stopped at step 4 (mid second epoch) and resumed from its checkpoint: the resumed steps equal an
+    uninterrupted run's (same batches from the group sampler, restored optimizer; constant lr, because a
+    shorter first run would otherwise decay it on another schedule). Fails on torch's "cpu:0" load error
+    without ``accept_indexed_cpu_locations``."""
+    common = dict(
+        CASES["solopo-orpo"],
+        per_device_train_batch_size=2,
+        max_samples=6,
+        num_train_epochs=2.0,  # 3 batches per epoch
+        save_steps=4,
+        lr_scheduler_type="constant",
+        sequence_parallel_size=2,
+        ddp_backend="gloo",
+        s2l_ref_cache_dir=str(tmp_path / "cache"),
+    )
+
+    def train(out: Path, **overrides: object) -> list[dict]:
+        cfg = write_yaml(tmp_path / f"{out.name}.yaml", base_config(tiny_model, out, **{**common, **overrides}))
+        proc = run_cli(["train", str(cfg)], cwd=tmp_path, **torchrun_env(tmp_path / f"grads_{out.name}"))
+        assert proc.returncode == 0, proc.stdout[-4000:]
+        return [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+
+    whole = train(tmp_path / "whole")
+    part = tmp_path / "part"
+    train(part, max_steps=4)
+    resumed = train(part, overwrite_output_dir=False, resume_from_checkpoint=str(part / "checkpoint-4"))
+    assert [h["step"] for h in whole] == [h["step"] for h in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(whole, resumed):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+
+
 def test_checks_name_each_problem() -> None:
     from llamafactory_longpo.errors import ConfigError
     from llamafactory_longpo.train.sequence_parallel import check_sequence_parallel
