@@ -149,7 +149,8 @@ def chunk_plan(counts: list[int], chunk_size: int, device: torch.device, *, at_l
     ``at_least_one``: a sequence-parallel slice may hold no scored token, yet its keys and values feed the
     other slices, so it still needs a path from the loss back through its forward (and its all-to-alls).
     ``lockstep``: under ZeRO-3 every head call gathers the head's weight across all ranks, so every rank
-    must make the same number of calls: the maximum over ranks (one tiny all-reduce).
+    must make the same number of calls: the maximum over ranks (one tiny all-reduce). Callers pass it off
+    when the logits come from a head gathered once (``logits_head``): its calls are collective-free.
     """
     plan = [max(int(at_least_one), -(-c // chunk_size)) for c in counts]
     if lockstep and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -212,7 +213,7 @@ def sequence_logps(
                 chunk_size,
                 hidden.device,
                 at_least_one=sp is not None and torch.is_grad_enabled(),
-                lockstep=lockstep,
+                lockstep=lockstep and logits_head is None,
             ),
         )
     )
@@ -355,7 +356,7 @@ def shared_prefix_logps(
     packed = pack_shared_prefix(*chosen, *rejected)
     hidden = final_hidden_states(model, head, packed["input_ids"], packed["attention_mask"], position_ids=packed["position_ids"])
     counts = [packed["rows"].numel()] + ([packed["nll_rows"].numel()] if nll_scope != "response" else [])
-    plan = chunk_plan(counts, chunk_size, hidden.device, at_least_one=False, lockstep=lockstep)
+    plan = chunk_plan(counts, chunk_size, hidden.device, at_least_one=False, lockstep=lockstep and logits_head is None)
     logps, lengths = per_row_sums(
         logits_head or head,
         hidden,

@@ -18,7 +18,8 @@ STAGES = {
     # calls, which ZeRO-3 must not see (each call gathers the head's weight over all ranks; unequal counts hang).
     # LongPO full fine-tuning with the cache runs on ZeRO-3 in test_sequence_parallel.
     "solopo-dpo-cached-small-chunks": dict(stage="solopo", pref_loss="sigmoid", solopo_alpha=2.0, s2l_logits_chunk=16),
-    # LoRA with the reference LIVE (adapters disabled on the partitioned policy), no cache
+    # LoRA with the reference LIVE (adapters disabled on the partitioned policy), no cache; small head chunks
+    # again, but the frozen head is gathered once per pass, so the ranks' unequal call counts need no lockstep
     "longpo-lora-live": dict(
         stage="longpo",
         pref_loss="sigmoid",
@@ -27,6 +28,7 @@ STAGES = {
         finetuning_type="lora",
         lora_rank=4,
         s2l_precompute_ref=False,
+        s2l_logits_chunk=16,
     ),
     # full fine-tuning with a live reference copy (the toolkit prepares it as a ZeRO-3 inference engine)
     "solopo-dpo-full-live": dict(stage="solopo", pref_loss="sigmoid", solopo_alpha=2.0, s2l_precompute_ref=False),
