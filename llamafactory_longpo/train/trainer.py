@@ -24,9 +24,9 @@ from .sequence_parallel import GroupBatchSampler, SamplerEpochCallback, Sequence
 
 # reference log-probs per sample, as computed live or read from the precomputed dataset columns
 REF_KEYS = REF_LOGP_COLUMNS
-_INDEXED_CPU_LOADS = False
 
 
+@functools.cache  # registered once per process
 def accept_indexed_cpu_locations() -> None:
     """Let ``torch.load(..., map_location=torch.device("cpu", i))`` work: resuming on several CPU processes.
 
@@ -35,9 +35,6 @@ def accept_indexed_cpu_locations() -> None:
     stops with "don't know how to restore data location". A deserializer for ``cpu:N`` (public
     ``torch.serialization.register_package``) keeps such storages on the CPU. Other locations are untouched.
     """
-    global _INDEXED_CPU_LOADS
-    if _INDEXED_CPU_LOADS:
-        return
 
     def deserialize(obj: Any, location: str) -> Any:
         if location.startswith("cpu:") and location[4:].isdigit():
@@ -45,7 +42,6 @@ def accept_indexed_cpu_locations() -> None:
         return None  # not ours: torch tries the next deserializer
 
     torch.serialization.register_package(100, lambda _obj: None, deserialize)
-    _INDEXED_CPU_LOADS = True
 
 
 class ShortToLongTrainer(CustomDPOTrainer):
