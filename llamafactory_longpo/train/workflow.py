@@ -58,13 +58,6 @@ def build_trainer(
             + ("; LongPO's shared prefix is off (its 4D mask cannot be sharded)" if finetuning_args.stage == "longpo" else "")
         )
 
-    original_theta = None
-    if finetuning_args.policy_rope_theta is not None:
-        original_theta = set_rope_theta(model, finetuning_args.policy_rope_theta)
-        logger.info_rank0(
-            f"policy rope_theta: {original_theta:g} -> {finetuning_args.policy_rope_theta:g} (reference keeps {original_theta:g})"
-        )
-
     collator = ShortToLongDataCollator(
         template=template,
         model=model,
