@@ -26,7 +26,7 @@ from bench_efficiency import ROOT, VENV_BIN, make_data, make_model, train_config
 
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "longpo": ("longpo", {"pref_loss": "sigmoid"}),
-    # LongPO's chosen and rejected as two rows on one process too (under SP the shared prefix is always off)
+    # LongPO's chosen and rejected as two rows (the shared prefix off), for comparison with the packed pair
     "longpo-two-rows": ("longpo", {"pref_loss": "sigmoid", "s2l_shared_prefix": False}),
     "solopo-orpo": ("solopo", {"pref_loss": "orpo"}),
 }

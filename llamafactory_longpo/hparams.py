@@ -191,3 +191,32 @@ class ShortToLongDataArguments:
         validate_choices(self, {f.name for f in fields(ShortToLongDataArguments)})
         _positive("short_cutoff_len", _number(self, "short_cutoff_len"), allow_zero=False)
         self.short_cutoff_len = int(self.short_cutoff_len)
+
+
+# kernels the shared prefix runs on (train/shared_prefix.py); "auto" lets transformers choose sdpa or eager
+SHARED_PREFIX_FLASH_ATTN: tuple[str, ...] = ("auto", "disabled", "sdpa", "fa2")
+HALF_PRECISION_FLASH_ATTN: tuple[str, ...] = ("fa2", "fa3")
+
+
+def check_attention_kernels(
+    *, stage: str, flash_attn: str, half_precision: bool, sequence_parallel_size: int, shared_prefix: bool
+) -> None:
+    """Stop before loading, in one line naming the key, on an attention setting that cannot run.
+
+    flash-attention computes in bf16/fp16 only (an fp32 run fails at its first step on the GPU); Ulysses needs a
+    kernel that takes no 4D mask (eager needs one); LongPO's shared prefix runs on sdpa, flash-attention 2 and eager.
+    """
+    flash_attn = str(flash_attn)
+    if flash_attn in HALF_PRECISION_FLASH_ATTN and not half_precision:
+        raise ConfigError(
+            f"flash_attn: {flash_attn} runs in bf16 or fp16 only; set bf16: true (or fp16: true), or flash_attn: sdpa"
+        )
+    if sequence_parallel_size > 1 and flash_attn == "disabled":
+        raise ConfigError(
+            f"flash_attn: disabled (eager) cannot run sequence_parallel_size: {sequence_parallel_size}; use sdpa or fa2"
+        )
+    if stage == "longpo" and shared_prefix and flash_attn not in SHARED_PREFIX_FLASH_ATTN:
+        raise ConfigError(
+            f"flash_attn: {flash_attn} cannot run LongPO's shared prefix (use one of {', '.join(SHARED_PREFIX_FLASH_ATTN)}), "
+            "or set s2l_shared_prefix: false"
+        )

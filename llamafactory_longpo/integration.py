@@ -201,6 +201,7 @@ def peek_stage(args: Any) -> Any:
 
 def _run_plugin_stage(tuner: Any, config: dict[str, Any]) -> None:
     """The toolkit's ``_training_function`` for a plugin stage: same callbacks, the plugin's workflow."""
+    from .hparams import check_attention_kernels
     from .train.callbacks import ShortToLongLogCallback
     from .train.sequence_parallel import shutdown_distributed
     from .train.workflow import run_short_to_long
@@ -209,6 +210,13 @@ def _run_plugin_stage(tuner: Any, config: dict[str, Any]) -> None:
     model_args, data_args, training_args, finetuning_args, generating_args = tuner.get_train_args(config.get("args"))
     # two forwards per step + reentrant checkpointing silently desyncs DDP gradients (seams notes, section 5)
     model_args.use_reentrant_gc = False
+    check_attention_kernels(
+        stage=finetuning_args.stage,
+        flash_attn=model_args.flash_attn,
+        half_precision=bool(training_args.bf16 or training_args.fp16 or finetuning_args.pure_bf16),
+        sequence_parallel_size=finetuning_args.sequence_parallel_size,
+        shared_prefix=finetuning_args.s2l_shared_prefix and finetuning_args.s2l_response_logits,
+    )
 
     callbacks.append(ShortToLongLogCallback())  # the toolkit's LogCallback + the plugin's metrics
     if finetuning_args.pissa_convert:

@@ -18,13 +18,21 @@ def test_example_parses(path: Path) -> None:
     from llamafactory.hparams import parser
     from transformers import HfArgumentParser
 
+    from llamafactory_longpo.hparams import check_attention_kernels
+
     config = yaml.safe_load(path.read_text(encoding="utf-8"))
     assert config["stage"] in ("solopo", "longpo")
     if "deepspeed" in config:  # DeepSpeed needs torchrun; check the file exists instead of starting it
         assert (ROOT / config.pop("deepspeed")).exists()
-    if config.pop("bf16", False):  # a GPU setting; this machine has none
-        assert config["flash_attn"] in ("fa2", "sdpa", "auto")
+    half_precision = config.pop("bf16", False)  # a GPU setting: the parser would refuse it on this machine
     model_args, data_args, _, finetuning_args, _ = HfArgumentParser(parser._TRAIN_ARGS).parse_dict(config)
+    check_attention_kernels(  # what training checks before loading: the example runs as written on GPUs
+        stage=finetuning_args.stage,
+        flash_attn=model_args.flash_attn,
+        half_precision=half_precision,
+        sequence_parallel_size=finetuning_args.sequence_parallel_size,
+        shared_prefix=finetuning_args.s2l_shared_prefix,
+    )
     assert finetuning_args.stage == config["stage"]
     assert data_args.cutoff_len == config["cutoff_len"]
     if config["stage"] == "longpo":

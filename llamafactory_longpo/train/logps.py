@@ -62,7 +62,8 @@ def final_hidden_states(
 
 
 def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
-    logits = head(hidden).float()
+    logits = head(hidden)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half precision up to fp32; fp64 stays
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return torch.gather(F.log_softmax(logits, dim=-1), -1, targets.unsqueeze(-1)).squeeze(-1)
@@ -160,6 +161,59 @@ def chunk_plan(counts: list[int], chunk_size: int, device: torch.device, *, at_l
     return plan
 
 
+def scored_sums(
+    model: torch.nn.Module,
+    head: torch.nn.Module,
+    input_ids: torch.Tensor,
+    targets: dict[str, torch.Tensor],
+    *,
+    attention_mask: Optional[torch.Tensor] = None,
+    position_ids: Optional[torch.Tensor] = None,
+    chunk_size: int = DEFAULT_CHUNK,
+    softcap: Optional[float] = None,
+    sequence_parallel: Optional[SequenceParallel] = None,
+    lockstep: bool = False,
+    logits_head: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    **forward_kwargs: object,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """One forward of ``input_ids``; per-row log-prob sums and token counts for each ``[rows, L]`` target tensor.
+
+    ``targets[name][b, p]`` is the token that position ``p`` of row ``b`` predicts (``-100``: not scored); a
+    tensor may cover only the first rows. With ``sequence_parallel`` each rank of the group feeds its slice of
+    the (right-padded) rows, the model's attention exchanges the rest (Ulysses), and the sums and counts are
+    added up over the group: the same outputs as one process feeding whole rows. ``lockstep``: see
+    :func:`chunk_plan`. ``logits_head``: what computes logits from hidden states when it is not ``head`` itself (a
+    frozen head gathered once under ZeRO-3); ``head`` is still the module whose input is captured.
+    ``forward_kwargs`` go to the model's forward (and on to its attention functions).
+    """
+    sp = sequence_parallel
+    if sp is not None:
+        input_ids, attention_mask, position_ids, targets = sp.local_slice(input_ids, attention_mask, position_ids, targets)
+    hidden = final_hidden_states(model, head, input_ids, attention_mask, position_ids=position_ids, **forward_kwargs)
+    names = list(targets)
+    plan = chunk_plan(
+        [int((targets[k] != IGNORE_INDEX).sum()) for k in names],
+        chunk_size,
+        hidden.device,
+        at_least_one=sp is not None and torch.is_grad_enabled(),
+        lockstep=lockstep and logits_head is None,
+    )
+    out = {}
+    for name, calls in zip(names, plan):
+        rows = targets[name].size(0)
+        r, p, t = target_positions(targets[name])
+        total, count = per_row_sums(
+            logits_head or head, hidden[:rows], r, p, t, rows, chunk_size=chunk_size, softcap=softcap, min_chunks=calls
+        )
+        out[name] = (total, count) if sp is None else (group_sum(total, sp.group), group_sum(count, sp.group))
+    return out
+
+
+def token_mean_nll(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood over all tokens of the given rows."""
+    return -sums.sum() / counts.sum().clamp(min=1)
+
+
 def sequence_logps(
     model: torch.nn.Module,
     head: torch.nn.Module,
@@ -169,72 +223,26 @@ def sequence_logps(
     *,
     nll_rows: int = 0,
     nll_scope: str = "response",
-    chunk_size: int = DEFAULT_CHUNK,
-    softcap: Optional[float] = None,
     sequence_parallel: Optional[SequenceParallel] = None,
-    lockstep: bool = False,
-    logits_head: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    **kw: object,
 ) -> dict[str, torch.Tensor]:
     """One forward: per-row response log-prob sums and lengths, and optionally a token-mean NLL.
 
     ``nll_rows`` > 0 adds ``nll`` = token-mean NLL over the first ``nll_rows`` rows; ``nll_scope`` is
-    ``response`` (label tokens) or ``full`` (every non-pad token, the document included).
-
-    With ``sequence_parallel`` each rank of the group feeds one contiguous slice of every (right-padded)
-    row, the model's attention exchanges the rest (Ulysses), and the sums and counts are added up over
-    the group: the same outputs as one process feeding whole rows. ``lockstep``: see :func:`chunk_plan`.
-    ``logits_head``: what computes logits from hidden states when it is not ``head`` itself (a frozen head
-    gathered once under ZeRO-3); ``head`` is still the module whose input is captured.
+    ``response`` (label tokens) or ``full`` (every non-pad token, the document included). Other keywords:
+    :func:`scored_sums`. Rows are right-padded and attention is causal, so under sequence parallelism no mask
+    is fed (a slice's mask would describe the slice only).
     """
-    batch = input_ids.size(0)
     targets = {"response": next_token_targets(labels)}
     if nll_rows and nll_scope == "full":
         targets["full"] = full_sequence_targets(input_ids[:nll_rows], attention_mask[:nll_rows])
-    sp = sequence_parallel
-    if sp is None:
-        hidden = final_hidden_states(model, head, input_ids, attention_mask)
-    else:
-        pad = -input_ids.size(1) % sp.size
-        if pad:
-            input_ids = F.pad(input_ids, (0, pad), value=0)
-            targets = {k: F.pad(t, (0, pad), value=IGNORE_INDEX) for k, t in targets.items()}
-        width = input_ids.size(1) // sp.size
-        local = slice(sp.rank * width, (sp.rank + 1) * width)
-        positions = torch.arange(local.start, local.stop, device=input_ids.device).expand(batch, -1).contiguous()  # all-gathered
-        targets = {k: t[:, local] for k, t in targets.items()}
-        hidden = final_hidden_states(model, head, input_ids[:, local], None, position_ids=positions)
-
-    names = list(targets)
-    plan = dict(
-        zip(
-            names,
-            chunk_plan(
-                [int((targets[k] != IGNORE_INDEX).sum()) for k in names],
-                chunk_size,
-                hidden.device,
-                at_least_one=sp is not None and torch.is_grad_enabled(),
-                lockstep=lockstep and logits_head is None,
-            ),
-        )
-    )
-
-    def sums(name: str, rows_: int) -> tuple[torch.Tensor, torch.Tensor]:
-        r, p, t = target_positions(targets[name])
-        total, count = per_row_sums(
-            logits_head or head, hidden[:rows_], r, p, t, rows_, chunk_size=chunk_size, softcap=softcap, min_chunks=plan[name]
-        )
-        return (total, count) if sp is None else (group_sum(total, sp.group), group_sum(count, sp.group))
-
-    logps, lengths = sums("response", batch)
+    mask = attention_mask if sequence_parallel is None else None
+    sums = scored_sums(model, head, input_ids, targets, attention_mask=mask, sequence_parallel=sequence_parallel, **kw)
+    logps, lengths = sums["response"]
     out = {"logps": logps, "lengths": lengths}
     if nll_rows:
-        if nll_scope == "response":
-            nll_sum, nll_count = -logps[:nll_rows].sum(), lengths[:nll_rows].sum()
-        else:
-            row_sums, counts = sums("full", nll_rows)
-            nll_sum, nll_count = -row_sums.sum(), counts.sum()
-        out["nll_sum"], out["nll_count"] = nll_sum, nll_count
-        out["nll"] = nll_sum / nll_count.clamp(min=1)
+        full = nll_scope == "full"
+        out["nll"] = token_mean_nll(*sums["full"]) if full else token_mean_nll(logps[:nll_rows], lengths[:nll_rows])
     return out
 
 
@@ -262,128 +270,4 @@ def plain_sequence_logps(
         else:
             ok, tok = valid[:nll_rows], per_token[:nll_rows]
         out["nll"] = -(tok * ok).sum() / ok.sum().clamp(min=1)
-    return out
-
-
-def pack_shared_prefix(
-    chosen_ids: torch.Tensor,
-    chosen_mask: torch.Tensor,
-    chosen_labels: torch.Tensor,
-    rejected_ids: torch.Tensor,
-    rejected_mask: torch.Tensor,
-    rejected_labels: torch.Tensor,
-) -> dict[str, torch.Tensor]:
-    """Pack each chosen/rejected pair into ONE row ``[prefix | chosen suffix | rejected suffix]``.
-
-    The prefix is the longest common token prefix of the two (the document, the first instruction and
-    the assistant header). Rejected-suffix tokens keep their original positions and see the prefix and
-    their own suffix only (a 4D mask), so every hidden state equals the one of two separate forwards,
-    while the prefix is computed once: ``P + C + R`` tokens instead of ``2P + C + R``.
-
-    Returns ``input_ids``/``position_ids`` ``[n, T]``, ``attention_mask`` ``[n, 1, T, T]`` (bool), and the
-    gather plan: ``rows``/``pos``/``targets``/``out_rows`` for the response log-probs of the ``2n`` rows
-    (chosen ``0..n-1``, rejected ``n..2n-1``), and ``nll_*`` for every non-pad chosen token.
-    """
-    n = chosen_ids.size(0)
-    device = chosen_ids.device
-    seqs, positions, branches = [], [], []
-    plan: dict[str, list[torch.Tensor]] = {
-        k: [] for k in ("rows", "pos", "targets", "out_rows", "nll_rows", "nll_pos", "nll_targets")
-    }
-    for i in range(n):
-        lc, lr = int(chosen_mask[i].sum()), int(rejected_mask[i].sum())  # right padding: valid tokens first
-        ci, ri = chosen_ids[i, :lc], rejected_ids[i, :lr]
-        m = min(lc, lr)
-        differ = (ci[:m] != ri[:m]).nonzero()
-        shared = int(differ[0]) if differ.numel() else m
-        seqs.append(torch.cat([ci, ri[shared:]]))
-        positions.append(torch.cat([torch.arange(lc, device=device), torch.arange(shared, lr, device=device)]))
-        branches.append(
-            torch.cat(
-                [
-                    torch.zeros(shared, dtype=torch.long, device=device),
-                    torch.ones(lc - shared, dtype=torch.long, device=device),
-                    torch.full((lr - shared,), 2, dtype=torch.long, device=device),
-                ]
-            )
-        )
-        # packed index of original token k: chosen k -> k; rejected k -> k if k < shared else lc + k - shared
-        rej_index = torch.arange(lr, device=device)
-        rej_index = torch.where(rej_index < shared, rej_index, lc + rej_index - shared)
-        for side, labels, index, length in (
-            (0, chosen_labels[i], torch.arange(lc, device=device), lc),
-            (1, rejected_labels[i], rej_index, lr),
-        ):
-            k = (labels[1:length] != IGNORE_INDEX).nonzero(as_tuple=True)[0] + 1
-            plan["rows"].append(torch.full_like(k, i))
-            plan["pos"].append(index[k - 1])
-            plan["targets"].append(labels[k])
-            plan["out_rows"].append(torch.full_like(k, side * n + i))
-        k = torch.arange(1, lc, device=device)
-        plan["nll_rows"].append(torch.full_like(k, i))
-        plan["nll_pos"].append(k - 1)
-        plan["nll_targets"].append(ci[k])
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(n, width, dtype=chosen_ids.dtype, device=device)
-    pos = torch.zeros(n, width, dtype=torch.long, device=device)
-    branch = torch.full((n, width), 3, dtype=torch.long, device=device)  # 3 = padding: sees only itself
-    for i, (s, p, b) in enumerate(zip(seqs, positions, branches)):
-        ids[i, : len(s)], pos[i, : len(s)], branch[i, : len(s)] = s, p, b
-    causal = pos.unsqueeze(2) >= pos.unsqueeze(1)  # [n, q, k]
-    same = (branch.unsqueeze(2) == branch.unsqueeze(1)) | (branch.unsqueeze(1) == 0)
-    mask = causal & same
-    mask |= torch.eye(width, dtype=torch.bool, device=device).unsqueeze(0)  # padding rows attend to themselves
-    out = {"input_ids": ids, "position_ids": pos, "attention_mask": mask.unsqueeze(1)}
-    out.update({k: torch.cat(v) for k, v in plan.items()})
-    return out
-
-
-def shared_prefix_logps(
-    model: torch.nn.Module,
-    head: torch.nn.Module,
-    chosen: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    rejected: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    *,
-    nll_scope: str = "full",
-    chunk_size: int = DEFAULT_CHUNK,
-    softcap: Optional[float] = None,
-    lockstep: bool = False,
-    logits_head: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-) -> dict[str, torch.Tensor]:
-    """LongPO's policy pass with the shared prefix computed once; same outputs as :func:`sequence_logps`
-    on the ``2n`` stacked rows with ``nll_rows = n``. ``lockstep``, ``logits_head``: as in :func:`sequence_logps`."""
-    n = chosen[0].size(0)
-    packed = pack_shared_prefix(*chosen, *rejected)
-    hidden = final_hidden_states(model, head, packed["input_ids"], packed["attention_mask"], position_ids=packed["position_ids"])
-    counts = [packed["rows"].numel()] + ([packed["nll_rows"].numel()] if nll_scope != "response" else [])
-    plan = chunk_plan(counts, chunk_size, hidden.device, at_least_one=False, lockstep=lockstep and logits_head is None)
-    logps, lengths = per_row_sums(
-        logits_head or head,
-        hidden,
-        packed["rows"],
-        packed["pos"],
-        packed["targets"],
-        2 * n,
-        out_rows=packed["out_rows"],
-        chunk_size=chunk_size,
-        softcap=softcap,
-        min_chunks=plan[0],
-    )
-    out = {"logps": logps, "lengths": lengths}
-    if nll_scope == "response":
-        nll_sum, nll_count = -logps[:n].sum(), lengths[:n].sum()
-    else:
-        sums, counts = per_row_sums(
-            logits_head or head,
-            hidden,
-            packed["nll_rows"],
-            packed["nll_pos"],
-            packed["nll_targets"],
-            n,
-            chunk_size=chunk_size,
-            softcap=softcap,
-            min_chunks=plan[1],
-        )
-        nll_sum, nll_count = -sums.sum(), counts.sum()
-    out["nll"] = nll_sum / nll_count.clamp(min=1)
     return out

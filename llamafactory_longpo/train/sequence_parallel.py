@@ -12,8 +12,9 @@ feeds only its slice of the tokens (global ``position_ids``) through the model. 
 DeepSpeed's all-to-all turns "my tokens, all heads" into "all tokens, my heads" and back, so each
 rank's hidden states equal the matching slice of a single-process forward. Log-prob sums and token
 counts are then summed over the group (:func:`group_sum`, gradients intact) in
-:func:`..logps.sequence_logps`. Short rows and reference passes take the same path: the attention
-function is replaced process-wide, so every forward of the model is sharded.
+:func:`..logps.scored_sums`. Short rows, reference passes and LongPO's packed pairs take the same path:
+the attention function is replaced process-wide, so every forward of the model is sharded (the shared
+prefix's attention, installed first, runs inside Ulysses on the gathered sequence).
 
 Gradient scale: every rank of a group computes the same loss, and the backward of :func:`group_sum`
 sums the group's (identical) upstream gradients, so a group contributes ``P`` times its gradient;
@@ -32,6 +33,7 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.utils.data import Sampler
 from transformers import TrainerCallback
 
@@ -50,6 +52,34 @@ class SequenceParallel:
     rank: int  # within the group: which slice of the tokens this rank feeds
     dp_size: int  # number of groups: distinct batches per step
     dp_rank: int
+
+    def local_slice(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        position_ids: Optional[torch.Tensor],
+        targets: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+        """This rank's contiguous slice of every row: ids, mask, global positions and next-token targets.
+
+        Rows are padded at the end to a multiple of the group size. Targets are shifted before the split (position
+        ``p`` holds the token it predicts), so no token is lost at a slice boundary. Positions default to
+        ``0 .. L-1``; they are made contiguous because DeepSpeed all-gathers them.
+        """
+        batch, length = input_ids.shape
+        pad = -length % self.size
+        if position_ids is None:
+            position_ids = torch.arange(length + pad, device=input_ids.device).expand(batch, -1)
+        elif pad:
+            position_ids = F.pad(position_ids, (0, pad), value=0)
+        if pad:
+            input_ids = F.pad(input_ids, (0, pad), value=0)
+            attention_mask = None if attention_mask is None else F.pad(attention_mask, (0, pad), value=1)
+            targets = {k: F.pad(t, (0, pad), value=-100) for k, t in targets.items()}
+        width = (length + pad) // self.size
+        local = slice(self.rank * width, (self.rank + 1) * width)
+        mask = None if attention_mask is None else attention_mask[:, local]
+        return input_ids[:, local], mask, position_ids[:, local].contiguous(), {k: t[:, local] for k, t in targets.items()}
 
 
 def check_sequence_parallel(size: int, config: Any, attn_implementation: Optional[str], world_size: int) -> None:

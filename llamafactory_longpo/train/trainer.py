@@ -18,9 +18,10 @@ from llamafactory.train.dpo.trainer import CustomDPOTrainer
 
 from ..data.collator import REF_LOGP_COLUMNS
 from ..losses import longpo_loss, solopo_loss
-from .logps import plain_sequence_logps, sequence_logps, shared_prefix_logps
+from .logps import plain_sequence_logps, sequence_logps
 from .rope import rope_theta_override
 from .sequence_parallel import GroupBatchSampler, SamplerEpochCallback, SequenceParallel
+from .shared_prefix import shared_prefix_logps
 
 # reference log-probs per sample, as computed live or read from the precomputed dataset columns
 REF_KEYS = REF_LOGP_COLUMNS
@@ -47,11 +48,22 @@ def accept_indexed_cpu_locations() -> None:
 class ShortToLongTrainer(CustomDPOTrainer):
     """One trainer for both stages; ``finetuning_args.stage`` picks the loss."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        sequence_parallel: Optional[SequenceParallel] = None,
+        shared_prefix: bool = False,
+        original_rope_theta: Optional[float] = None,
+        **kwargs: Any,
+    ) -> None:
+        """``sequence_parallel``: this rank's group (``sequence_parallel_size`` > 1). ``shared_prefix``: LongPO's
+        policy pass packs each pair (:mod:`.shared_prefix`; its attention is installed on the model).
+        ``original_rope_theta``: the RoPE base a LoRA reference must run at when the policy's was raised."""
         super().__init__(*args, **kwargs)
         self.stage: str = self.finetuning_args.stage
-        self.original_rope_theta: Optional[float] = None  # set by the workflow when the policy's theta was raised
-        self.sequence_parallel: Optional[SequenceParallel] = None  # set by the workflow for sequence_parallel_size > 1
+        self.sequence_parallel = sequence_parallel
+        self.shared_prefix = shared_prefix
+        self.original_rope_theta = original_rope_theta
         # under ZeRO-3 each LM-head call gathers its weight over all ranks: they must make the same number of calls
         from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -246,21 +258,20 @@ class ShortToLongTrainer(CustomDPOTrainer):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         fa = self.finetuning_args
         n = batch["input_ids"].size(0) // 2
-        # the packed pair needs a 4D mask, which Ulysses cannot shard: under sequence parallelism the rows go separately
-        if fa.s2l_shared_prefix and fa.s2l_response_logits and self.sequence_parallel is None:
-            rows = [
-                tuple(batch[k][sl] for k in ("input_ids", "attention_mask", "labels")) for sl in (slice(0, n), slice(n, None))
-            ]
+        if self.shared_prefix:
             head = self._head(model)
             with self._logits_head(head) as logits_head:
                 policy = shared_prefix_logps(
                     model,
                     head,
-                    rows[0],
-                    rows[1],
+                    *[
+                        tuple(batch[k][rows] for k in ("input_ids", "attention_mask", "labels"))
+                        for rows in (slice(0, n), slice(n, None))
+                    ],
                     nll_scope=fa.longpo_nll_scope,
                     chunk_size=fa.s2l_logits_chunk,
                     softcap=self._softcap(model),
+                    sequence_parallel=self.sequence_parallel,
                     lockstep=self.lockstep_head,
                     logits_head=logits_head,
                 )

@@ -13,7 +13,8 @@ from llamafactory.train.trainer_utils import create_modelcard_and_push, create_r
 
 from ..data.collator import ShortToLongDataCollator
 from .plots import plot_rewards
-from .rope import set_rope_theta
+from .rope import current_rope_theta, set_rope_theta
+from .shared_prefix import install_shared_prefix_attention
 from .trainer import ShortToLongTrainer
 
 if TYPE_CHECKING:
@@ -47,6 +48,12 @@ def build_trainer(
     template = get_template_and_fix_tokenizer(tokenizer, data_args)
     dataset_module = get_dataset(template, model_args, data_args, training_args, stage="rm", **tokenizer_module)
     model = load_model(tokenizer, model_args, finetuning_args, training_args.do_train)
+    # the shared prefix's attention goes in first: sequence parallelism then wraps it (its all-to-all outside)
+    fa = finetuning_args
+    shared_prefix = fa.stage == "longpo" and fa.s2l_shared_prefix and fa.s2l_response_logits
+    if shared_prefix:
+        kernel = install_shared_prefix_attention(model)
+        logger.info_rank0(f"LongPO shared prefix: the document runs once per pair ({kernel} attention in two causal pieces)")
     sequence_parallel = None
     if finetuning_args.sequence_parallel_size > 1:  # checked and wired before any forward (the reference pass included)
         from .sequence_parallel import enable_sequence_parallel
@@ -55,7 +62,6 @@ def build_trainer(
         logger.info_rank0(
             f"sequence parallel: {sequence_parallel.size} ranks per row (DeepSpeed Ulysses), "
             f"{sequence_parallel.dp_size} data-parallel group(s)"
-            + ("; LongPO's shared prefix is off (its 4D mask cannot be sharded)" if finetuning_args.stage == "longpo" else "")
         )
 
     collator = ShortToLongDataCollator(
@@ -71,6 +77,7 @@ def build_trainer(
         # a live reference, or an explicit one to score once; None for LoRA (adapters get disabled)
         ref_model = create_ref_model(model_args, finetuning_args)
 
+    raise_theta = finetuning_args.policy_rope_theta
     trainer = ShortToLongTrainer(
         model=model,
         ref_model=ref_model,
@@ -78,10 +85,12 @@ def build_trainer(
         finetuning_args=finetuning_args,
         data_collator=collator,
         callbacks=callbacks,
+        sequence_parallel=sequence_parallel,
+        shared_prefix=shared_prefix,
+        original_rope_theta=current_rope_theta(model.config) if raise_theta is not None else None,
         **dataset_module,
         **tokenizer_module,
     )
-    trainer.sequence_parallel = sequence_parallel
     if precompute:
         from .reference import precompute_reference
 
@@ -101,11 +110,10 @@ def build_trainer(
         )
         trainer.ref_model = None  # training reads the cached columns; no reference model is kept
 
-    # the policy's RoPE base changes only now: the reference (cached above, or live) keeps the original
-    if finetuning_args.policy_rope_theta is not None:
-        trainer.original_rope_theta = set_rope_theta(model, finetuning_args.policy_rope_theta)
-        new_theta = finetuning_args.policy_rope_theta
-        logger.info_rank0(f"policy rope_theta: {trainer.original_rope_theta:g} -> {new_theta:g} (the reference keeps its own)")
+    # the policy's RoPE base changes only now, after the reference pass; a live reference runs at the original
+    if raise_theta is not None:
+        set_rope_theta(model, raise_theta)
+        logger.info_rank0(f"policy rope_theta: {trainer.original_rope_theta:g} -> {raise_theta:g} (the reference keeps its own)")
     return trainer
 
 
