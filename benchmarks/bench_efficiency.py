@@ -6,13 +6,18 @@ file, read by ``dpo`` through its long view), measured in one invocation of this
   (a) the toolkit's ``dpo`` on the long view, sigmoid and orpo (what a user would run instead);
   (b) ``solopo`` with sigmoid and orpo;  (c) ``longpo``;
   (d) (b) and (c) with the plugin's optimizations switched off (full-vocabulary logits, live
-      reference model, no shared prefix).
+      reference model, no shared prefix);  (e) ``longpo`` with only the shared prefix off (two rows).
+
+With ``--repeats R`` every configuration runs R times, interleaved (round r runs all of them, in an order
+rotated by r), so slow phases of a shared machine hit every configuration alike; the table gives the median
+step time with its spread (min-max) and the median peak memory, and ratios of medians.
 
 Step time is the wall time of the optimizer steps after ``--warmup`` steps (a diagnostic callback
 records it); peak memory is the process's peak RSS (``ru_maxrss``), model and data included.
 
     .venv/bin/python benchmarks/bench_efficiency.py                      # CPU: 2K, 4K, 8K
     .venv/bin/python benchmarks/bench_efficiency.py --lengths 2048 --only solopo-orpo dpo-orpo
+    .venv/bin/python benchmarks/bench_efficiency.py --lengths 8192 16384 32768 --only longpo longpo-two-rows --repeats 3
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "solopo-sigmoid-plain": ("solopo", {"pref_loss": "sigmoid", **PLAIN}),
     "solopo-orpo-plain": ("solopo", {"pref_loss": "orpo", **PLAIN}),
     "longpo-plain": ("longpo", {"pref_loss": "sigmoid", **PLAIN}),
+    "longpo-two-rows": ("longpo", {"pref_loss": "sigmoid", "s2l_shared_prefix": False}),
 }
 # (optimized, baseline, what the issue asks of the ratio)
 RATIOS = [
@@ -52,6 +58,7 @@ RATIOS = [
     ("solopo-orpo", "solopo-orpo-plain", "SoLo-ORPO optimized vs plain"),
     ("solopo-sigmoid", "solopo-sigmoid-plain", "SoLo-DPO optimized vs plain"),
     ("longpo", "longpo-plain", "LongPO optimized vs plain"),
+    ("longpo", "longpo-two-rows", "LongPO shared prefix vs two rows"),
 ]
 
 
@@ -190,10 +197,38 @@ def run_one(out: Path, model: Path, dataset: str, length: int, name: str, args: 
     }
 
 
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
+    """Per (config, length): median s/step, its min and max over repeats, median peak GB (failed runs: the error)."""
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in results:
+        runs.setdefault((r["name"], r["length"]), []).append(r)
+    out = {}
+    for key, rs in runs.items():
+        ok = [r for r in rs if "error" not in r]
+        if not ok:
+            out[key] = {"error": rs[0]["error"]}
+            continue
+        times = [r["s_per_step"] for r in ok]
+        out[key] = {
+            "s_per_step": median(times),
+            "min": min(times),
+            "max": max(times),
+            "peak_rss_gb": median([r["peak_rss_gb"] for r in ok]),
+            "runs": len(ok),
+        }
+    return out
+
+
 def report(results: list[dict[str, Any]], lengths: list[int]) -> str:
-    by = {(r["name"], r["length"]): r for r in results}
+    by = summarize(results)
     lines = [
-        "| config | " + " | ".join(f"{n // 1024}K s/step | {n // 1024}K peak GB" for n in lengths) + " |",
+        "| config | " + " | ".join(f"{n // 1024}K s/step (min-max) | {n // 1024}K peak GB" for n in lengths) + " |",
         "| --- |" + " --- | --- |" * len(lengths),
     ]
     for name in CONFIGS:
@@ -205,12 +240,13 @@ def report(results: list[dict[str, Any]], lengths: list[int]) -> str:
             elif "error" in r:
                 cells += ["failed", "failed"]
             else:
-                cells += [f"{r['s_per_step']:.2f}", f"{r['peak_rss_gb']:.2f}"]
+                spread = f" ({r['min']:.2f}-{r['max']:.2f})" if r["runs"] > 1 else ""
+                cells += [f"{r['s_per_step']:.2f}{spread}", f"{r['peak_rss_gb']:.2f}"]
         if any(cells):
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "| ratio | " + " | ".join(f"{n // 1024}K speed | {n // 1024}K memory" for n in lengths) + " |",
+        "| ratio (of medians) | " + " | ".join(f"{n // 1024}K speed | {n // 1024}K memory" for n in lengths) + " |",
         "| --- |" + " --- | --- |" * len(lengths),
     ]
     for fast, slow, label in RATIOS:
@@ -232,6 +268,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--steps", type=int, default=1, help="measured steps per run")
     parser.add_argument("--warmup", type=int, default=0, help="steps run before measuring (on CPU the first step is not slower)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each configuration, interleaved")
     parser.add_argument("--response", type=int, default=256, help="response length in tokens")
     parser.add_argument("--vocab", type=int, default=32768)
     parser.add_argument("--hidden", type=int, default=256)
@@ -241,14 +278,15 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     model = make_model(args.out, args)
+    datasets = {n: make_data(args.out, model, n, args.warmup + args.steps, args.response) for n in args.lengths}
+    runs = [(n, name) for n in args.lengths for name in args.only]
     results = []
-    for length in args.lengths:
-        dataset = make_data(args.out, model, length, args.warmup + args.steps, args.response)
-        for name in args.only:
-            r = run_one(args.out, model, dataset, length, name, args)
+    for rep in range(args.repeats):
+        for length, name in runs[rep % len(runs) :] + runs[: rep % len(runs)]:  # rotated: no config always first
+            r = run_one(args.out, model, datasets[length], length, name, args)
             results.append(r)
             shown = r.get("error") or f"{r['s_per_step']:.2f} s/step, peak {r['peak_rss_gb']:.2f} GB"
-            print(f"[bench] {name:>22} @ {length:>6}: {shown}", flush=True)
+            print(f"[bench] round {rep + 1}/{args.repeats} {name:>22} @ {length:>6}: {shown}", flush=True)
     table = report(results, args.lengths)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print("\n" + table)

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Set-up (if needed) and the whole test suite on CPU.
+# Set-up (if needed) and the whole test suite on CPU, then the end-to-end subset against LLaMA-Factory's
+# main branch (scripts/compat.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SETUP_BROWSER=1 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
-exec .venv/bin/python -m pytest -q tests "$@"
+.venv/bin/python -m pytest -q tests "$@"
+bash scripts/compat.sh
