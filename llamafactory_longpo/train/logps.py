@@ -61,9 +61,13 @@ def final_hidden_states(
     return captured[0]
 
 
+def at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    """Log-softmax input precision: half precision goes up to float32; float64 (exactness tests) stays."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
-    logits = head(hidden)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half precision up to fp32; fp64 stays
+    logits = at_least_float32(head(hidden))
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return torch.gather(F.log_softmax(logits, dim=-1), -1, targets.unsqueeze(-1)).squeeze(-1)
@@ -257,7 +261,7 @@ def plain_sequence_logps(
 ) -> dict[str, torch.Tensor]:
     """The straightforward path (``s2l_response_logits: false``): full ``[B, L, V]`` fp32 logits, as the
     toolkit's DPO trainer computes them. Kept for benchmarks and as the reference of exactness tests."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True).logits.float()
+    logits = at_least_float32(model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True).logits)
     logp = logits[:, :-1].log_softmax(-1)
     tgt = labels[:, 1:]
     valid = tgt != IGNORE_INDEX

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train.test_trainer_loss import build
+from tests.tolerances import assert_within_eps32
+from tests.train.test_trainer_loss import build, in_float64
 
 PLAIN = dict(s2l_response_logits=False, s2l_shared_prefix=False, s2l_precompute_ref=False)
 
@@ -39,15 +40,21 @@ CASES = {
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_optimized_equals_straightforward(tmp_path: Path, tiny_model: Path, name: str) -> None:
+    """In float64; the cached reference (float32, made before training) is checked against the live float64
+    reference of the plain path, then replaced by it, so both sides see the same reference values."""
     fast, fast_batch = build(tmp_path / "fast", tiny_model, s2l_logits_chunk=64, **CASES[name])
     slow, slow_batch = build(tmp_path / "slow", tiny_model, **PLAIN, **CASES[name])
     assert torch.equal(fast_batch["input_ids"], slow_batch["input_ids"])
+    in_float64(slow, slow_batch, {})
+    live = {k: v.tolist() for k, v in slow.compute_reference_values(slow.model, slow_batch).items()}
+    assert set(live) == {k for k in fast_batch if k.endswith("_logps")}  # none for ORPO
+    in_float64(fast, fast_batch, live)
     loss_fast, grads_fast = loss_and_grads(fast, fast_batch)
     loss_slow, grads_slow = loss_and_grads(slow, slow_batch)
-    assert loss_fast == pytest.approx(loss_slow, abs=1e-5)
+    assert_within_eps32(torch.tensor(loss_fast), torch.tensor(loss_slow), "loss")
     assert grads_fast.keys() == grads_slow.keys() and grads_fast
     for key in grads_fast:
-        torch.testing.assert_close(grads_fast[key], grads_slow[key], atol=1e-5, rtol=1e-4, msg=key)
+        assert_within_eps32(grads_fast[key], grads_slow[key], key)
 
 
 def test_reference_cache_hit_stale_and_corrupt(tmp_path: Path, tiny_model: Path) -> None:

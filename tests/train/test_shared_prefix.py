@@ -1,10 +1,8 @@
 """LongPO's shared prefix: exact on every attention kernel, and no ``T x T`` tensor anywhere.
 
-Exactness runs in float64: the packed pass must give the two-row pass's loss and every gradient. The model
-still computes a few things in float32 whatever its dtype (RoPE angles; eager's softmax), so the bound is
-derived from float32's epsilon: |difference| <= 16 eps32 x the tensor's largest magnitude (observed: up to
-2 eps32 with eager's float32 softmax, 0.1 eps32 with SDPA; a piece that sees one wrong key moves values by
-percent). It does not depend on reduction order. flash-attn cannot be installed on a CPU
+Exactness runs in float64: the packed pass must give the two-row pass's loss and every gradient, within
+the float32-derived bound of tests/tolerances.py (observed: up to 2 eps32 with eager's float32 softmax,
+0.1 eps32 with SDPA). flash-attn cannot be installed on a CPU
 machine, so its kernel is replaced by a torch stand-in (the ONLY mock here), which also checks the call
 contract the real ``flash_attn_varlen_func`` relies on: packed ``[tokens, heads, dim]`` inputs, int32
 ``cu_seqlens`` from 0 to the token count, the longest sequence as ``max_seqlen``, and ``causal=True``, which
@@ -20,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.tolerances import assert_within_eps32
 from tests.train.test_trainer_loss import build
 
 LONGPO = dict(stage="longpo", pref_loss="sigmoid", dataset="longpo_demo", cutoff_len=2048, per_device_train_batch_size=3)
@@ -80,11 +79,6 @@ def policy_loss_and_grads(model, batch, shared: bool) -> tuple[torch.Tensor, dic
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     return torch.stack([loss.detach(), *out["logps"].detach()]), grads
-
-
-def assert_within_eps32(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    bound = 16 * torch.finfo(torch.float32).eps * float(expected.abs().max())
-    torch.testing.assert_close(got, expected, rtol=0, atol=bound, msg=lambda m: f"{what}: {m}")
 
 
 @pytest.mark.parametrize("kernel", ["sdpa", "eager", "flash_attention_2"])

@@ -1,7 +1,10 @@
 """The trainer's loss on the tiny model equals the loss recomputed from plain full-logits forwards.
 
 The independent side runs ``model(...).logits`` over whole sequences (no response slicing, no
-chunking), gathers log-probs itself and applies SPEC's formulas in float64 (tests/spec_formulas.py).
+chunking), gathers log-probs itself and applies the papers' formulas with Python floats
+(tests/spec_formulas.py). Both sides run in float64, so the comparison is tight on any machine. The one
+float32 input is the cached reference (computed before training, at the training dtype): it is checked
+against the independent float64 reference within a float32 bound, then replaced by it.
 """
 
 from __future__ import annotations
@@ -13,8 +16,11 @@ import torch
 
 from tests import spec_formulas as spec
 from tests.conftest import base_config
+from tests.tolerances import EPS32
 
 IGNORE = -100
+# a float32 sum of ~40 token log-probs, each from a 2-layer float32 forward, against the same in float64
+REFERENCE_BOUND = 64 * EPS32
 
 
 def build(tmp_path: Path, tiny: Path, **overrides):
@@ -38,12 +44,24 @@ def build(tmp_path: Path, tiny: Path, **overrides):
     return trainer, batch
 
 
+def in_float64(trainer, batch: dict, independent_refs: dict[str, list[float]]) -> None:
+    """Move the policy (and a live reference) to float64; swap the cached float32 reference columns for the
+    independent float64 values after checking they agree within :data:`REFERENCE_BOUND`."""
+    trainer.model.double()
+    if trainer.ref_model is not None:
+        trainer.ref_model.double()
+    for key, values in independent_refs.items():
+        if key in batch:
+            assert batch[key].tolist() == pytest.approx(values, rel=REFERENCE_BOUND), key
+            batch[key] = torch.tensor(values, dtype=torch.float64)
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_model: Path):
     """The frozen initial model, loaded on its own (what every reference log-prob must come from)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    return AutoModelForCausalLM.from_pretrained(tiny_model).double().eval()
 
 
 def plain_logps(model, ids, mask, labels) -> tuple[list[float], list[int]]:
@@ -86,18 +104,21 @@ SOLOPO = [
 def test_solopo_trainer_loss_matches_plain_forwards(tmp_path: Path, tiny_model: Path, reference, overrides: dict) -> None:
     trainer, batch = build(tmp_path, tiny_model, stage="solopo", **overrides)
     fa = trainer.finetuning_args
+    n = batch["input_ids"].size(0) // 2
+    refs: dict[str, list[float]] = {}
+    if fa.pref_loss == "sigmoid":
+        r_s, _ = plain_logps(reference, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        r_l, _ = plain_logps(reference, batch["long_input_ids"], batch["long_attention_mask"], batch["long_labels"])
+        refs = {"ref_sc": r_s[:n], "ref_sr": r_s[n:], "ref_lc": r_l[:n], "ref_lr": r_l[n:]}
+    columns = dict(
+        zip(["ref_chosen_logps", "ref_rejected_logps", "ref_long_chosen_logps", "ref_long_rejected_logps"], refs.values())
+    )
+    in_float64(trainer, batch, columns)
     model = trainer.model
     loss = trainer.compute_loss(model, batch).item()
 
-    n = batch["input_ids"].size(0) // 2
     s_lp, s_len = plain_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
     l_lp, l_len = plain_logps(model, batch["long_input_ids"], batch["long_attention_mask"], batch["long_labels"])
-    refs: dict[str, list[float]] = {}
-    if fa.pref_loss == "sigmoid":
-        ref = reference
-        r_s, _ = plain_logps(ref, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        r_l, _ = plain_logps(ref, batch["long_input_ids"], batch["long_attention_mask"], batch["long_labels"])
-        refs = {"ref_sc": r_s[:n], "ref_sr": r_s[n:], "ref_lc": r_l[:n], "ref_lr": r_l[n:]}
     both = fa.solopo_align == "both"
     samples = []
     for i in range(n):
@@ -122,7 +143,7 @@ def test_solopo_trainer_loss_matches_plain_forwards(tmp_path: Path, tiny_model: 
         )
         / n
     )
-    assert loss == pytest.approx(expected, abs=1e-5, rel=1e-5)
+    assert loss == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 
 LONGPO = [
@@ -148,11 +169,7 @@ def test_longpo_trainer_loss_matches_plain_forwards(tmp_path: Path, tiny_model: 
         **knobs,
     )
     fa = trainer.finetuning_args
-    model = trainer.model
-    loss = trainer.compute_loss(model, batch).item()
-
     n = batch["input_ids"].size(0) // 2
-    p_lp, _ = plain_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
     # the short reference rows of the same samples (the batch drops them when log-probs are precomputed)
     rows = [{k: v for k, v in trainer.train_dataset[i].items() if not k.endswith("_logps")} for i in range(n)]
     ref_batch = trainer.data_collator(rows)
@@ -163,9 +180,13 @@ def test_longpo_trainer_loss_matches_plain_forwards(tmp_path: Path, tiny_model: 
     r_w, r_l = [0.0] * n, [0.0] * n
     for j, o in enumerate(owner):
         (r_w if j < half else r_l)[o] += r_rows[j]
+    in_float64(trainer, batch, {"ref_chosen_logps": r_w, "ref_rejected_logps": r_l})
+    model = trainer.model
+    loss = trainer.compute_loss(model, batch).item()
+    p_lp, _ = plain_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
     nll = plain_nll(model, batch["input_ids"][:n], batch["attention_mask"][:n], batch["labels"][:n], scope)
     expected = spec.longpo_batch(
         p_lp[:n], p_lp[n:], r_w, r_l, nll, beta=fa.pref_beta, lam=fa.longpo_lambda, nll_weight=fa.longpo_nll_weight
     )
-    assert loss == pytest.approx(expected, abs=1e-5, rel=1e-5)
+    assert loss == pytest.approx(expected, rel=1e-9, abs=1e-12)
     assert len(owner) > 2 * n  # multi-turn records: several reference rows per sample
