@@ -1,4 +1,4 @@
-"""Small-scale replication of the papers' comparison (issue 6), on a CPU, end to end.
+"""Small-scale replication of the papers' comparison, on a CPU, end to end.
 
 1. A Qwen2-shaped model is built locally with random weights and a tokenizer trained on the task's text,
    then trained FROM SCRATCH with ``llamafactory-cli train`` (``stage: sft``) on a short-context

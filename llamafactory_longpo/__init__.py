@@ -5,4 +5,3 @@ Importing this package is cheap (no torch, no toolkit): the stages are registere
 """
 
 __version__ = "0.1.0"
-DISABLE_ENV = "LLAMAFACTORY_LONGPO_DISABLE"

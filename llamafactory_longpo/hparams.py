@@ -67,7 +67,7 @@ def _positive(name: str, value: Optional[float], allow_zero: bool = True) -> Non
 
 @dataclass
 class ShortToLongFinetuningArguments:
-    """Method knobs of SoLoPO and LongPO (names as in SPEC.md)."""
+    """Method knobs of SoLoPO (arXiv 2505.11166) and LongPO (arXiv 2502.13922)."""
 
     solopo_alpha: float = field(
         default=1.0,

@@ -208,7 +208,7 @@ def _run_plugin_stage(tuner: Any, config: dict[str, Any]) -> None:
 
     callbacks: list[Any] = config.get("callbacks")
     model_args, data_args, training_args, finetuning_args, generating_args = tuner.get_train_args(config.get("args"))
-    # two forwards per step + reentrant checkpointing silently desyncs DDP gradients (seams notes, section 5)
+    # two forwards per step with reentrant checkpointing desync DDP's gradient reduction: gradients go silently wrong
     model_args.use_reentrant_gc = False
     check_attention_kernels(
         stage=finetuning_args.stage,

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-PrefLoss = Literal["sigmoid", "simpo", "orpo"]
-Distance = Literal["abs", "square", "smooth_l1"]
 PREF_LOSSES: tuple[str, ...] = ("sigmoid", "simpo", "orpo")
 DISTANCES: tuple[str, ...] = ("abs", "square", "smooth_l1")
 
@@ -111,7 +109,7 @@ def preference_reward(
     beta: float,
     ref_logps: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    r"""The reward ``r(x, y)`` of each base preference loss (SPEC section 3).
+    r"""The reward ``r(x, y)`` of each base preference loss (SoLoPO, arXiv 2505.11166, section 3).
 
     - ``sigmoid`` (DPO): :math:`\beta(\log\pi_\theta(y|x) - \log\pi_{ref}(y|x))`
     - ``simpo``: :math:`\beta\,\bar{\ell}`, with :math:`\bar{\ell} = \log\pi_\theta(y|x)/|y|`

@@ -1,4 +1,4 @@
-"""LongPO data by self-instruct over a long corpus (SPEC section 2), no annotation.
+"""LongPO data by self-instruct over a long corpus (LongPO, arXiv 2502.13922), no annotation.
 
 For each document within the token window: paragraph-boundary chunks within a token range; per chunk
 the model writes an instruction pool and one instruction is picked at random; the model answers it

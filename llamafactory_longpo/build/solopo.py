@@ -1,4 +1,4 @@
-"""SoLoPO data from MuSiQue (SPEC section 3): short evidence, a RULER-style long haystack, and
+"""SoLoPO data from MuSiQue (SoLoPO, arXiv 2505.11166): short evidence, a RULER-style long haystack, and
 self-generated chain-of-thought answers split into chosen (correct) and rejected (incorrect).
 
 Input: MuSiQue JSONL with the official fields (``id, paragraphs[{idx, title, paragraph_text,

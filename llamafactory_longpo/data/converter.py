@@ -2,8 +2,8 @@
 
 One raw record becomes one or more rows, depending on what the stage trains on:
 
-- ``solopo``: one row per turn (each turn is an independent example, SPEC section 3);
-- ``longpo``: one row per record (the multi-turn long conversation, SPEC section 2);
+- ``solopo``: one row per turn (each turn is an independent example, as in SoLoPO);
+- ``longpo``: one row per record (the multi-turn long conversation, as in LongPO);
 - ``pair`` (the toolkit's ``dpo``/``rm``): one row per turn in LLaMA-Factory's pairwise shape,
   long view (multi-turn history of chosen answers) or short view;
 - ``sft`` (the toolkit's ``sft``): chosen responses only; long view = the whole chosen conversation.
@@ -29,7 +29,6 @@ from .record import (
 
 FORMATTING = "short_to_long"
 PLUGIN_TARGETS = ("solopo", "longpo")
-TOOLKIT_TARGETS = ("pair", "sft")
 RECORD_COLUMN = "_s2l"
 TURN_COLUMN = "_s2l_turn"
 # file extensions LLaMA-Factory loads as JSON

@@ -1,4 +1,6 @@
-"""The unified short-to-long record (SPEC section 1): parsing, validation and chat views.
+"""The unified short-to-long record: parsing, validation and chat views.
+
+A record is one long context and its turns, each with a short context and a chosen/rejected pair.
 
 Imports nothing from LLaMA-Factory so builders, evaluation and tests can use it alone. Every error
 names the file, the record (and its line for JSONL) and the field, in one line.
@@ -153,7 +155,7 @@ def load_records(path: str | os.PathLike[str], columns: Optional[Mapping[str, st
 
 
 # ----------------------------------------------------------------------------------------------
-# Chat views (SPEC section 1). Messages use LLaMA-Factory's internal shape {"role", "content"}.
+# Chat views. Messages use LLaMA-Factory's internal shape {"role", "content"}.
 # ----------------------------------------------------------------------------------------------
 def user_message(context: str, instruction: str, joiner: str = DEFAULT_JOINER) -> dict[str, str]:
     return {"role": "user", "content": f"{context}{joiner}{instruction}"}
@@ -167,11 +169,6 @@ def short_prompt(record: Record, turn: int, joiner: str = DEFAULT_JOINER) -> lis
     """Short view of one turn: ``[user(short_context_i, instruction_i)]``."""
     t = record.turns[turn]
     return [user_message(t.short_context, t.instruction, joiner)]
-
-
-def long_single_prompt(record: Record, turn: int, joiner: str = DEFAULT_JOINER) -> list[dict[str, str]]:
-    """SoLoPO's long input for one turn: ``[user(long_context, instruction_i)]``."""
-    return [user_message(record.long_context, record.turns[turn].instruction, joiner)]
 
 
 def long_conversation(

@@ -10,7 +10,7 @@ end of training to ``path.rank<R>``, for per-rank memory under data or sequence 
 tensor's gradient norm and sum), measured
 after the gradient all-reduce and before the optimizer step, to ``path.rank<R>`` (JSON lines). With
 data parallelism the ranks must agree; a mismatch means gradients silently went out of sync (the
-reentrant-checkpointing failure described in the seams notes).
+reentrant-checkpointing failure: two forwards per step desync DDP's gradient reduction).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ the head an empty slice. The head is then applied only where it is needed (respo
 every non-pad position for a full-sequence NLL) in chunks of ``chunk_size`` tokens, each chunk
 recomputed in backward, so the head's memory grows with the chunk, not with the sequence.
 
-Definitions (SPEC notation): ``logp(y|x) = sum_t log p(y_t | x, y_<t)`` over the label tokens of a
+Definitions (the papers' notation): ``logp(y|x) = sum_t log p(y_t | x, y_<t)`` over the label tokens of a
 row (labels != -100, shifted by one as in causal LM training).
 """
 

@@ -23,9 +23,6 @@ from .rope import rope_theta_override
 from .sequence_parallel import GroupBatchSampler, SamplerEpochCallback, SequenceParallel
 from .shared_prefix import shared_prefix_logps
 
-# reference log-probs per sample, as computed live or read from the precomputed dataset columns
-REF_KEYS = REF_LOGP_COLUMNS
-
 
 @functools.cache  # registered once per process
 def accept_indexed_cpu_locations() -> None:
@@ -153,7 +150,7 @@ class ShortToLongTrainer(CustomDPOTrainer):
                 raise RuntimeError("no reference model: full fine-tuning needs s2l_precompute_ref or a reference copy")
             return model, nullcontext()
         ctx = unwrapped.disable_adapter()
-        if self.original_rope_theta is not None:  # the reference keeps its original RoPE (SPEC 2)
+        if self.original_rope_theta is not None:  # the reference keeps its original RoPE (LongPO, arXiv 2502.13922)
             from contextlib import ExitStack
 
             stack = ExitStack()
@@ -169,15 +166,15 @@ class ShortToLongTrainer(CustomDPOTrainer):
             return self._logps(ref_model, batch, prefix)["logps"]
 
     def needed_reference_keys(self, both: bool) -> tuple[str, ...]:
-        """Which of :data:`REF_KEYS` this stage and its knobs use."""
+        """Which of :data:`REF_LOGP_COLUMNS` this stage and its knobs use."""
         fa = self.finetuning_args
         if self.stage == "longpo":
-            return REF_KEYS[:2]
+            return REF_LOGP_COLUMNS[:2]
         if fa.pref_loss != "sigmoid":
             return ()
         if fa.solopo_long_reference == "short":
-            return REF_KEYS[:2]
-        return REF_KEYS[:4] if both else REF_KEYS[:3]
+            return REF_LOGP_COLUMNS[:2]
+        return REF_LOGP_COLUMNS[:4] if both else REF_LOGP_COLUMNS[:3]
 
     @torch.no_grad()
     def compute_reference_values(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -207,7 +204,7 @@ class ShortToLongTrainer(CustomDPOTrainer):
 
     def reference_values(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Precomputed values from the batch when present (no reference model runs), else live."""
-        present = {k: batch[k] for k in REF_KEYS if k in batch}
+        present = {k: batch[k] for k in REF_LOGP_COLUMNS if k in batch}
         return present if present else self.compute_reference_values(model, batch)
 
     # ------------------------------------------------------------------ losses
@@ -251,6 +248,9 @@ class ShortToLongTrainer(CustomDPOTrainer):
             "logps/rejected": short["logps"][n:].mean(),
             "logps/long_chosen": long["logps"][:n].mean(),
         }
+        if both:
+            m["rewards/long_rejected"] = out.long_rejected_rewards.mean()
+            m["logps/long_rejected"] = long["logps"][n:].mean()
         return out.loss, {f"{prefix}{k}": v.item() for k, v in m.items()}
 
     def _longpo(
