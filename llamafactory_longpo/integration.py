@@ -203,7 +203,7 @@ def _run_plugin_stage(tuner: Any, config: dict[str, Any]) -> None:
     """The toolkit's ``_training_function`` for a plugin stage: same callbacks, the plugin's workflow."""
     from .hparams import check_attention_kernels
     from .train.callbacks import ShortToLongLogCallback
-    from .train.sequence_parallel import shutdown_distributed
+    from .train.compat import shutdown_distributed
     from .train.workflow import run_short_to_long
 
     callbacks: list[Any] = config.get("callbacks")

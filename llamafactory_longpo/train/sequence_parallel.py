@@ -24,9 +24,7 @@ which leaves exactly the mean over the ``dp`` data-parallel groups: the same upd
 
 from __future__ import annotations
 
-import gc
 import math
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -112,29 +110,14 @@ def check_sequence_parallel(size: int, config: Any, attn_implementation: Optiona
 _ORIGINAL_ATTENTION: dict[str, Any] = {}  # the attention functions Ulysses replaced, restored at shutdown
 
 
-def shutdown_distributed() -> None:
-    """Destroy every process group and drop every reference to one while the interpreter is alive.
-
-    Why not just ``torch.distributed.destroy_process_group()``: the sequence-parallel group stays
-    referenced by DeepSpeed's module globals, by the Ulysses wrapper in transformers' attention registry
-    and by garbage cycles of the trainer; a gloo group freed during interpreter finalization can abort the
-    process ("terminate called without an active exception", exit -6) after a successful run. DeepSpeed's
-    own ``destroy_process_group`` releases its globals; the registry entry is restored here, and the
-    cycles are collected before returning.
-    """
+def restore_attention() -> None:
+    """Put back the attention functions Ulysses replaced (its wrapper holds the sequence-parallel group)."""
     if _ORIGINAL_ATTENTION:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         for name, function in _ORIGINAL_ATTENTION.items():
             ALL_ATTENTION_FUNCTIONS[name] = function
         _ORIGINAL_ATTENTION.clear()
-    gc.collect()  # the trainer, model and engine of the finished run: free them before their groups go
-    ds_comm = sys.modules.get("deepspeed.comm")
-    if ds_comm is not None and ds_comm.is_initialized():
-        ds_comm.destroy_process_group()  # torch's, plus DeepSpeed's own group references
-    elif dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    gc.collect()
 
 
 def _init_deepspeed_comm() -> None:

@@ -18,28 +18,11 @@ from llamafactory.train.dpo.trainer import CustomDPOTrainer
 
 from ..data.collator import REF_LOGP_COLUMNS
 from ..losses import longpo_loss, solopo_loss
+from .compat import accept_indexed_cpu_locations
 from .logps import plain_sequence_logps, sequence_logps
 from .rope import rope_theta_override
 from .sequence_parallel import GroupBatchSampler, SamplerEpochCallback, SequenceParallel
 from .shared_prefix import shared_prefix_logps
-
-
-@functools.cache  # registered once per process
-def accept_indexed_cpu_locations() -> None:
-    """Let ``torch.load(..., map_location=torch.device("cpu", i))`` work: resuming on several CPU processes.
-
-    accelerate gives each CPU rank the device ``cpu:0`` and transformers resumes the optimizer with
-    ``torch.load(map_location=args.device)``; torch knows the location ``"cpu"`` but not ``"cpu:0"`` and
-    stops with "don't know how to restore data location". A deserializer for ``cpu:N`` (public
-    ``torch.serialization.register_package``) keeps such storages on the CPU. Other locations are untouched.
-    """
-
-    def deserialize(obj: Any, location: str) -> Any:
-        if location.startswith("cpu:") and location[4:].isdigit():
-            return obj
-        return None  # not ours: torch tries the next deserializer
-
-    torch.serialization.register_package(100, lambda _obj: None, deserialize)
 
 
 class ShortToLongTrainer(CustomDPOTrainer):
