@@ -127,6 +127,20 @@ def preference_reward(
     raise ValueError(f"pref_loss: {pref_loss!r} is not one of {', '.join(PREF_LOSSES)}")
 
 
+def _po_losses(
+    pref_loss: str, r_chosen: torch.Tensor, r_rejected: torch.Tensor, avg_chosen: torch.Tensor, beta: float, gamma: float
+) -> torch.Tensor:
+    """The base preference loss on the short pair, one explicit branch per ``pref_loss``."""
+    margin = r_chosen - r_rejected
+    if pref_loss == "sigmoid":  # SoLo-DPO
+        return -F.logsigmoid(margin)
+    if pref_loss == "simpo":  # SoLo-SimPO: target margin gamma
+        return -F.logsigmoid(margin - gamma)
+    if pref_loss == "orpo":  # SoLo-ORPO: SFT on the chosen response plus the odds-ratio term
+        return -avg_chosen - beta * F.logsigmoid(margin)
+    raise ValueError(f"pref_loss: {pref_loss!r} is not one of {', '.join(PREF_LOSSES)}")
+
+
 def solopo_loss(
     short_chosen_logps: torch.Tensor,
     short_rejected_logps: torch.Tensor,
@@ -147,7 +161,7 @@ def solopo_loss(
     long_rejected_lengths: Optional[torch.Tensor] = None,
     ref_long_rejected_logps: Optional[torch.Tensor] = None,
 ) -> SoLoPOOutput:
-    r"""SoLoPO: preference optimization on the SHORT pair plus short-to-long reward alignment.
+    r"""SoLoPO (arXiv 2505.11166, eq. 9): preference optimization on the SHORT pair plus short-to-long reward alignment.
 
     .. math::
         L = \mathrm{mean}\Big(L_{PO}(x_S; y_w, y_l)
@@ -159,39 +173,56 @@ def solopo_loss(
     - ``simpo`` (SoLo-SimPO): :math:`L_{PO} = -\log\sigma(r(x_S,y_w) - r(x_S,y_l) - \gamma)`
     - ``orpo`` (SoLo-ORPO): :math:`L_{PO} = -\bar{\ell}(y_w|x_S) - \beta\log\sigma(r(x_S,y_w) - r(x_S,y_l))`
 
-    Only the chosen response is aligned (chosen-only SoLo-RA) unless ``long_rejected_logps`` is given,
-    which adds :math:`\alpha\,s(|r(x_S,y_l) - r(x_L,y_l)|)` (the ``solopo_align: both`` ablation).
+    Two variants are chosen by which optional tensors are given (the keywords are the public interface):
 
-    For ``sigmoid``, a missing ``ref_long_chosen_logps`` (and ``ref_long_rejected_logps``) means the
-    SHORT reference is reused (``solopo_long_reference: short``): the reference then cancels and the
-    term is :math:`\beta\,|\log\pi_\theta(y_w|x_S) - \log\pi_\theta(y_w|x_L)|`.
+    - *align both* (the ``solopo_align: both`` ablation): ``long_rejected_logps`` and ``long_rejected_lengths``
+      given adds :math:`\alpha\,s(|r(x_S,y_l) - r(x_L,y_l)|)`; otherwise only the chosen response is aligned
+      (chosen-only SoLo-RA, the paper's method).
+    - *short reference reused* (SoLo-DPO with ``solopo_long_reference: short``): ``ref_long_chosen_logps``
+      (and ``ref_long_rejected_logps``) absent means the SHORT reference stands in for the long one; the
+      reference then cancels in the distance, which becomes :math:`\beta\,|\log\pi_\theta(y_w|x_S) - \log\pi_\theta(y_w|x_L)|`.
+
+    Args:
+        short_chosen_logps, short_rejected_logps, long_chosen_logps: ``[B]`` response log-prob SUMS of the
+            policy: y_w and y_l on the short input, y_w on the long input.
+        short_chosen_lengths, short_rejected_lengths, long_chosen_lengths: ``[B]`` response token counts (for
+            the length-averaged rewards of SimPO and ORPO).
+        pref_loss: ``sigmoid``, ``simpo`` or ``orpo``. beta: reward scale (ORPO: weight of the odds-ratio
+            term). alpha: weight of the alignment term. gamma: SimPO's target margin. distance: ``abs``,
+            ``square`` or ``smooth_l1`` (:func:`reward_distance`).
+        ref_short_chosen_logps, ref_short_rejected_logps: ``[B]`` reference SUMS on the short input; required
+            by ``sigmoid``, ignored otherwise.
+        ref_long_chosen_logps: ``[B]`` reference SUM of y_w on the long input (``sigmoid``; see above).
+        long_rejected_logps, long_rejected_lengths, ref_long_rejected_logps: ``[B]``; y_l on the long input
+            (align both; see above).
+
+    Returns:
+        :class:`SoLoPOOutput`: the scalar ``loss``, per-sample ``[B]`` ``po_losses`` and ``align_losses``
+        (summed over the aligned responses), and the detached ``[B]`` rewards.
     """
-    if pref_loss == "sigmoid" and (ref_short_chosen_logps is None or ref_short_rejected_logps is None):
+    sigmoid = pref_loss == "sigmoid"
+    if sigmoid and (ref_short_chosen_logps is None or ref_short_rejected_logps is None):
         raise ValueError("pref_loss 'sigmoid' (SoLo-DPO) needs ref_short_chosen_logps and ref_short_rejected_logps")
-    if long_rejected_logps is not None and long_rejected_lengths is None:
+    align_both = long_rejected_logps is not None
+    if align_both and long_rejected_lengths is None:
         raise ValueError("long_rejected_logps needs long_rejected_lengths")
+    reuse_short_reference = ref_long_chosen_logps is None
 
     def reward(logps: torch.Tensor, lengths: torch.Tensor, ref: Optional[torch.Tensor]) -> torch.Tensor:
-        return preference_reward(logps, lengths, pref_loss=pref_loss, beta=beta, ref_logps=ref)
+        return preference_reward(logps, lengths, pref_loss=pref_loss, beta=beta, ref_logps=ref if sigmoid else None)
 
     r_sc = reward(short_chosen_logps, short_chosen_lengths, ref_short_chosen_logps)
     r_sr = reward(short_rejected_logps, short_rejected_lengths, ref_short_rejected_logps)
-    ref_lc = ref_long_chosen_logps if ref_long_chosen_logps is not None else ref_short_chosen_logps
-    r_lc = reward(long_chosen_logps, long_chosen_lengths, ref_lc)
-
-    margin = r_sc - r_sr
-    if pref_loss == "sigmoid":
-        po_losses = -F.logsigmoid(margin)
-    elif pref_loss == "simpo":
-        po_losses = -F.logsigmoid(margin - gamma)
-    else:  # orpo; preference_reward already rejected unknown names
-        avg_chosen = short_chosen_logps / short_chosen_lengths.clamp(min=1).to(short_chosen_logps.dtype)
-        po_losses = -avg_chosen - beta * F.logsigmoid(margin)
+    r_lc = reward(
+        long_chosen_logps, long_chosen_lengths, ref_short_chosen_logps if reuse_short_reference else ref_long_chosen_logps
+    )
+    avg_chosen = short_chosen_logps / short_chosen_lengths.clamp(min=1).to(short_chosen_logps.dtype)
+    po_losses = _po_losses(pref_loss, r_sc, r_sr, avg_chosen, beta, gamma)
 
     align_losses = reward_distance(r_sc - r_lc, distance)
     r_lr = None
-    if long_rejected_logps is not None:
-        ref_lr = ref_long_rejected_logps if ref_long_rejected_logps is not None else ref_short_rejected_logps
+    if align_both:
+        ref_lr = ref_short_rejected_logps if ref_long_rejected_logps is None else ref_long_rejected_logps
         r_lr = reward(long_rejected_logps, long_rejected_lengths, ref_lr)
         align_losses = align_losses + reward_distance(r_sr - r_lr, distance)
 
