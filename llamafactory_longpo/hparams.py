@@ -7,7 +7,7 @@ These are mixins with no toolkit import; ``integration`` merges them into LLaMA-
 from __future__ import annotations
 
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal, Optional
 
 from .errors import ConfigError
@@ -29,6 +29,24 @@ def _choices(annotation: Any) -> Optional[tuple[Any, ...]]:
             if found is not None:
                 return found + (None,)
     return None
+
+
+@dataclass(frozen=True)
+class KnobSpec:
+    """A knob as its dataclass field states it: what the web UI shows and the checks use."""
+
+    default: Any
+    help: str
+    choices: Optional[tuple[Any, ...]]  # None when any value of the field's type goes
+    off_by_default: bool  # the default switches the feature off (None, or the field's "off" metadata)
+
+
+def knob_spec(cls: type, name: str) -> KnobSpec:
+    """The spec of field ``name`` of dataclass ``cls`` (the plugin's or the toolkit's arguments)."""
+    found = {f.name: f for f in fields(cls)}[name]
+    default = found.default if found.default is not MISSING else found.default_factory()
+    off = default is None or found.metadata.get("off") == default
+    return KnobSpec(default, found.metadata.get("help", ""), _choices(found.type), off)
 
 
 def validate_choices(obj: Any, names: Optional[set[str]] = None) -> None:
@@ -136,7 +154,8 @@ class ShortToLongFinetuningArguments:
         default=1,
         metadata={
             "help": "Ulysses sequence parallelism (DeepSpeed's UlyssesSPAttentionHF): split every row's tokens over this "
-            "many consecutive ranks; needs attention heads divisible by it and flash_attn sdpa or fa2."
+            "many consecutive ranks; needs attention heads divisible by it and flash_attn sdpa or fa2. 1 = off.",
+            "off": 1,
         },
     )
 

@@ -1,4 +1,4 @@
-"""Loss functions of LongPO and SoLoPO: pure torch, no LLaMA-Factory import.
+"""Loss functions of LongPO and SoLoPO: pure torch, no LLaMA-Factory import (hparams has none either).
 
 Every equation of the method spec lives here, one function per method (torchtune's ``rlhf/loss``
 style): tensors in, tensors out. Log-probabilities passed in are per-sample SUMS over response
@@ -14,8 +14,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-PREF_LOSSES: tuple[str, ...] = ("sigmoid", "simpo", "orpo")
-DISTANCES: tuple[str, ...] = ("abs", "square", "smooth_l1")
+from .hparams import SOLOPO_PREF_LOSSES, ShortToLongFinetuningArguments, knob_spec
+
+# the allowed values are the knobs' own (hparams); the checks below only name them in their messages
+PREF_LOSSES = SOLOPO_PREF_LOSSES
+DISTANCES = knob_spec(ShortToLongFinetuningArguments, "solopo_distance").choices
 
 
 @dataclass

@@ -10,84 +10,84 @@ while their stage is selected. Their values reach the run through ``Runner._pars
 from __future__ import annotations
 
 import json
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, Optional
 
-from .hparams import PLUGIN_STAGES
+from .hparams import PLUGIN_STAGES, SOLOPO_PREF_LOSSES, ShortToLongFinetuningArguments, knob_spec
 
-# control name -> (stage, training argument, default); the argument of a "both stages" knob is shared
-CONTROLS: dict[str, tuple[str, str, Any]] = {
-    "solopo_pref_loss": ("solopo", "pref_loss", "orpo"),
-    "solopo_beta": ("solopo", "pref_beta", 0.1),
-    "solopo_gamma": ("solopo", "simpo_gamma", 0.5),
-    "solopo_alpha": ("solopo", "solopo_alpha", 1.0),
-    "solopo_distance": ("solopo", "solopo_distance", "abs"),
-    "solopo_long_reference": ("solopo", "solopo_long_reference", "long"),
-    "solopo_align": ("solopo", "solopo_align", "chosen"),
-    "longpo_beta": ("longpo", "pref_beta", 0.1),
-    "longpo_lambda": ("longpo", "longpo_lambda", 0.01),
-    "longpo_nll_weight": ("longpo", "longpo_nll_weight", 1.0),
-    "longpo_nll_scope": ("longpo", "longpo_nll_scope", "full"),
-    "policy_rope_theta": ("longpo", "policy_rope_theta", 0.0),
-    "solopo_sequence_parallel": ("solopo", "sequence_parallel_size", 1),
-    "longpo_sequence_parallel": ("longpo", "sequence_parallel_size", 1),
-}
-# controls whose default means "off": written to the run only when changed, so plain runs' configs stay unchanged
-OFF_AT_DEFAULT = {"policy_rope_theta", "solopo_sequence_parallel", "longpo_sequence_parallel"}
-_SEQUENCE_PARALLEL_HELP = (
-    "Sequence parallel",
-    "GPUs per sequence (Ulysses); 1 = off.",
-)
-HELP = {
-    "solopo_pref_loss": ("Base loss", "SoLo-DPO (sigmoid), SoLo-SimPO (simpo) or SoLo-ORPO (orpo) on the short pair."),
-    "solopo_beta": ("Beta", "DPO/SimPO temperature, ORPO's lambda."),
-    "solopo_gamma": ("Gamma", "SimPO target margin."),
-    "solopo_alpha": ("Alpha", "Weight of the short-to-long reward alignment term."),
-    "solopo_distance": ("Distance", "s() applied to the short-long reward gap."),
-    "solopo_long_reference": (
-        "Long reference",
-        "SoLo-DPO: reference log-prob of the chosen answer on the long input, or reuse the short one.",
-    ),
-    "solopo_align": ("Alignment", "Align the chosen response only (paper) or both responses."),
-    "longpo_beta": ("Beta", "DPO temperature of the preference term."),
-    "longpo_lambda": ("Lambda", "Weight of the preference term."),
-    "longpo_nll_weight": ("NLL weight", "Weight of the NLL term on the long chosen sequence."),
-    "longpo_nll_scope": ("NLL scope", "Every token of the long chosen sequence (full) or its responses only."),
-    "policy_rope_theta": ("Policy RoPE theta", "Raise the policy's rope_theta before training (LongPO: 1e7); 0 = unchanged."),
-    "solopo_sequence_parallel": _SEQUENCE_PARALLEL_HELP,
-    "longpo_sequence_parallel": _SEQUENCE_PARALLEL_HELP,
+# control -> (stage, training argument, label, allowed values when narrower than the argument's own). Defaults,
+# help and the allowed values otherwise come from the argument's dataclass field (the plugin's knobs in hparams,
+# the toolkit's own for pref_loss, pref_beta, simpo_gamma): nothing about a knob is written twice.
+CONTROLS: dict[str, tuple[str, str, str, Optional[tuple[str, ...]]]] = {
+    "solopo_pref_loss": ("solopo", "pref_loss", "Base loss", SOLOPO_PREF_LOSSES),
+    "solopo_beta": ("solopo", "pref_beta", "Beta", None),
+    "solopo_gamma": ("solopo", "simpo_gamma", "Gamma", None),
+    "solopo_alpha": ("solopo", "solopo_alpha", "Alpha", None),
+    "solopo_distance": ("solopo", "solopo_distance", "Distance", None),
+    "solopo_long_reference": ("solopo", "solopo_long_reference", "Long reference", None),
+    "solopo_align": ("solopo", "solopo_align", "Alignment", None),
+    "longpo_beta": ("longpo", "pref_beta", "Beta", None),
+    "longpo_lambda": ("longpo", "longpo_lambda", "Lambda", None),
+    "longpo_nll_weight": ("longpo", "longpo_nll_weight", "NLL weight", None),
+    "longpo_nll_scope": ("longpo", "longpo_nll_scope", "NLL scope", None),
+    "policy_rope_theta": ("longpo", "policy_rope_theta", "Policy RoPE theta", None),
+    "solopo_sequence_parallel": ("solopo", "sequence_parallel_size", "Sequence parallel", None),
+    "longpo_sequence_parallel": ("longpo", "sequence_parallel_size", "Sequence parallel", None),
 }
 STAGE_LABELS = {"solopo": "SoLoPO settings (llamafactory-longpo)", "longpo": "LongPO settings (llamafactory-longpo)"}
+
+
+@dataclass(frozen=True)
+class ControlSpec:
+    """What a control shows: its argument's default (``None``, "off", is shown as 0), help and choices."""
+
+    stage: str
+    argument: str
+    label: str
+    default: Any
+    info: str
+    choices: Optional[tuple[Any, ...]]
+    off_at_default: bool  # the argument's default means "off": written to the run only when changed
+
+
+def control_specs() -> dict[str, ControlSpec]:
+    from llamafactory.hparams.finetuning_args import FinetuningArguments
+
+    plugin = {f.name for f in fields(ShortToLongFinetuningArguments)}
+    specs = {}
+    for name, (stage, argument, label, narrower) in CONTROLS.items():
+        knob = knob_spec(ShortToLongFinetuningArguments if argument in plugin else FinetuningArguments, argument)
+        shown, info = (0.0, knob.help + " 0 = off.") if knob.default is None else (knob.default, knob.help)
+        specs[name] = ControlSpec(stage, argument, label, shown, info, narrower or knob.choices, knob.off_by_default)
+    return specs
 
 
 def _build_controls() -> dict[str, Any]:
     """The accordions and controls (created inside the train tab, before the toolkit's own rows)."""
     import gradio as gr
 
-    choices = {
-        "solopo_pref_loss": ["sigmoid", "simpo", "orpo"],
-        "solopo_distance": ["abs", "square", "smooth_l1"],
-        "solopo_long_reference": ["long", "short"],
-        "solopo_align": ["chosen", "both"],
-        "longpo_nll_scope": ["full", "response"],
-    }
     elems: dict[str, Any] = {}
+    specs = control_specs()
     for stage in PLUGIN_STAGES:
         with gr.Accordion(STAGE_LABELS[stage], open=True, visible=False, elem_id=f"s2l_{stage}_tab") as tab:
             with gr.Row():
-                for name, (owner, _, default) in CONTROLS.items():
-                    if owner != stage:
+                for name, spec in specs.items():
+                    if spec.stage != stage:
                         continue
-                    label, info = HELP[name]
-                    if name in choices:
+                    if spec.choices:
                         elems[name] = gr.Dropdown(
-                            choices=choices[name], value=default, label=label, info=info, elem_id=f"s2l_{name}"
+                            choices=[c for c in spec.choices if c is not None],
+                            value=spec.default,
+                            label=spec.label,
+                            info=spec.info,
+                            elem_id=f"s2l_{name}",
                         )
                     else:
-                        whole = isinstance(default, int)  # a count: integers only
+                        whole = isinstance(spec.default, int)  # a count: integers only
                         elems[name] = gr.Number(
-                            value=default,
-                            label=label,
-                            info=info,
+                            value=spec.default,
+                            label=spec.label,
+                            info=spec.info,
                             elem_id=f"s2l_{name}",
                             precision=0 if whole else None,
                             scale=0 if whole else None,  # a wrapped last control keeps its width, not the row's
@@ -159,17 +159,17 @@ def add_train_args(runner: Any, data: dict[Any, Any], args: dict[str, Any]) -> N
         typed = set()
     stage = args["stage"]
     args["pref_ftx"] = args.get("pref_ftx", 0.0)
-    for name, (owner, key, default) in CONTROLS.items():
-        if owner != stage or key in typed:
+    for name, spec in control_specs().items():
+        if spec.stage != stage or spec.argument in typed:
             continue
         try:
             value = get(f"train.{name}")
         except KeyError:  # the board was built without the plugin's controls
             continue
-        if isinstance(default, (int, float)) and value is not None:
-            value = type(default)(value)  # the board's number boxes may hand back either type
-        if name in OFF_AT_DEFAULT and value == default:
+        if isinstance(spec.default, (int, float)) and value is not None:
+            value = type(spec.default)(value)  # the board's number boxes may hand back either type
+        if spec.off_at_default and value == spec.default:
             continue
-        args[key] = value
+        args[spec.argument] = value
     if stage == "longpo":
         args["pref_loss"] = "sigmoid"
