@@ -8,7 +8,11 @@ import json
 import sys
 import time
 
+import pytest
+
 from tests.conftest import ROOT, run_command
+
+pytestmark = pytest.mark.slow  # multi-minute end-to-end runs (CI runs them; -m 'not slow' skips them)
 
 METHODS = ["SFT-long", "Long-DPO", "LongPO", "SoLo-DPO", "SoLo-SimPO", "SoLo-ORPO"]
 

@@ -240,7 +240,7 @@ def test_longpo_builder(tmp_path: Path, tiny_model: Path) -> None:
     assert info["longpo_selfinstruct"]["ranking"] is True
 
 
-def test_evolution_rounds_train_and_skip_when_done(tmp_path: Path, tiny_model: Path) -> None:
+def test_evolution_rounds_train_and_skip_when_done(tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from llamafactory_longpo.build.evolve import run_recipe
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
@@ -264,7 +264,7 @@ def test_evolution_rounds_train_and_skip_when_done(tmp_path: Path, tiny_model: P
         },
         "rounds": [{"length": 1500}, {"length": 3000, "policy_rope_theta": 1.0e5}],
     }
-    os.environ["PATH"] = f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"
+    monkeypatch.setenv("PATH", f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}")  # the rounds run llamafactory-cli
     models = run_recipe(recipe, log=lambda *_: None, generator_factory=lambda args: ScriptedGenerator(tok, _documents()))
     assert models == [str(tmp_path / "evo" / f"round_{k}" / "model") for k in (0, 1)]
     second = yaml.safe_load((tmp_path / "evo" / "round_1" / "train.yaml").read_text())

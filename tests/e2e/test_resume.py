@@ -8,7 +8,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import VENV_BIN, base_config, cli_env, run_cli, write_yaml
+
+pytestmark = pytest.mark.slow  # multi-minute end-to-end runs (CI runs them; -m 'not slow' skips them)
 
 
 def test_kill_and_resume(tmp_path: Path, tiny_model: Path) -> None:

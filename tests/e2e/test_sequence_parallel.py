@@ -12,6 +12,8 @@ import pytest
 
 from tests.conftest import ROOT, base_config, run_cli, torchrun_env, write_yaml
 
+pytestmark = pytest.mark.slow  # multi-minute end-to-end runs (CI runs them; -m 'not slow' skips them)
+
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install '.[deepspeed]')")
 
 CASES = {

@@ -24,9 +24,12 @@ from tests.conftest import ROOT, VENV_BIN, cli_env, free_port
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts"
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists(CHROMIUM), reason="Debian's chromium package is not installed (scripts/setup.sh installs it)"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not os.path.exists(CHROMIUM), reason="Debian's chromium package is not installed (scripts/setup.sh installs it)"
+    ),
+]
 
 
 @pytest.fixture(scope="module")
