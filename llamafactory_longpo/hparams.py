@@ -31,6 +31,11 @@ def _choices(annotation: Any) -> Optional[tuple[Any, ...]]:
     return None
 
 
+# knobs whose default value (not None) means "off" (field metadata cannot carry it: HfArgumentParser hands
+# every metadata key to argparse)
+OFF_VALUES: dict[str, Any] = {"sequence_parallel_size": 1}
+
+
 @dataclass(frozen=True)
 class KnobSpec:
     """A knob as its dataclass field states it: what the web UI shows and the checks use."""
@@ -38,14 +43,14 @@ class KnobSpec:
     default: Any
     help: str
     choices: Optional[tuple[Any, ...]]  # None when any value of the field's type goes
-    off_by_default: bool  # the default switches the feature off (None, or the field's "off" metadata)
+    off_by_default: bool  # the default switches the feature off (None, or listed in OFF_VALUES)
 
 
 def knob_spec(cls: type, name: str) -> KnobSpec:
     """The spec of field ``name`` of dataclass ``cls`` (the plugin's or the toolkit's arguments)."""
     found = {f.name: f for f in fields(cls)}[name]
     default = found.default if found.default is not MISSING else found.default_factory()
-    off = default is None or found.metadata.get("off") == default
+    off = default is None or OFF_VALUES.get(name, MISSING) == default
     return KnobSpec(default, found.metadata.get("help", ""), _choices(found.type), off)
 
 
@@ -154,8 +159,7 @@ class ShortToLongFinetuningArguments:
         default=1,
         metadata={
             "help": "Ulysses sequence parallelism (DeepSpeed's UlyssesSPAttentionHF): split every row's tokens over this "
-            "many consecutive ranks; needs attention heads divisible by it and flash_attn sdpa or fa2. 1 = off.",
-            "off": 1,
+            "many consecutive ranks; needs attention heads divisible by it and flash_attn sdpa or fa2. 1 = off."
         },
     )
 
