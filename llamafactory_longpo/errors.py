@@ -1,4 +1,4 @@
-"""Errors the plugin reports to users as one line (no traceback): bad records, bad knobs."""
+"""Errors the plugin reports to users as one line (no traceback): bad records, bad knobs, a run that went wrong."""
 
 
 class ShortToLongError(ValueError):
@@ -11,3 +11,7 @@ class RecordError(ShortToLongError):
 
 class ConfigError(ShortToLongError):
     """A bad knob or an unusable stage/dataset combination; the message names the key."""
+
+
+class TrainingError(ShortToLongError):
+    """A run stopped on purpose (non-finite loss, output folder in use); the message says what is kept."""

@@ -6,12 +6,16 @@ These are mixins with no toolkit import; ``integration`` merges them into LLaMA-
 
 from __future__ import annotations
 
+import logging
+import math
+import os
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal, Optional
 
 from .errors import ConfigError
 
+logger = logging.getLogger("llamafactory.longpo.hparams")  # under the toolkit's root logger: its handlers apply
 PLUGIN_STAGES: tuple[str, ...] = ("longpo", "solopo")
 SOLOPO_PREF_LOSSES: tuple[str, ...] = ("sigmoid", "simpo", "orpo")
 
@@ -69,16 +73,36 @@ def validate_choices(obj: Any, names: Optional[set[str]] = None) -> None:
 
 
 def _number(obj: Any, name: str) -> Optional[float]:
-    """The field as a float; YAML reads ``1.0e7`` (no exponent sign) as a string, so accept that too."""
-    value = getattr(obj, name)
-    if value is None or isinstance(value, (int, float)):
-        return value
+    """The field as a finite float; YAML reads ``1.0e7`` (no exponent sign) as a string, so accept that too.
+
+    NaN and infinity are refused: a NaN weight passes every ``<``/``>`` check and silently turns the loss
+    and the saved weights into NaN.
+    """
+    value = getattr(obj, name, None)
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}: {value!r} is not a number")
     try:
         number = float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{name}: {value!r} is not a number") from None
-    setattr(obj, name, number)
+    if not math.isfinite(number):
+        raise ConfigError(f"{name}: {value!r} is not a finite number")
+    if not isinstance(value, (int, float)):
+        setattr(obj, name, number)
     return number
+
+
+def _integer(obj: Any, name: str) -> Optional[int]:
+    """The field as an int; a fractional value is refused rather than truncated (1.5 chunks cannot be meant)."""
+    number = _number(obj, name)
+    if number is None:
+        return None
+    if number != int(number):
+        raise ConfigError(f"{name}: {getattr(obj, name)!r} must be a whole number")
+    setattr(obj, name, int(number))
+    return int(number)
 
 
 def _positive(name: str, value: Optional[float], allow_zero: bool = True) -> None:
@@ -86,6 +110,21 @@ def _positive(name: str, value: Optional[float], allow_zero: bool = True) -> Non
         return
     if value < 0 or (not allow_zero and value == 0):
         raise ConfigError(f"{name}: {value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def warn_no_effect(name: str, why: str) -> None:
+    """One warning line for a knob set away from its default where it changes nothing.
+
+    A warning, not an error: one YAML is often shared by several stages, and the run itself is sound.
+    """
+    if os.environ.get("RANK", "0") == "0":
+        logger.warning(f"{name} has no effect here: {why}")
+
+
+def _changed(obj: Any, names: tuple[str, ...]) -> list[str]:
+    """The named fields whose value differs from the field default."""
+    defaults = {f.name: f.default for f in fields(obj)}
+    return [n for n in names if getattr(obj, n) != defaults[n]]
 
 
 @dataclass
@@ -168,11 +207,16 @@ class ShortToLongFinetuningArguments:
         validate_choices(self, {f.name for f in fields(ShortToLongFinetuningArguments)})
         for name in ("solopo_alpha", "longpo_lambda", "longpo_nll_weight"):
             _positive(name, _number(self, name))
+        # the toolkit's preference knobs reach the plugin's losses too (it never checks them)
+        _positive("pref_beta", _number(self, "pref_beta"), allow_zero=False)
+        _positive("simpo_gamma", _number(self, "simpo_gamma"))
         _positive("policy_rope_theta", _number(self, "policy_rope_theta"), allow_zero=False)
-        _positive("s2l_logits_chunk", _number(self, "s2l_logits_chunk"), allow_zero=False)
-        self.s2l_logits_chunk = int(self.s2l_logits_chunk)
-        _positive("sequence_parallel_size", _number(self, "sequence_parallel_size"), allow_zero=False)
-        self.sequence_parallel_size = int(self.sequence_parallel_size)
+        _positive("s2l_logits_chunk", _integer(self, "s2l_logits_chunk"), allow_zero=False)
+        _positive("sequence_parallel_size", _integer(self, "sequence_parallel_size"), allow_zero=False)
+        cache_dir = self.s2l_ref_cache_dir
+        if cache_dir and os.path.exists(cache_dir) and not os.path.isdir(cache_dir):  # found now, not after the reference pass
+            raise ConfigError(f"s2l_ref_cache_dir: {cache_dir!r} is a file, not a folder")
+        self._warn_no_effect(stage, pref_loss)
         if self.sequence_parallel_size > 1 and not self.s2l_response_logits:
             raise ConfigError("sequence_parallel_size > 1 needs s2l_response_logits: true (each rank scores its own tokens)")
         if stage == "solopo" and pref_loss not in SOLOPO_PREF_LOSSES:
@@ -181,6 +225,20 @@ class ShortToLongFinetuningArguments:
             )
         if stage == "longpo" and pref_loss != "sigmoid":
             raise ConfigError(f"pref_loss: {pref_loss!r} is not supported by stage longpo; use sigmoid")
+
+    def _warn_no_effect(self, stage: str, pref_loss: str) -> None:
+        """Warn about knobs the chosen stage and loss never read."""
+        other = "longpo" if stage == "solopo" else "solopo"
+        for name in _changed(self, tuple(f.name for f in fields(ShortToLongFinetuningArguments) if f.name.startswith(other))):
+            warn_no_effect(name, f"stage {stage} does not read {other}_* knobs")
+        if stage == "solopo" and pref_loss != "sigmoid" and _changed(self, ("solopo_long_reference",)):
+            warn_no_effect("solopo_long_reference", f"pref_loss {pref_loss} has no reference model (only sigmoid has one)")
+        if stage == "solopo" and _changed(self, ("s2l_shared_prefix",)):
+            warn_no_effect("s2l_shared_prefix", "only stage longpo shares a document prefix")
+        has_reference = stage == "longpo" or pref_loss == "sigmoid"
+        if self.s2l_ref_cache_dir and not (has_reference and self.s2l_precompute_ref):
+            why = "s2l_precompute_ref is false" if has_reference else f"pref_loss {pref_loss} has no reference model"
+            warn_no_effect("s2l_ref_cache_dir", f"no reference log-probs are cached ({why})")
 
 
 @dataclass
@@ -212,8 +270,14 @@ class ShortToLongDataArguments:
 
     def validate_short_to_long(self) -> None:
         validate_choices(self, {f.name for f in fields(ShortToLongDataArguments)})
-        _positive("short_cutoff_len", _number(self, "short_cutoff_len"), allow_zero=False)
-        self.short_cutoff_len = int(self.short_cutoff_len)
+        _positive("short_cutoff_len", _integer(self, "short_cutoff_len"), allow_zero=False)
+        cutoff = getattr(self, "cutoff_len", None)  # the toolkit's field, present once merged into its DataArguments
+        if isinstance(cutoff, int) and self.short_cutoff_len > cutoff:
+            warn_no_effect(
+                "short_cutoff_len",
+                f"{self.short_cutoff_len} is above cutoff_len {cutoff}; a short row that long has a long row over cutoff_len, "
+                "which is dropped or cut anyway",
+            )
 
 
 # kernels the shared prefix runs on (train/shared_prefix.py); "auto" lets transformers choose sdpa or eager

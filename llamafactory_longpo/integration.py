@@ -8,16 +8,20 @@ this file's work alone.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
-from .errors import ConfigError, ShortToLongError
+from .errors import ConfigError, ShortToLongError, TrainingError
 from .hparams import PLUGIN_STAGES, ShortToLongDataArguments, ShortToLongFinetuningArguments
 
 STAGE_LABELS = {"LongPO": "longpo", "SoLoPO": "solopo"}
 _MARK = "_llamafactory_longpo_patched"
+TRACEBACK_ENV = "LLAMAFACTORY_LONGPO_TRACEBACK"  # =1: let errors of the plugin stages show their traceback
 
 
 def _once(obj: Any, name: str) -> bool:
@@ -113,6 +117,13 @@ def patch_dataset_attr(module: Any) -> None:
 
 
 _TOOLKIT_TARGETS = {"rm": "pair", "sft": "sft"}
+_S2L_FILES: dict[str, dict[str, str]] = {}  # validated short_to_long file -> its column renamings, loaded by the plugin
+
+
+def _data_warning(message: str) -> None:
+    from llamafactory.extras import logging
+
+    logging.get_logger("llamafactory.longpo.data").warning_rank0(message)
 
 
 def patch_loader(module: Any) -> None:
@@ -122,6 +133,7 @@ def patch_loader(module: Any) -> None:
     from .data import converter
 
     merged, align, get_processor = module._get_merged_dataset, module.align_dataset, module._get_dataset_processor
+    preprocessed, load_dataset = module._get_preprocessed_dataset, module.load_dataset
 
     @functools.wraps(merged)
     def _get_merged_dataset(dataset_names, model_args, data_args, training_args, stage, return_dict=False):  # noqa: ANN001
@@ -157,7 +169,9 @@ def patch_loader(module: Any) -> None:
                 files = converter.dataset_files(data_args.dataset_dir, a.dataset_name)
                 if not files:
                     raise ConfigError(f"dataset {names[id(a)]}: file {a.dataset_name!r} not found in {data_args.dataset_dir}")
-                converter.validate_files(files, converter.column_map(getattr(a, "s2l_columns", None)))
+                columns = converter.column_map(getattr(a, "s2l_columns", None))
+                converter.validate_files(files, columns, warn=_data_warning)
+                _S2L_FILES.update({os.path.abspath(f): columns for f in files})
         # the toolkit's ranking check passes for "rm"; the stage is not used otherwise
         return merged(dataset_names, model_args, data_args, training_args, "rm", return_dict)
 
@@ -178,7 +192,38 @@ def patch_loader(module: Any) -> None:
             return ShortToLongDatasetProcessor(template=template, tokenizer=tokenizer, processor=processor, data_args=data_args)
         return get_processor(data_args, stage, template, tokenizer, processor, do_generate)
 
+    @functools.wraps(preprocessed)
+    def _get_preprocessed_dataset(dataset, data_args, training_args, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        if getattr(data_args, "s2l_target", None) not in PLUGIN_STAGES or dataset is None:
+            return preprocessed(dataset, data_args, training_args, *args, **kwargs)
+        from .data.processor import overlong_hint
+
+        def nothing_left() -> ConfigError:
+            split = "eval" if kwargs.get("is_eval") else "training"
+            return ConfigError(
+                f"every {split} sample is longer than its cutoff, nothing is left to train on ({overlong_hint(data_args)})"
+            )
+
+        try:
+            out = preprocessed(dataset, data_args, training_args, *args, **kwargs)
+        except RuntimeError as err:  # the toolkit's "Cannot find valid samples", raised while printing an example
+            if "valid samples" in str(err):
+                raise nothing_left() from None
+            raise
+        if hasattr(out, "__len__") and len(out) == 0:  # ranks that print no example
+            raise nothing_left()
+        return out
+
+    @functools.wraps(load_dataset)
+    def load_dataset_checked(*args: Any, **kwargs: Any) -> Any:
+        files = kwargs.get("data_files") or []
+        if files and all(os.path.abspath(f) in _S2L_FILES for f in files):
+            return converter.load_files(files, _S2L_FILES[os.path.abspath(files[0])], kwargs.get("cache_dir"))
+        return load_dataset(*args, **kwargs)
+
     module._get_merged_dataset = _get_merged_dataset
+    module._get_preprocessed_dataset = _get_preprocessed_dataset
+    module.load_dataset = load_dataset_checked
     module.align_dataset = align_dataset
     module._get_dataset_processor = _get_dataset_processor
 
@@ -199,10 +244,47 @@ def peek_stage(args: Any) -> Any:
     return None
 
 
+@contextlib.contextmanager
+def lock_output_dir(output_dir: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``output_dir`` for the run; a second run into it fails in one line.
+
+    Two runs into one folder both "succeed" and interleave their logs and checkpoints. The lock is the
+    folder's own file descriptor, so the kernel drops it when the process dies: a crash leaves nothing
+    behind. Only global rank 0 takes it (the other ranks of a run write through rank 0). A folder this
+    run created and left empty (it failed before writing) is removed again.
+    """
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    import fcntl
+
+    created = not os.path.exists(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    fd = os.open(output_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TrainingError(
+                f"output_dir {output_dir}: another run is writing to it; wait for it to end or choose another output_dir"
+            ) from None
+        except OSError:  # a file system without flock (some network mounts): run unlocked
+            pass
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            if created and not ok and not os.listdir(output_dir):
+                os.rmdir(output_dir)
+    finally:
+        os.close(fd)
+
+
 def _run_plugin_stage(tuner: Any, config: dict[str, Any]) -> None:
     """The toolkit's ``_training_function`` for a plugin stage: same callbacks, the plugin's workflow."""
     from .hparams import check_attention_kernels
-    from .train.callbacks import ShortToLongLogCallback
+    from .train.callbacks import NonFiniteGuardCallback, ShortToLongLogCallback, last_checkpoint_note
     from .train.compat import shutdown_distributed
     from .train.workflow import run_short_to_long
 
@@ -218,6 +300,7 @@ def _run_plugin_stage(tuner: Any, config: dict[str, Any]) -> None:
         shared_prefix=finetuning_args.s2l_shared_prefix and finetuning_args.s2l_response_logits,
     )
 
+    callbacks.append(NonFiniteGuardCallback())  # first: a NaN step stops before any other callback saves or logs it
     callbacks.append(ShortToLongLogCallback())  # the toolkit's LogCallback + the plugin's metrics
     if finetuning_args.pissa_convert:
         callbacks.append(tuner.PissaConvertCallback())
@@ -231,7 +314,13 @@ def _run_plugin_stage(tuner: Any, config: dict[str, Any]) -> None:
         callbacks.append(tuner.ModuleProfilerCallback(training_args.profile_modules))
     callbacks.append(tuner.ReporterCallback(model_args, data_args, finetuning_args, generating_args))
 
-    run_short_to_long(model_args, data_args, training_args, finetuning_args, callbacks)
+    with lock_output_dir(training_args.output_dir):
+        try:
+            run_short_to_long(model_args, data_args, training_args, finetuning_args, callbacks)
+        except KeyboardInterrupt:
+            raise TrainingError(
+                f"interrupted; {last_checkpoint_note(training_args.output_dir)} (resume_from_checkpoint continues from it)"
+            ) from None
 
     if tuner.is_ray_available():
         import ray
@@ -252,19 +341,56 @@ def patch_tuner(module: Any) -> None:
 
     @functools.wraps(original)
     def _training_function(config: dict[str, Any]) -> None:
+        plugin_stage = False
         try:
             from .train.callbacks import diagnostic_callbacks  # opt-in, by environment variable, any stage
 
             config["callbacks"] = list(config.get("callbacks") or []) + diagnostic_callbacks()
-            if peek_stage(config.get("args")) in PLUGIN_STAGES:
+            plugin_stage = peek_stage(config.get("args")) in PLUGIN_STAGES
+            if plugin_stage:
                 _run_plugin_stage(module, config)
             else:
                 original(config)
         except ShortToLongError as err:  # bad input: one clear line, no traceback
             print(f"[llamafactory-longpo] error: {err}", file=sys.stderr)
             raise SystemExit(1) from None
+        except Exception as err:  # the toolkit's own errors inside a plugin stage: the same one-line form
+            if not plugin_stage or os.environ.get(TRACEBACK_ENV) == "1":
+                raise
+            hint = f"set {TRACEBACK_ENV}=1 for the traceback"
+            print(f"[llamafactory-longpo] error: {describe_error(err)} ({hint})", file=sys.stderr)
+            raise SystemExit(1) from None
 
     module._training_function = _training_function
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def describe_error(err: BaseException) -> str:
+    """One line for a toolkit error: its first line, the root cause's when it differs, a near key for a typo."""
+    import difflib
+    import re
+
+    text = _first_line(err)
+    root: Optional[BaseException] = err
+    while root.__cause__ is not None or (root.__context__ is not None and not root.__suppress_context__):
+        root = root.__cause__ or root.__context__
+    if root is not err and _first_line(root) not in text:
+        text += f" (caused by {_first_line(root)})"
+    unused = re.match(r"Some keys are not used by the HfArgumentParser: \[(.*)\]", str(err))
+    if unused:
+        from llamafactory.hparams import parser
+
+        known = {f for cls in parser._TRAIN_ARGS for f in getattr(cls, "__dataclass_fields__", {})}
+        parts = []
+        for key in re.findall(r"'([^']+)'", unused.group(1)):
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        text = f"unknown key {', '.join(parts)}"
+    return text
 
 
 # --------------------------------------------------------------------------------- web UI

@@ -11,13 +11,15 @@ One raw record becomes one or more rows, depending on what the stage trains on:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Optional
 
 from .record import (
     ALL_FIELDS,
+    TURN_FIELDS,
     Record,
     RecordError,
     assistant_message,
@@ -48,21 +50,92 @@ def dataset_files(dataset_dir: str, file_name: str) -> list[str]:
     return [path] if os.path.isfile(path) else []
 
 
-def validate_files(paths: list[str], columns: Optional[Mapping[str, str]] = None) -> int:
+def validate_files(
+    paths: list[str], columns: Optional[Mapping[str, str]] = None, warn: Optional[Callable[[str], None]] = None
+) -> int:
     """Validate every record of every file before the toolkit loads them; returns the record count.
 
     Done up front so a bad file fails with its own line number, before anything is tokenized or written.
+    Valid but suspicious data (an empty file beside others, chosen == rejected, a long context shorter
+    than its short one, duplicate records) is counted and reported through ``warn``, one line per kind;
+    data with nothing to learn from (every pair identical) is an error.
     """
     count = 0
+    seen: set[str] = set()
+    odd: dict[str, list[str]] = {}  # kind -> where each case is
+
+    def note(kind: str, where: str) -> None:
+        odd.setdefault(kind, []).append(where)
+
+    turns = same = 0
     for path in paths:
         if not path.endswith(_JSON_EXTS):
             raise RecordError(f"{path}: short_to_long datasets must be .json or .jsonl files")
+        in_file = 0
         for index, line, raw in iter_raw_records(path):
-            parse_record(raw, source=path, index=index, line=line, columns=columns)
-            count += 1
-        if count == 0:
-            raise RecordError(f"{path}: the file holds no records")
+            record = parse_record(raw, source=path, index=index, line=line, columns=columns)
+            where = f"{path}: record {index}" + (f" (line {line})" if line is not None else "")
+            digest = hashlib.sha256(json.dumps(record.to_dict(), sort_keys=True).encode()).hexdigest()
+            if digest in seen:
+                note("duplicate", where)
+            seen.add(digest)
+            for t, turn in enumerate(record.turns):
+                turns += 1
+                if turn.chosen.strip() == turn.rejected.strip():
+                    same += 1
+                    note("same", f"{where}, turn {t}")
+                if len(record.long_context) < len(turn.short_context):
+                    note("shorter", f"{where}, turn {t}")
+            in_file += 1
+        if in_file == 0:
+            note("empty", path)
+        count += in_file
+    if count == 0:
+        raise RecordError(
+            f"{paths[0]}: the file holds no records" if len(paths) == 1 else f"{', '.join(paths)}: no file holds a record"
+        )
+    if same == turns:
+        raise RecordError(f"{paths[0]}: every turn has chosen == rejected; a preference pair needs two different responses")
+    messages = {
+        "empty": "file(s) hold no records",
+        "same": f"of {turns} turns have chosen == rejected (nothing to prefer; they only add noise)",
+        "shorter": "turn(s) have a long_context shorter than their short_context (the long input should contain the short one)",
+        "duplicate": f"of {count} records repeat an earlier record (they weigh twice)",
+    }
+    for kind, places in odd.items():
+        if warn is not None:
+            warn(f"short_to_long data: {len(places)} {messages[kind]}; first: {places[0]}")
     return count
+
+
+def load_files(paths: list[str], columns: Mapping[str, str], cache_dir: Optional[str] = None) -> Any:
+    """The records of validated files as a ``datasets.Dataset`` holding only the fields the converter reads.
+
+    Loading whole files with ``datasets``' JSON reader makes every extra field part of one Arrow schema, so an
+    ``id`` that is an int in one record and a string in another fails the load; the fields kept here are all
+    validated strings. The file sizes and times are arguments, so an edited file is not read from the cache.
+    """
+    import datasets
+
+    cols = {name: columns.get(name, name) for name in ALL_FIELDS}
+    turn = {cols[name]: datasets.Value("string") for name in TURN_FIELDS}
+    features = datasets.Features(
+        {cols["system"]: datasets.Value("string"), cols["long_context"]: datasets.Value("string"), cols["turns"]: [turn]}
+    )
+    stamps = [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths]
+    return datasets.Dataset.from_generator(
+        _canonical_records, features=features, gen_kwargs={"stamps": stamps, "cols": cols}, cache_dir=cache_dir
+    )
+
+
+def _canonical_records(stamps: list[tuple[str, int, int]], cols: dict[str, str]) -> Iterator[dict[str, Any]]:
+    for path, _, _ in stamps:
+        for _, _, raw in iter_raw_records(path):
+            yield {
+                cols["system"]: raw.get(cols["system"]),
+                cols["long_context"]: raw[cols["long_context"]],
+                cols["turns"]: [{cols[name]: t[cols[name]] for name in TURN_FIELDS} for t in raw[cols["turns"]]],
+            }
 
 
 def _rows_for(record: Record, target: str, view: str, joiner: str) -> list[dict[str, Any]]:

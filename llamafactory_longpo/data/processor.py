@@ -149,8 +149,7 @@ class ShortToLongDatasetProcessor(DatasetProcessor):
         if dropped:
             logger.warning_rank0(
                 f"Dropped {dropped} of {len(examples[RECORD_COLUMN])} {target} samples longer than their cutoff "
-                f"(cutoff_len={self.data_args.cutoff_len}, short_cutoff_len={self.data_args.short_cutoff_len}); "
-                "raise the cutoffs or set s2l_overlong: middle."
+                f"({overlong_hint(self.data_args)})."
             )
         return model_inputs
 
@@ -164,6 +163,14 @@ class ShortToLongDatasetProcessor(DatasetProcessor):
             print(f"{name}_label_ids ({len(labels)} tokens):\n{self.tokenizer.decode(labels, skip_special_tokens=False)}")
         if "ref_chosen_input_ids" in example:
             print(f"ref rows: {len(example['ref_chosen_input_ids'])} short turns per side")
+
+
+def overlong_hint(data_args: Any) -> str:
+    """The cutoffs and what to change, for messages about dropped samples."""
+    cutoffs = f"cutoff_len={data_args.cutoff_len}, short_cutoff_len={data_args.short_cutoff_len}"
+    if data_args.s2l_overlong == "middle":  # already cut: the instruction and responses alone do not fit
+        return f"{cutoffs}, even with the context cut in the middle; raise the cutoffs"
+    return f"{cutoffs}; raise the cutoffs or set s2l_overlong: middle"
 
 
 def output_keys(target: str, long_rejected: bool) -> list[str]:

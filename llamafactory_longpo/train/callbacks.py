@@ -16,6 +16,7 @@ reentrant-checkpointing failure: two forwards per step desync DDP's gradient red
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from typing import Any, Optional
@@ -24,6 +25,8 @@ import torch
 from llamafactory.extras import logging
 from llamafactory.train.callbacks import LogCallback
 from transformers import TrainerCallback
+
+from ..errors import TrainingError
 
 logger = logging.get_logger(f"llamafactory.longpo.{__name__.rsplit('.', 1)[-1]}")  # under the toolkit's root: its handlers apply
 GRAD_NORM_ENV = "LLAMAFACTORY_LONGPO_GRAD_NORM_FILE"
@@ -77,6 +80,44 @@ class StepTimeCallback(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"step": state.global_step, "seconds": time.perf_counter() - self.start}) + "\n")
+
+
+def last_checkpoint_note(output_dir: str) -> str:
+    """Where the newest checkpoint of a run is, in words, for one-line messages."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    return f"the last checkpoint is {last}" if last else f"no checkpoint was saved in {output_dir}"
+
+
+class NonFiniteGuardCallback(TrainerCallback):
+    """Stop the run at the first NaN/infinite gradient or logged loss, before it is saved.
+
+    The Trainer hides a NaN loss (``logging_nan_inf_filter`` logs the running mean instead) and steps the
+    optimizer anyway, so one bad step writes NaN weights into every later checkpoint and the final model.
+    Gradients are checked after the all-reduce and clipping, before the optimizer step; engines that keep
+    gradients out of ``param.grad`` (DeepSpeed) are caught by the logged ``grad_norm`` instead, still before
+    that step's checkpoint (the Trainer logs before it saves).
+    """
+
+    def _stop(self, args: Any, step: int, what: str) -> None:
+        raise TrainingError(
+            f"step {step}: {what} is NaN or infinite; training stopped before saving it, {last_checkpoint_note(args.output_dir)} "
+            "(lower learning_rate, or check the data and the loss weights)"
+        )
+
+    def on_pre_optimizer_step(
+        self, args: Any, state: Any, control: Any, model: Optional[torch.nn.Module] = None, **kw: Any
+    ) -> None:
+        grads = [p.grad for p in model.parameters() if p.grad is not None] if model is not None else []
+        if grads and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=math.inf))):
+            self._stop(args, state.global_step + 1, "the gradient")
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Optional[dict[str, Any]] = None, **kw: Any) -> None:
+        for key in ("loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if isinstance(value, float) and not math.isfinite(value):
+                self._stop(args, state.global_step, key)
 
 
 def diagnostic_callbacks() -> list[TrainerCallback]:

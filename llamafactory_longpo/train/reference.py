@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterable
 from typing import Any, Optional
 
 import torch
+
+from ..errors import TrainingError
 
 CACHE_VERSION = 1
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "llamafactory_longpo", "ref_logps")
@@ -69,14 +72,28 @@ def cache_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def _load(path: str, key: str, rows: int) -> Optional[dict[str, list[float]]]:
+def _load(path: str, key: str, rows: int, keys: tuple[str, ...]) -> tuple[Optional[dict[str, list[float]]], str]:
+    """The cached values, or ``None`` and why the file cannot be used (it is then recomputed and replaced).
+
+    ``weights_only`` loading never runs code from the file, but a loadable file can still hold anything: every
+    column is checked for its name, length, dtype and finiteness, since a NaN reference trains NaN gradients.
+    """
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # unreadable or partial file: recompute
-        return None
-    if blob.get("key") != key or blob.get("rows") != rows:
-        return None
-    return {k: v.tolist() for k, v in blob["values"].items()}
+    except Exception as err:  # unreadable, partial or unsafe file
+        return None, f"unreadable ({type(err).__name__})"
+    if not isinstance(blob, dict) or blob.get("key") != key or blob.get("rows") != rows:
+        return None, "not a cache of this data and model"
+    values = blob.get("values")
+    if not isinstance(values, dict) or any(k not in values for k in keys):
+        return None, f"lacks the columns {', '.join(keys)}"
+    for k in keys:
+        v = values[k]
+        if not torch.is_tensor(v) or v.dtype != torch.float32 or tuple(v.shape) != (rows,):
+            return None, f"column {k} is not {rows} float32 values"
+        if not bool(torch.isfinite(v).all()):
+            return None, f"column {k} holds NaN or infinite values"
+    return {k: values[k].tolist() for k in keys}, ""
 
 
 def _save(path: str, key: str, rows: int, values: dict[str, list[float]]) -> None:
@@ -177,11 +194,19 @@ def precompute_reference(
         }
         key = cache_key(parts)
         path = os.path.join(cache_dir, f"{key}.pt")
-        values = _load(path, key, len(dataset)) if os.path.exists(path) else None
+        values, why = _load(path, key, len(dataset), keys) if os.path.exists(path) else (None, "")
         trainer.reference_cache[split] = (path, "miss" if values is None else "hit")
         if values is None:
+            if why:
+                logger.warning_rank0(f"reference cache {path}: {why}; computing it again")
             logger.info_rank0(f"reference log-probs ({split}, {len(dataset)} samples): computing once, cache {path}")
             values = compute_values(trainer, model, dataset, keys, batch_size, f"Reference log-probs ({split})")
+            bad = [i for i in range(len(dataset)) if not all(math.isfinite(values[k][i]) for k in keys)]
+            if bad:
+                raise TrainingError(
+                    f"the reference model gives NaN or infinite log-probs for {len(bad)} {split} samples "
+                    f"(first: sample {bad[0]}); check the reference model and its dtype"
+                )
             if not dist.is_initialized() or dist.get_rank() == 0:
                 _save(path, key, len(dataset), values)
             if dist.is_initialized():
