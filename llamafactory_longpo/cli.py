@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from .errors import ConfigError, ShortToLongError
+from .errors import TRACEBACK_ENV, ConfigError, ShortToLongError, one_line
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -47,22 +49,93 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ShortToLongError as err:
         print(f"llamafactory-longpo: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"llamafactory-longpo: interrupted{_resume_note(args)}", file=sys.stderr)
+        return 130
+    except Exception as err:  # the toolkit's or the system's errors (a missing file, a bad model path): one line too
+        if os.environ.get(TRACEBACK_ENV) == "1":
+            raise
+        print(f"llamafactory-longpo: error: {one_line(err)} (set {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _resume_note(args: argparse.Namespace) -> str:
+    """Where an interrupted build's records are (every finished one is kept, a rerun resumes)."""
+    if args.command != "build":
+        return ""
+    try:
+        output = _read_yaml(args.config)["output"]
+    except Exception:  # the note is a courtesy: never fail on it
+        return ""
+    kept = 0
+    if os.path.exists(output):
+        with open(output, "rb") as fh:
+            kept = sum(1 for line in fh if line.endswith(b"\n"))
+    return f"; {kept} finished record(s) are in {output}; run the same command again to resume"
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping of keys."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh)
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the file ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise ConfigError(f"{path}: {where}invalid YAML ({getattr(err, 'problem', None) or err})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys, got a YAML {type(raw).__name__}")
+    return raw
+
+
+_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+_WORDS = {
+    "int": "an integer",
+    "float": "a finite number",
+    "str": "a string",
+    "bool": "true or false",
+    "list": "a list",
+    "dict": "a mapping",
+}
+
+
+def _check_type(path: str, key: str, value: Any, annotation: str) -> None:
+    """Refuse a value of the wrong kind for a plain ``int``/``float``/``str``/``bool``/``list``/``dict`` field."""
+    optional = annotation.startswith("Optional[")
+    kind = annotation.removeprefix("Optional[").removesuffix("]") if optional else annotation
+    if value is None and optional:
+        return
+    outer, _, inner = kind.partition("[")
+    expected = _TYPES.get(outer) or {"list": (list,), "dict": (dict,)}.get(outer)
+    if expected is None:
+        return
+    ok = isinstance(value, expected) and not (isinstance(value, bool) and outer in ("int", "float"))
+    if ok and outer == "float":
+        ok = math.isfinite(value)
+    if not ok:
+        raise ConfigError(f"{path}: {key}: {value!r} is not {_WORDS[outer]}")
+    item = inner.removesuffix("]")
+    if outer == "list" and item in _TYPES:
+        for i, v in enumerate(value):
+            _check_type(path, f"{key}[{i}]", v, item)
 
 
 def _load_config(cls: type, path: str, strict: bool) -> Any:
     import dataclasses
 
-    import yaml
-
-    with open(path, encoding="utf-8") as fh:
-        raw = yaml.safe_load(fh) or {}
-    names = {f.name for f in dataclasses.fields(cls)}
+    raw = _read_yaml(path)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
-        if key not in names:
-            raise ConfigError(f"{path}: unknown key {key!r}; allowed: {', '.join(sorted(names))}")
-    required = [
-        f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
+        if key not in fields:
+            raise ConfigError(f"{path}: unknown key {key!r}; allowed: {', '.join(sorted(fields))}")
+        _check_type(path, key, raw[key], str(fields[key].type))
+    required = [f.name for f in fields.values() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     for key in required:
         if key not in raw:
             raise ConfigError(f"{path}: {key!r} is missing")
@@ -74,6 +147,9 @@ def _load_config(cls: type, path: str, strict: bool) -> Any:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "make-tiny-model":
         from .tiny import make_tiny_model
+
+        if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+            raise ConfigError(f"{args.out_dir}: exists and is not a folder")
 
         out = make_tiny_model(
             args.out_dir,
@@ -89,6 +165,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"tiny model written to {out}")
     elif args.command == "make-demo-data":
         from .demo import write
+
+        if os.path.exists(args.root) and not os.path.isdir(args.root):
+            raise ConfigError(f"{args.root}: exists and is not a folder")
 
         for name, path in write(args.root, args.seed).items():
             print(f"{name}: {path}")
@@ -106,12 +185,9 @@ def _run(args: argparse.Namespace) -> int:
 
         run_ruler(_load_config(RulerConfig, args.config, False))
     elif args.command == "evolve":
-        import yaml
-
         from .build.evolve import run_recipe
 
-        with open(args.recipe, encoding="utf-8") as fh:
-            run_recipe(yaml.safe_load(fh) or {})
+        run_recipe(_read_yaml(args.recipe))
     return 0
 
 

@@ -14,6 +14,8 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import ConfigError
+
 FIRST = [
     "Ada",
     "Bruno",
@@ -268,6 +270,16 @@ def write(root: str, seed: int = 0) -> dict[str, str]:
 
     The entries are merged, never clobbering other datasets registered in the same file.
     """
+    info_path = os.path.join(root, "dataset_info.json")
+    info: dict[str, Any] = {}
+    if os.path.exists(info_path):  # checked before anything is written
+        with open(info_path, encoding="utf-8") as fh:
+            try:
+                info = json.load(fh)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{info_path}: line {err.lineno}: invalid JSON ({err.msg}); fix or remove the file") from None
+        if not isinstance(info, dict):
+            raise ConfigError(f"{info_path}: expected a JSON object of datasets, got {type(info).__name__}")
     os.makedirs(os.path.join(root, "data"), exist_ok=True)
     paths = {}
     for name, recs in build(seed).items():
@@ -276,8 +288,6 @@ def write(root: str, seed: int = 0) -> dict[str, str]:
             for r in recs:
                 fh.write(json.dumps(r, ensure_ascii=False) + "\n")
         paths[name] = path
-    info_path = os.path.join(root, "dataset_info.json")
-    info = json.load(open(info_path, encoding="utf-8")) if os.path.exists(info_path) else {}
     info.update(DATASET_INFO)
     with open(info_path, "w", encoding="utf-8") as fh:
         json.dump(info, fh, indent=2)

@@ -14,14 +14,13 @@ import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
-from .errors import ConfigError, ShortToLongError, TrainingError
+from .errors import TRACEBACK_ENV, ConfigError, ShortToLongError, TrainingError, one_line
 from .hparams import PLUGIN_STAGES, ShortToLongDataArguments, ShortToLongFinetuningArguments
 
 STAGE_LABELS = {"LongPO": "longpo", "SoLoPO": "solopo"}
 _MARK = "_llamafactory_longpo_patched"
-TRACEBACK_ENV = "LLAMAFACTORY_LONGPO_TRACEBACK"  # =1: let errors of the plugin stages show their traceback
 
 
 def _once(obj: Any, name: str) -> bool:
@@ -364,22 +363,12 @@ def patch_tuner(module: Any) -> None:
     module._training_function = _training_function
 
 
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
-
-
 def describe_error(err: BaseException) -> str:
-    """One line for a toolkit error: its first line, the root cause's when it differs, a near key for a typo."""
+    """One line for a toolkit error (see :func:`errors.one_line`), with the nearest known key for a typo'd one."""
     import difflib
     import re
 
-    text = _first_line(err)
-    root: Optional[BaseException] = err
-    while root.__cause__ is not None or (root.__context__ is not None and not root.__suppress_context__):
-        root = root.__cause__ or root.__context__
-    if root is not err and _first_line(root) not in text:
-        text += f" (caused by {_first_line(root)})"
+    text = one_line(err)
     unused = re.match(r"Some keys are not used by the HfArgumentParser: \[(.*)\]", str(err))
     if unused:
         from llamafactory.hparams import parser

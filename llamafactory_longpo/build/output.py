@@ -12,10 +12,10 @@ import json
 import os
 import statistics
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Optional, TypeVar
 
-from ..errors import RecordError
+from ..errors import ConfigError, RecordError
 
 T = TypeVar("T")
 
@@ -49,6 +49,9 @@ def read_inputs(
                 skipped[item] = skipped.get(item, 0) + 1
                 continue
             items.append(item)
+    if not items:  # an empty dataset would be registered and fail only at training
+        counts = ", ".join(f"{n} {reason}" for reason, n in skipped.items())
+        raise ConfigError(f"{path}: no usable input line ({counts or 'the file is empty'})")
     return items, skipped
 
 
@@ -63,6 +66,25 @@ def _clean_tail(path: str) -> None:
         fh.truncate(data.rfind(b"\n") + 1)
 
 
+def _read_own_lines(path: str, required: tuple[str, ...]) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a file this module wrote; any other line is an error naming it (never skipped:
+    resuming past a line it cannot read would silently redo or lose records)."""
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as err:
+                entry = err.msg
+            if not isinstance(entry, dict) or any(k not in entry for k in required):
+                why = entry if isinstance(entry, str) else "wrong fields"
+                raise RecordError(
+                    f"{path}: line {lineno}: not a line this build wrote ({why}); fix it, or move the file away to start over"
+                )
+            yield entry
+
+
 class ResumableWriter:
     def __init__(self, path: str) -> None:
         self.path = path
@@ -73,20 +95,17 @@ class ResumableWriter:
         self.done: dict[str, str] = {}
         self.stats: dict[str, dict[str, Any]] = {}  # key -> statistics of a processed input
         if os.path.exists(self.progress_path):
-            with open(self.progress_path, encoding="utf-8") as fh:
-                for line in fh:
-                    entry = json.loads(line)
-                    self.done[entry["key"]] = entry["status"]
-                    if entry.get("stats"):
-                        self.stats[entry["key"]] = entry["stats"]
+            for entry in _read_own_lines(self.progress_path, ("key", "status")):
+                self.done[entry["key"]] = entry["status"]
+                if entry.get("stats"):
+                    self.stats[entry["key"]] = entry["stats"]
         # a record written just before a kill, whose progress line was not: count it as kept
         self.kept_keys: set[str] = set()
         if os.path.exists(path):
-            with open(path, encoding="utf-8") as fh:
-                for line in fh:
-                    key = json.loads(line).get("id")
-                    if key is not None:
-                        self.kept_keys.add(str(key))
+            for entry in _read_own_lines(path, ()):
+                key = entry.get("id")
+                if key is not None:
+                    self.kept_keys.add(str(key))
         for key in self.kept_keys - set(self.done):
             self._progress(key, "kept")
         self._out = open(path, "a", encoding="utf-8")

@@ -15,6 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ..errors import ConfigError
 from .tasks import TASKS, make_samples, score
 
 QUESTION_SUFFIX = "\n\nAnswer with the requested value(s) only."
@@ -47,7 +48,7 @@ def run_ruler(config: RulerConfig, generator: Any = None, log: Any = print) -> d
         from ..build.solopo import read_musique
 
         if not config.musique:
-            raise ValueError("tasks: qa_haystack needs 'musique' (a MuSiQue-format JSONL file)")
+            raise ConfigError("tasks: qa_haystack needs 'musique' (a MuSiQue-format JSONL file)")
         options["records"] = read_musique(config.musique, strict=False, log=log)[0]
     samples = make_samples(
         generator.tokenizer, config.tasks, config.lengths, config.depths, config.samples_per_cell, config.seed, **options

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from ..build.haystack import build_haystack
+from ..errors import ConfigError
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking", "qa_haystack", "doc_qa_single", "doc_qa_multi")
 
@@ -143,7 +144,7 @@ def variable_tracking(tok: Any, length: int, depth: float, rng: random.Random, h
 
 def qa_haystack(tok: Any, length: int, depth: float, rng: random.Random, records: Optional[list[Any]] = None, **_: Any) -> Sample:
     if not records:
-        raise ValueError("qa_haystack needs MuSiQue-format records (eval config: musique)")
+        raise ConfigError("qa_haystack needs MuSiQue-format records (eval config: musique)")
     item = rng.choice(records)
     others = [p for r in records if r is not item for p in r.supporting + r.others]
     rng.shuffle(others)
@@ -240,7 +241,7 @@ def make_samples(
     out = []
     for task in tasks:
         if task not in GENERATORS:
-            raise ValueError(f"tasks: {task!r} is not one of {', '.join(TASKS)}")
+            raise ConfigError(f"tasks: {task!r} is not one of {', '.join(TASKS)}")
         for length in lengths:
             for depth in depths:
                 for i in range(per_cell):
