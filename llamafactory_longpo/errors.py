@@ -19,6 +19,12 @@ class TrainingError(ShortToLongError):
     """A run stopped on purpose (non-finite loss, output folder in use); the message says what is kept."""
 
 
+class Interrupted(TrainingError):
+    """Ctrl-C; exits with 130 like a shell-interrupted command."""
+
+    exit_code = 130
+
+
 def _first_line(err: BaseException) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__

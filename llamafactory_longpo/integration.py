@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .errors import TRACEBACK_ENV, ConfigError, ShortToLongError, TrainingError, one_line
+from .errors import TRACEBACK_ENV, ConfigError, Interrupted, ShortToLongError, TrainingError, one_line
 from .hparams import PLUGIN_STAGES, ShortToLongDataArguments, ShortToLongFinetuningArguments
 
 STAGE_LABELS = {"LongPO": "longpo", "SoLoPO": "solopo"}
@@ -317,7 +317,7 @@ def _run_plugin_stage(tuner: Any, config: dict[str, Any]) -> None:
         try:
             run_short_to_long(model_args, data_args, training_args, finetuning_args, callbacks)
         except KeyboardInterrupt:
-            raise TrainingError(
+            raise Interrupted(
                 f"interrupted; {last_checkpoint_note(training_args.output_dir)} (resume_from_checkpoint continues from it)"
             ) from None
 
@@ -352,7 +352,7 @@ def patch_tuner(module: Any) -> None:
                 original(config)
         except ShortToLongError as err:  # bad input: one clear line, no traceback
             print(f"[llamafactory-longpo] error: {err}", file=sys.stderr)
-            raise SystemExit(1) from None
+            raise SystemExit(getattr(err, "exit_code", 1)) from None
         except Exception as err:  # the toolkit's own errors inside a plugin stage: the same one-line form
             if not plugin_stage or os.environ.get(TRACEBACK_ENV) == "1":
                 raise

@@ -34,7 +34,11 @@ def read_inputs(
     ``malformed``; fatal with ``strict``)."""
     items: list[T] = []
     skipped: dict[str, int] = {}
-    with open(path, encoding="utf-8") as fh:
+    try:
+        fh = open(path, encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the input ({err.strerror})") from None
+    with fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue

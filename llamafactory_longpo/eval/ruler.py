@@ -39,10 +39,9 @@ def run_ruler(config: RulerConfig, generator: Any = None, log: Any = print) -> d
     """Build the samples, generate, score; write ``scores.json``, ``samples.jsonl`` and the two plots."""
     from tqdm import tqdm
 
-    if generator is None:
-        from ..build.generate import Generator
-
-        generator = Generator(config.model)
+    unknown = [t for t in config.tasks if t not in TASKS]
+    if unknown:  # before the model is loaded
+        raise ConfigError(f"tasks: {unknown[0]!r} is not one of {', '.join(TASKS)}")
     options: dict[str, Any] = {}
     if "qa_haystack" in config.tasks:
         from ..build.solopo import read_musique
@@ -50,6 +49,10 @@ def run_ruler(config: RulerConfig, generator: Any = None, log: Any = print) -> d
         if not config.musique:
             raise ConfigError("tasks: qa_haystack needs 'musique' (a MuSiQue-format JSONL file)")
         options["records"] = read_musique(config.musique, strict=False, log=log)[0]
+    if generator is None:
+        from ..build.generate import Generator
+
+        generator = Generator(config.model)
     samples = make_samples(
         generator.tokenizer, config.tasks, config.lengths, config.depths, config.samples_per_cell, config.seed, **options
     )

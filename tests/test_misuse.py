@@ -1,0 +1,498 @@
+"""Misuse: every kind of bad or odd input ends in one clear line, a counted warning, or a run that works.
+
+Training cases run the toolkit's ``run_exp`` in this process (a traceback there is an exception that
+escapes it, which fails the test); each command also runs once as a real subprocess, checked for its exit
+status and the absence of a traceback.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from transformers import TrainerCallback
+
+from tests.conftest import ROOT, VENV_BIN, base_config, cli_env, run_command, write_yaml
+
+GOOD = [json.loads(line) for line in (ROOT / "data" / "solopo_demo.jsonl").read_text(encoding="utf-8").splitlines()[:4]]
+LONGPO = [json.loads(line) for line in (ROOT / "data" / "longpo_demo.jsonl").read_text(encoding="utf-8").splitlines()[:3]]
+LONGPO_STAGE = {"stage": "longpo", "pref_loss": "sigmoid"}
+
+
+@pytest.fixture
+def logs(caplog: pytest.LogCaptureFixture):
+    """The toolkit's loggers do not propagate to the root logger: listen on theirs."""
+    root = logging.getLogger("llamafactory")
+    root.addHandler(caplog.handler)
+    yield caplog
+    root.removeHandler(caplog.handler)
+
+
+def _dataset(folder: Path, rows: list[Any], files: dict[str, list[Any]] | None = None) -> Path:
+    """``folder/d.jsonl`` (or a folder of ``files``) registered as dataset ``d``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if files is None:
+        (folder / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        entry = {"file_name": "d.jsonl", "formatting": "short_to_long", "ranking": True}
+    else:
+        (folder / "parts").mkdir()
+        for name, part in files.items():
+            (folder / "parts" / name).write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
+        entry = {"file_name": "parts", "formatting": "short_to_long", "ranking": True}
+    (folder / "dataset_info.json").write_text(json.dumps({"d": entry}), encoding="utf-8")
+    return folder
+
+
+def _train(
+    folder: Path,
+    capfd: pytest.CaptureFixture,
+    logs: pytest.LogCaptureFixture,
+    tiny: Path,
+    callbacks: Any = None,
+    **overrides: Any,
+) -> tuple[int, str]:
+    """One in-process ``llamafactory-cli train`` over the dataset in ``folder``: (exit status, all output)."""
+    from llamafactory.train.tuner import run_exp
+
+    config = base_config(tiny, folder / "out", dataset="d", dataset_dir=str(folder), max_samples=4)
+    config.update({"s2l_ref_cache_dir": str(folder / "ref_cache"), **overrides})
+    try:
+        run_exp(args=config, callbacks=callbacks)
+        code = 0
+    except SystemExit as err:
+        code = err.code
+    out = capfd.readouterr()
+    # a logging handler some library bound to an earlier test's (now closed) capture stream reports that on
+    # every record: pytest's artefact, not the run's
+    text = re.sub(r"--- Logging error ---\n.*?\nArguments: .*?\n", "", out.out + out.err, flags=re.S)
+    return code, text + logs.text
+
+
+def _mutate(fn: Callable[[list[Any]], Any], rows: list[Any] = GOOD) -> list[Any]:
+    rows = copy.deepcopy(rows)
+    fn(rows)
+    return rows
+
+
+def _set_turn(**values: str) -> Callable[[list[Any]], None]:
+    def fn(rows: list[Any]) -> None:
+        for r in rows:
+            for t in r["turns"]:
+                t.update({k: t[v] for k, v in values.items()})
+
+    return fn
+
+
+NAN, INF = float("nan"), float("inf")
+# name -> (rows, folder files, overrides, exit status, patterns the output must hold..., pattern it must not hold)
+TRAIN_CASES: dict[str, tuple[Any, ...]] = {
+    # 1. values that cannot be meant, knobs without effect (a warning: one YAML often serves several stages)
+    "alpha-nan": (GOOD, None, {"solopo_alpha": NAN}, 1, r"error: solopo_alpha: nan is not a finite number", None),
+    "alpha-text-inf": (GOOD, None, {"solopo_alpha": "inf"}, 1, r"error: solopo_alpha: 'inf' is not a finite number", None),
+    "beta-inf": (GOOD, None, {"pref_beta": INF}, 1, r"error: pref_beta: inf is not a finite number", None),
+    "lambda-nan": (LONGPO, None, {**LONGPO_STAGE, "longpo_lambda": NAN}, 1, r"error: longpo_lambda: nan is not a finite", None),
+    "rope-inf": (GOOD, None, {"policy_rope_theta": INF}, 1, r"error: policy_rope_theta: inf is not a finite number", None),
+    "chunk-fraction": (GOOD, None, {"s2l_logits_chunk": 1.5}, 1, r"error: s2l_logits_chunk: 1\.5 must be a whole number", None),
+    "short-cutoff-nan": (GOOD, None, {"short_cutoff_len": NAN}, 1, r"error: short_cutoff_len: nan is not a finite number", None),
+    "no-effect-reference": (
+        GOOD,
+        None,
+        {"solopo_long_reference": "short"},
+        0,
+        r"solopo_long_reference has no effect here: pref_loss orpo has no reference model",
+        None,
+    ),
+    "no-effect-short-cutoff": (GOOD, None, {"short_cutoff_len": 4096}, 0, r"short_cutoff_len has no effect here", None),
+    "no-effect-other-stage": (GOOD, None, {"longpo_lambda": 0.5}, 0, r"longpo_lambda has no effect here: stage solopo", None),
+    # 2. extra fields of mixed types never reach the loader's schema
+    "mixed-extras": (
+        _mutate(lambda rs: [r.update(id=i if i % 2 else f"r{i}", meta={"a": 1} if i % 2 else "x") for i, r in enumerate(rs)]),
+        None,
+        {},
+        0,
+        r"'loss'",
+        None,
+    ),
+    "mixed-turn-extras": (
+        _mutate(lambda rs: [t.update(score=i if i % 2 else "high") for i, r in enumerate(rs) for t in r["turns"]], LONGPO),
+        None,
+        LONGPO_STAGE,
+        0,
+        r"'loss'",
+        None,
+    ),
+    # 3. nothing fits the cutoffs
+    "all-overlong": (
+        GOOD,
+        None,
+        {"cutoff_len": 64, "short_cutoff_len": 32},
+        1,
+        r"error: every training sample is longer than its cutoff.*or set s2l_overlong: middle",
+        None,
+    ),
+    "all-overlong-middle": (
+        GOOD,
+        None,
+        {"cutoff_len": 64, "short_cutoff_len": 32, "s2l_overlong": "middle"},
+        1,
+        r"error: every training sample is longer than its cutoff.*even with the context cut in the middle",
+        r"set s2l_overlong: middle",
+    ),
+    # 4. suspicious data: counted warnings; an error where nothing can be learned
+    "suspicious": (
+        None,
+        {
+            "a.jsonl": [*_mutate(_set_turn(rejected="chosen"))[:1], *GOOD[1:], GOOD[1]],
+            "b.jsonl": _mutate(lambda rs: rs[0].update(long_context="short"), GOOD[2:3]),
+            "c.jsonl": [],
+        },
+        {},
+        0,
+        r"1 of 6 turns have chosen == rejected .*; first: \S*a\.jsonl: record 0 \(line 1\), turn 0",
+        r"1 of 6 records repeat an earlier record .*; first: \S*a\.jsonl: record 4 \(line 5\)",
+        r"1 turn\(s\) have a long_context shorter than their short_context .*; first: \S*b\.jsonl: record 0",
+        r"1 file\(s\) hold no records; first: \S*c\.jsonl",
+        None,
+    ),
+    "all-chosen-eq-rejected": (_mutate(_set_turn(rejected="chosen")), None, {}, 1, r"every turn has chosen == rejected", None),
+    # 5. a file where the reference cache folder should be: refused before the reference pass
+    "cache-dir-is-file": (
+        LONGPO,
+        None,
+        {**LONGPO_STAGE, "s2l_ref_cache_dir": str(ROOT / "README.md")},
+        1,
+        r"error: s2l_ref_cache_dir: '.*README\.md' is a file, not a folder",
+        r"Reference log-probs",
+    ),
+    # 8. the toolkit's own errors inside a plugin stage
+    "typo-key": (
+        GOOD,
+        None,
+        {"solopo_alfa": 2.0},
+        1,
+        r"error: unknown key 'solopo_alfa' \(did you mean 'solopo_alpha'\?\)",
+        None,
+    ),
+    "undefined-dataset": (GOOD, None, {"dataset": "nope"}, 1, r"error: ValueError: Undefined dataset nope", None),
+    "bad-template": (GOOD, None, {"template": "nope"}, 1, r"error: ValueError: Template nope does not exist", None),
+    "missing-model": (GOOD, None, {"model_name_or_path": "/nonexistent/model"}, 1, r"error: .*/nonexistent/model", None),
+}
+
+
+@pytest.mark.parametrize("name", list(TRAIN_CASES))
+def test_training_misuse(name: str, tmp_path: Path, capfd: pytest.CaptureFixture, logs: Any, tiny_model: Path) -> None:
+    rows, files, overrides, status, *expected, absent = TRAIN_CASES[name]
+    code, text = _train(_dataset(tmp_path, rows, files), capfd, logs, tiny_model, **overrides)
+    assert code == status, text[-3000:]
+    assert "Traceback" not in text, text[text.index("Traceback") - 200 :][:3000]
+    if status:
+        assert len([line for line in text.splitlines() if "[llamafactory-longpo] error:" in line]) == 1, text[-3000:]
+    for pattern in expected:
+        assert re.search(pattern, text, re.S), text[-3000:]
+    if absent:
+        assert not re.search(absent, text), text[-3000:]
+
+
+def test_malformed_dataset_info(tmp_path: Path, capfd: pytest.CaptureFixture, logs: Any, tiny_model: Path) -> None:
+    folder = _dataset(tmp_path, GOOD)
+    (folder / "dataset_info.json").write_text("{bad", encoding="utf-8")
+    code, text = _train(folder, capfd, logs, tiny_model)
+    assert code == 1 and "Traceback" not in text
+    assert re.search(r"\[llamafactory-longpo\] error: .*(JSON|json|dataset_info)", text), text[-3000:]
+
+
+class _InterruptAt(TrainerCallback):
+    """Ctrl-C arriving during a step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if state.global_step + 1 == self.step:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_names_the_last_checkpoint(tmp_path: Path, capfd: pytest.CaptureFixture, logs: Any, tiny_model: Path) -> None:
+    code, text = _train(_dataset(tmp_path, GOOD), capfd, logs, tiny_model, callbacks=[_InterruptAt(2)], save_steps=1)
+    assert code == 130 and "Traceback" not in text
+    assert f"error: interrupted; the last checkpoint is {tmp_path / 'out' / 'checkpoint-1'}" in text
+
+
+def test_nan_loss_stops_before_a_checkpoint(tmp_path: Path, capfd: pytest.CaptureFixture, logs: Any, tiny_model: Path) -> None:
+    """A diverging run (the first step sends the weights to ~1e30, the second step's gradients are NaN)."""
+    code, text = _train(
+        _dataset(tmp_path, GOOD), capfd, logs, tiny_model, learning_rate=1.0e30, save_steps=1, max_steps=3, max_samples=8
+    )
+    out = tmp_path / "out"
+    assert code == 1 and "Traceback" not in text
+    assert f"step 2: the gradient is NaN or infinite; training stopped before saving it, the last checkpoint is {out}" in text
+    assert (out / "checkpoint-1").is_dir() and not (out / "checkpoint-2").exists()
+    assert not (out / "model.safetensors").exists()  # the final save never ran
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(t).all() for t in load_file(str(out / "checkpoint-1" / "model.safetensors")).values())
+
+
+def test_output_dir_lock(tmp_path: Path, capfd: pytest.CaptureFixture, logs: Any, tiny_model: Path) -> None:
+    """A second run into a held output_dir is refused; the lock dies with its holder (kill -9 included)."""
+    folder = _dataset(tmp_path, GOOD)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom llamafactory_longpo.integration import lock_output_dir\n"
+            "with lock_output_dir(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(600)",
+            str(folder / "out"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, text = _train(folder, capfd, logs, tiny_model)
+        assert code == 1 and f"error: output_dir {folder / 'out'}: another run is writing to it" in text
+        assert not (folder / "out" / "trainer_log.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    code, text = _train(folder, capfd, logs, tiny_model)
+    assert code == 0, text[-3000:]
+
+
+def test_reference_cache_is_checked(tmp_path: Path, capfd: pytest.CaptureFixture, logs: Any, tiny_model: Path) -> None:
+    """A loadable cache file of the wrong shape, dtype or with non-finite values is recomputed, never used."""
+    from llamafactory_longpo.train import reference
+
+    folder = _dataset(tmp_path, GOOD)
+    code, text = _train(folder, capfd, logs, tiny_model, pref_loss="sigmoid")
+    assert code == 0, text[-3000:]
+    (path,) = (folder / "ref_cache").glob("*.pt")
+    good = torch.load(path, weights_only=True)
+    key, rows, keys = good["key"], good["rows"], tuple(good["values"])
+    assert reference._load(str(path), key, rows, keys)[0] is not None
+    values = good["values"]
+    bad = {
+        "not a cache of this data and model": [[1, 2], torch.zeros(3), {"key": None}],
+        "lacks the columns": [{**good, "values": "x"}, {**good, "values": {}}],
+        "is not 4 float32 values": [
+            {**good, "values": {k: v[:1] for k, v in values.items()}},
+            {**good, "values": {k: v.long() for k, v in values.items()}},
+            {**good, "values": {k: v[:, None] for k, v in values.items()}},
+        ],
+        "holds NaN or infinite values": [
+            {**good, "values": {k: torch.full_like(v, x) for k, v in values.items()}} for x in (NAN, INF)
+        ],
+    }
+    for why, blobs in bad.items():
+        for blob in blobs:
+            torch.save(blob, path)
+            assert reference._load(str(path), key, rows, keys)[0] is None
+            assert why in reference._load(str(path), key, rows, keys)[1]
+
+    torch.save({**good, "values": {k: torch.full_like(v, NAN) for k, v in values.items()}}, path)
+    code, text = _train(folder, capfd, logs, tiny_model, pref_loss="sigmoid")
+    assert code == 0, text[-3000:]
+    assert f"reference cache {path}: column" in text and "holds NaN or infinite values; computing it again" in text
+    assert torch.equal(torch.load(path, weights_only=True)["values"][keys[0]], values[keys[0]])
+    entries = [json.loads(line) for line in (folder / "out" / "trainer_log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(e["loss"]) for e in entries if "loss" in e) and any("loss" in e for e in entries)
+
+
+def test_data_checks_in_process(tmp_path: Path) -> None:
+    """The suspicious-data counts, without a training run."""
+    from llamafactory_longpo.data.converter import load_files, validate_files
+    from llamafactory_longpo.errors import RecordError
+
+    folder = _dataset(tmp_path, [], {"a.jsonl": GOOD + GOOD[:1], "b.jsonl": []})
+    files = sorted(str(p) for p in (folder / "parts").iterdir())
+    warnings: list[str] = []
+    assert validate_files(files, warn=warnings.append) == 5
+    assert warnings == [
+        f"short_to_long data: 1 of 5 records repeat an earlier record (they weigh twice); first: {files[0]}: record 4 (line 5)",
+        f"short_to_long data: 1 file(s) hold no records; first: {files[1]}",
+    ]
+    with pytest.raises(RecordError, match="no file holds a record"):
+        validate_files([files[1], files[1]])
+    rows = _mutate(lambda rs: [r.update(id=i if i % 2 else f"r{i}") for i, r in enumerate(rs)])
+    (tmp_path / "ids.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    loaded = load_files([str(tmp_path / "ids.jsonl")], {})
+    assert loaded.column_names == ["system", "long_context", "turns"] and len(loaded) == 4
+
+
+def _write(path: Path, text: str) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+MUSIQUE = ROOT / "tests" / "build" / "musique_sample.jsonl"
+
+
+def _build_yaml(tmp: Path, **values: Any) -> str:
+    config = {"input": str(MUSIQUE), "output": str(tmp / "out.jsonl"), "model": {"model_name_or_path": "x"}, **values}
+    return _write(tmp / "build.yaml", yaml.safe_dump(config))
+
+
+# helper command mistakes: name -> (argv builder, expected one-line message)
+HELPER_CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
+    "missing-config": (lambda t: ["build", "solopo", str(t / "nope.yaml")], "nope.yaml: cannot read the file (No such file"),
+    "yaml-list": (
+        lambda t: ["build", "longpo", _write(t / "l.yaml", "- a\n")],
+        "l.yaml: expected a mapping of keys, got a YAML list",
+    ),
+    "yaml-unparsable": (lambda t: ["build", "solopo", _write(t / "b.yaml", "input: [x\n")], "b.yaml: line 2: invalid YAML"),
+    "num-samples-text": (
+        lambda t: ["build", "solopo", _build_yaml(t, num_samples="many")],
+        "num_samples: 'many' is not an integer",
+    ),
+    "missing-input": (
+        lambda t: ["build", "solopo", _build_yaml(t, input=str(t / "none.jsonl"))],
+        "none.jsonl: cannot read the input (No such file or directory)",
+    ),
+    "empty-input": (
+        lambda t: ["build", "solopo", _build_yaml(t, input=_write(t / "e.jsonl", ""))],
+        "e.jsonl: no usable input line (the file is empty)",
+    ),
+    "tiny-onto-file": (lambda t: ["make-tiny-model", _write(t / "f", "x")], "f: exists and is not a folder"),
+    "demo-bad-info": (
+        lambda t: ["make-demo-data", str(Path(_write(t / "demo" / "dataset_info.json", "{bad")).parent)],
+        "dataset_info.json: line 1: invalid JSON",
+    ),
+    "eval-unknown-task": (
+        lambda t: ["eval", "ruler", _write(t / "r.yaml", yaml.safe_dump({"model": {}, "output_dir": str(t), "tasks": ["nope"]}))],
+        "tasks: 'nope' is not one of",
+    ),
+    "eval-lengths-text": (
+        lambda t: ["eval", "ruler", _write(t / "r.yaml", yaml.safe_dump({"model": {}, "output_dir": str(t), "lengths": "long"}))],
+        "lengths: 'long' is not a list",
+    ),
+    "evolve-yaml-list": (lambda t: ["evolve", _write(t / "l.yaml", "- a\n")], "l.yaml: expected a mapping of keys"),
+}
+
+
+@pytest.mark.parametrize("name", list(HELPER_CASES))
+def test_helper_misuse(name: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from llamafactory_longpo.cli import main
+
+    argv, expected = HELPER_CASES[name]
+    assert main(argv(tmp_path)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("llamafactory-longpo: error: ") and expected in err[0], err
+
+
+def test_builder_resume_files_are_checked(tmp_path: Path) -> None:
+    from llamafactory_longpo.build.output import ResumableWriter
+    from llamafactory_longpo.errors import RecordError
+
+    out = tmp_path / "out.jsonl"
+    _write(tmp_path / "out.jsonl.progress.jsonl", '{"key": "a", "status": "kept"}\ngarbage\n')
+    with pytest.raises(RecordError, match=r"progress\.jsonl: line 2: not a line this build wrote"):
+        ResumableWriter(str(out))
+    (tmp_path / "out.jsonl.progress.jsonl").unlink()
+    _write(out, '{"id": "a"}\n[1]\n')
+    with pytest.raises(RecordError, match=r"out\.jsonl: line 2: not a line this build wrote \(wrong fields\)"):
+        ResumableWriter(str(out))
+
+
+def test_builder_ctrl_c_names_the_records(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llamafactory_longpo import cli
+    from llamafactory_longpo.build import solopo
+
+    config = _build_yaml(tmp_path)
+    _write(tmp_path / "out.jsonl", '{"id": "a"}\n{"id": "b"}\n')
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(solopo, "build_solopo", interrupted)
+    assert cli.main(["build", "solopo", config]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"llamafactory-longpo: interrupted; 2 finished record(s) are in {tmp_path / 'out.jsonl'}; "
+        "run the same command again to resume"
+    )
+
+
+# one real subprocess per command: exit status 1, one error line, no traceback
+COMMAND_CASES: dict[str, tuple[Callable[[Path, Path], list[str]], str]] = {
+    "llamafactory-cli train": (
+        lambda t, tiny: [
+            str(VENV_BIN / "llamafactory-cli"),
+            "train",
+            str(write_yaml(t / "c.yaml", base_config(tiny, t / "out", solopo_alfa=1.0))),
+        ],
+        "unknown key 'solopo_alfa' (did you mean 'solopo_alpha'?)",
+    ),
+    **{
+        f"llamafactory-longpo {name}": (
+            lambda t, tiny, name=name: [str(VENV_BIN / "llamafactory-longpo"), *HELPER_CASES[name][0](t)],
+            HELPER_CASES[name][1],
+        )
+        for name in ("missing-config", "tiny-onto-file", "demo-bad-info", "eval-unknown-task", "evolve-yaml-list")
+    },
+}
+
+
+@pytest.mark.parametrize("name", list(COMMAND_CASES))
+def test_command_misuse(name: str, tmp_path: Path, tiny_model: Path) -> None:
+    argv, expected = COMMAND_CASES[name]
+    proc = run_command(argv(tmp_path, tiny_model), cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout
+    errors = [line for line in proc.stdout.splitlines() if "error:" in line]
+    assert len(errors) == 1 and expected in errors[0], proc.stdout[-3000:]
+    assert errors[0].startswith(("llamafactory-longpo: error: ", "[llamafactory-longpo] error: "))
+
+
+def _bootstrap_imports(env: dict[str, str]) -> tuple[list[str], int]:
+    """Modules the ``.pth`` bootstrap imports at start-up, and its cumulative import time (microseconds)."""
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "pass"], env=env, capture_output=True, text=True, check=True, cwd="/"
+    )
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("import time:") and line.count("|") == 2]
+    for i, line in enumerate(lines):
+        _, cumulative, name = line.split("|")
+        if name.strip() == "llamafactory_longpo._bootstrap":
+            depth = len(name) - len(name.lstrip())
+            inner = []
+            for prior in reversed(lines[:i]):  # -X importtime lists a module's own imports just before it, indented deeper
+                prior_name = prior.split("|")[2]
+                if len(prior_name) - len(prior_name.lstrip()) <= depth:
+                    break
+                inner.append(prior_name.strip())
+            return inner, int(cumulative)
+    raise AssertionError(f"the bootstrap did not run:\n{proc.stderr[-2000:]}")
+
+
+def test_startup_cost() -> None:
+    """The bootstrap imports nothing the interpreter has not loaded already, and costs well under 5 ms."""
+    env = cli_env(PYTHONPATH=str(ROOT))
+    runs = [_bootstrap_imports(env) for _ in range(5)]
+    assert all(inner == ["llamafactory_longpo"] for inner, _ in runs), runs[0][0]
+    assert min(us for _, us in runs) < 5000  # best of five: a loaded machine only adds time
+
+
+def test_pth_checks_the_switch_first(tmp_path: Path) -> None:
+    (tmp_path / "llamafactory_longpo.pth").write_text((ROOT / "llamafactory_longpo.pth").read_text())
+    code = f"import site, sys; site.addsitedir({str(tmp_path)!r}); print(sorted(m for m in sys.modules if 'longpo' in m))"
+    on = subprocess.run([sys.executable, "-S", "-c", code], env=cli_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True)
+    off = subprocess.run(
+        [sys.executable, "-S", "-c", code],
+        env=cli_env(PYTHONPATH=str(ROOT), LLAMAFACTORY_LONGPO_DISABLE="1"),
+        capture_output=True,
+        text=True,
+    )
+    assert on.stdout.strip() == "['llamafactory_longpo', 'llamafactory_longpo._bootstrap']"
+    assert off.stdout.strip() == "[]"
