@@ -72,6 +72,8 @@ def _train(
         code = 0
     except SystemExit as err:
         code = err.code
+    except KeyboardInterrupt:  # would end the whole pytest session
+        pytest.fail("Ctrl-C escaped the training run")
     out = capfd.readouterr()
     # a logging handler some library bound to an earlier test's (now closed) capture stream reports that on
     # every record: pytest's artefact, not the run's
@@ -417,7 +419,10 @@ def test_builder_ctrl_c_names_the_records(tmp_path: Path, capsys: pytest.Capture
         raise KeyboardInterrupt
 
     monkeypatch.setattr(solopo, "build_solopo", interrupted)
-    assert cli.main(["build", "solopo", config]) == 130
+    try:
+        assert cli.main(["build", "solopo", config]) == 130
+    except KeyboardInterrupt:  # would end the whole pytest session
+        pytest.fail("Ctrl-C escaped the command")
     err = capsys.readouterr().err.strip()
     assert err == (
         f"llamafactory-longpo: interrupted; 2 finished record(s) are in {tmp_path / 'out.jsonl'}; "
