@@ -317,9 +317,9 @@ def _run_plugin_stage(tuner: Any, config: dict[str, Any]) -> None:
         try:
             run_short_to_long(model_args, data_args, training_args, finetuning_args, callbacks)
         except KeyboardInterrupt:
-            raise Interrupted(
-                f"interrupted; {last_checkpoint_note(training_args.output_dir)} (resume_from_checkpoint continues from it)"
-            ) from None
+            note = last_checkpoint_note(training_args.output_dir)
+            resume = " (resume_from_checkpoint continues from it)" if note.startswith("the last") else ""
+            raise Interrupted(f"interrupted; {note}{resume}") from None
 
     if tuner.is_ray_available():
         import ray
