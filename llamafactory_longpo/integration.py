@@ -356,8 +356,9 @@ def patch_tuner(module: Any) -> None:
         except Exception as err:  # the toolkit's own errors inside a plugin stage: the same one-line form
             if not plugin_stage or os.environ.get(TRACEBACK_ENV) == "1":
                 raise
-            hint = f"set {TRACEBACK_ENV}=1 for the traceback"
-            print(f"[llamafactory-longpo] error: {describe_error(err)} ({hint})", file=sys.stderr)
+            text = describe_error(err)
+            hint = "" if text.startswith("unknown key") else f" (set {TRACEBACK_ENV}=1 for the traceback)"  # a typo, not a bug
+            print(f"[llamafactory-longpo] error: {text}{hint}", file=sys.stderr)
             raise SystemExit(1) from None
 
     module._training_function = _training_function
