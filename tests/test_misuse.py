@@ -246,6 +246,26 @@ def test_nan_loss_stops_before_a_checkpoint(tmp_path: Path, capfd: pytest.Captur
     assert all(torch.isfinite(t).all() for t in load_file(str(out / "checkpoint-1" / "model.safetensors")).values())
 
 
+def test_nan_guard_leaves_fp16_overflow_to_the_loss_scaler(tmp_path: Path) -> None:
+    """Under fp16 an infinite gradient is routine (the scaler skips that step); elsewhere it stops the run."""
+    from types import SimpleNamespace
+
+    from llamafactory_longpo.errors import TrainingError
+    from llamafactory_longpo.train.callbacks import NonFiniteGuardCallback
+
+    model = torch.nn.Linear(2, 2)
+    model.weight.grad = torch.full_like(model.weight, INF)
+    state = SimpleNamespace(global_step=4)
+    fp16, fp32 = (SimpleNamespace(fp16=flag, output_dir=str(tmp_path)) for flag in (True, False))
+    guard = NonFiniteGuardCallback()
+    guard.on_pre_optimizer_step(fp16, state, None, model=model)
+    guard.on_log(fp16, state, None, logs={"grad_norm": INF})
+    with pytest.raises(TrainingError, match=f"step 5: the gradient is NaN or infinite; .*no checkpoint was saved in {tmp_path}"):
+        guard.on_pre_optimizer_step(fp32, state, None, model=model)
+    with pytest.raises(TrainingError, match="step 4: grad_norm is NaN or infinite"):
+        guard.on_log(fp32, state, None, logs={"grad_norm": NAN})
+
+
 def test_output_dir_lock(tmp_path: Path, capfd: pytest.CaptureFixture, logs: Any, tiny_model: Path) -> None:
     """A second run into a held output_dir is refused; the lock dies with its holder (kill -9 included)."""
     folder = _dataset(tmp_path, GOOD)

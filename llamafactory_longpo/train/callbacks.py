@@ -97,7 +97,8 @@ class NonFiniteGuardCallback(TrainerCallback):
     optimizer anyway, so one bad step writes NaN weights into every later checkpoint and the final model.
     Gradients are checked after the all-reduce and clipping, before the optimizer step; engines that keep
     gradients out of ``param.grad`` (DeepSpeed) are caught by the logged ``grad_norm`` instead, still before
-    that step's checkpoint (the Trainer logs before it saves).
+    that step's checkpoint (the Trainer logs before it saves). Under fp16 the loss scaler owns this case: an
+    overflowing step is skipped (the weights stay finite) and the scale lowered, so the guard stands aside.
     """
 
     def _stop(self, args: Any, step: int, what: str) -> None:
@@ -109,12 +110,14 @@ class NonFiniteGuardCallback(TrainerCallback):
     def on_pre_optimizer_step(
         self, args: Any, state: Any, control: Any, model: Optional[torch.nn.Module] = None, **kw: Any
     ) -> None:
+        if args.fp16:
+            return
         grads = [p.grad for p in model.parameters() if p.grad is not None] if model is not None else []
         if grads and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=math.inf))):
             self._stop(args, state.global_step + 1, "the gradient")
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Optional[dict[str, Any]] = None, **kw: Any) -> None:
-        for key in ("loss", "grad_norm"):
+        for key in ("loss", "grad_norm") if not args.fp16 else ():
             value = (logs or {}).get(key)
             if isinstance(value, float) and not math.isfinite(value):
                 self._stop(args, state.global_step, key)
