@@ -267,6 +267,9 @@ class ShortToLongDataArguments:
         default="\n\n",
         metadata={"help": "Text between the context and the instruction in a user message."},
     )
+    # not a knob: the run's data.plan.RowPlan, made from the stage's arguments before the dataset is loaded (the
+    # toolkit's loader hands the processor nothing but data_args); init=False keeps it out of YAML and the CLI
+    s2l_plan: Optional[Any] = field(default=None, init=False, repr=False)
 
     def validate_short_to_long(self) -> None:
         validate_choices(self, {f.name for f in fields(ShortToLongDataArguments)})

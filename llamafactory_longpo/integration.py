@@ -115,7 +115,6 @@ def patch_dataset_attr(module: Any) -> None:
     cls.join = join
 
 
-_TOOLKIT_TARGETS = {"rm": "pair", "sft": "sft"}
 _S2L_FILES: dict[str, dict[str, str]] = {}  # validated short_to_long file -> its column renamings, loaded by the plugin
 
 
@@ -130,6 +129,7 @@ def patch_loader(module: Any) -> None:
     if not _once(module, "loader"):
         return
     from .data import converter
+    from .data.plan import TOOLKIT_TARGETS, RowPlan
 
     merged, align, get_processor = module._get_merged_dataset, module.align_dataset, module._get_dataset_processor
     preprocessed, load_dataset = module._get_preprocessed_dataset, module.load_dataset
@@ -141,8 +141,9 @@ def patch_loader(module: Any) -> None:
         attrs = module.get_dataset_list(dataset_names, data_args.dataset_dir)
         names = {id(a): f"'{n}' ({a})" if str(a) != n else f"'{n}'" for n, a in zip(dataset_names, attrs)}
         s2l = [a for a in attrs if a.formatting == converter.FORMATTING]
-        plugin_target = getattr(data_args, "s2l_target", None)
-        if plugin_target in PLUGIN_STAGES:
+        plan = data_args.s2l_plan  # set by the plugin's workflow for its stages, else None
+        plugin_target = plan.target if plan is not None and plan.target in PLUGIN_STAGES else None
+        if plugin_target is not None:
             for a in attrs:
                 if a.formatting != converter.FORMATTING:
                     raise ConfigError(
@@ -154,13 +155,13 @@ def patch_loader(module: Any) -> None:
         if len(s2l) != len(attrs):
             other = next(a for a in attrs if a.formatting != converter.FORMATTING)
             raise ConfigError(f"dataset {names[id(other)]}: cannot be mixed with short_to_long datasets")
-        if plugin_target not in PLUGIN_STAGES:
-            if stage not in _TOOLKIT_TARGETS:
+        if plugin_target is None:
+            if stage not in TOOLKIT_TARGETS:
                 raise ConfigError(
                     f"dataset {names[id(s2l[0])]}: short_to_long records cannot feed stage {stage!r}; "
                     "use stage solopo, longpo, dpo, rm or sft"
                 )
-            data_args.s2l_toolkit_target = _TOOLKIT_TARGETS[stage]
+            data_args.s2l_plan = RowPlan.for_toolkit(stage)  # the toolkit's stages: their own view of the records
         for a in s2l:
             if not a.ranking:
                 raise ConfigError(f'dataset {names[id(a)]}: a short_to_long entry in dataset_info.json needs "ranking": true')
@@ -178,14 +179,11 @@ def patch_loader(module: Any) -> None:
     def align_dataset(dataset, dataset_attr, data_args, training_args):  # noqa: ANN001
         if dataset_attr.formatting != converter.FORMATTING:
             return align(dataset, dataset_attr, data_args, training_args)
-        target = getattr(data_args, "s2l_target", None)
-        if target not in PLUGIN_STAGES:
-            target = data_args.s2l_toolkit_target
-        return converter.align_short_to_long(dataset, dataset_attr, data_args, training_args, target)
+        return converter.align_short_to_long(dataset, dataset_attr, data_args, training_args, data_args.s2l_plan.target)
 
     @functools.wraps(get_processor)
     def _get_dataset_processor(data_args, stage, template, tokenizer, processor, do_generate=False):  # noqa: ANN001
-        if getattr(data_args, "s2l_target", None) in PLUGIN_STAGES:
+        if data_args.s2l_plan is not None and data_args.s2l_plan.target in PLUGIN_STAGES:
             from .data.processor import ShortToLongDatasetProcessor
 
             return ShortToLongDatasetProcessor(template=template, tokenizer=tokenizer, processor=processor, data_args=data_args)
@@ -193,7 +191,7 @@ def patch_loader(module: Any) -> None:
 
     @functools.wraps(preprocessed)
     def _get_preprocessed_dataset(dataset, data_args, training_args, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-        if getattr(data_args, "s2l_target", None) not in PLUGIN_STAGES or dataset is None:
+        if data_args.s2l_plan is None or data_args.s2l_plan.target not in PLUGIN_STAGES or dataset is None:
             return preprocessed(dataset, data_args, training_args, *args, **kwargs)
         from .data.processor import overlong_hint
 

@@ -11,19 +11,21 @@ Batch keys (``n`` samples in the batch):
   ``n`` rows of long rejected when aligning both.
 - LongPO: ``ref_input_ids``/``ref_attention_mask``/``ref_labels`` = all short reference rows (chosen
   turns of every sample, then rejected turns), and ``ref_sample`` = the sample each row belongs to.
-- precomputed reference log-probs (``ref_*_logps`` columns): ``[n]`` float tensors; the reference rows
-  themselves are then left out of the batch, since nothing runs on them.
+- precomputed reference log-probs (the plan's ``ref_*_logps`` columns): ``[n]`` float tensors; the
+  reference rows themselves are then left out of the batch, since nothing runs on them.
+
+Which groups a batch has is the run's :class:`..plan.RowPlan`, given at construction.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from llamafactory.data.collator import MultiModalDataCollatorForSeq2Seq, PairwiseDataCollatorWithPadding
 
-REF_LOGP_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_long_chosen_logps", "ref_long_rejected_logps")
+from .plan import RowPlan
 
 
 def _row(ids: list[int], labels: list[int]) -> dict[str, Any]:
@@ -34,6 +36,8 @@ def _row(ids: list[int], labels: list[int]) -> dict[str, Any]:
 class ShortToLongDataCollator(PairwiseDataCollatorWithPadding):
     """Pairwise collator plus a separately padded group of long (SoLoPO) or reference (LongPO) rows."""
 
+    plan: Optional[RowPlan] = None  # required; a dataclass field after the parent's defaulted ones
+
     def _pad(self, rows: list[dict[str, Any]], prefix: str) -> dict[str, torch.Tensor]:
         padded = MultiModalDataCollatorForSeq2Seq.__call__(self, rows)
         return {f"{prefix}{k}": v for k, v in padded.items() if k in ("input_ids", "attention_mask", "labels")}
@@ -42,16 +46,17 @@ class ShortToLongDataCollator(PairwiseDataCollatorWithPadding):
         for f in features:  # media keys are None for text rows; the parent expects lists
             for media in ("images", "videos", "audios"):
                 f[media] = f.get(media) or []
-        precomputed = [k for k in REF_LOGP_COLUMNS if k in features[0]]
+        plan = self.plan
         batch = super().__call__(features)
-        for key in precomputed:
-            batch[key] = torch.tensor([f[key] for f in features], dtype=torch.float32)
-        if "long_chosen_input_ids" in features[0]:
+        if plan.precomputed:
+            for key in plan.reference:
+                batch[key] = torch.tensor([f[key] for f in features], dtype=torch.float32)
+        if plan.long_rows:
             long_rows = [_row(f["long_chosen_input_ids"], f["long_chosen_labels"]) for f in features]
-            if "long_rejected_input_ids" in features[0]:
+            if plan.long_rejected:
                 long_rows += [_row(f["long_rejected_input_ids"], f["long_rejected_labels"]) for f in features]
             batch.update(self._pad(long_rows, "long_"))
-        if "ref_chosen_input_ids" in features[0] and not precomputed:
+        if plan.reference_rows and not plan.precomputed:
             ref_rows, owner = [], []
             for side in ("ref_chosen", "ref_rejected"):
                 for i, f in enumerate(features):

@@ -37,7 +37,7 @@ def record_from_json(blob: str) -> Record:
 
 @dataclass
 class ShortToLongDatasetProcessor(DatasetProcessor):
-    """Processor for the plugin stages; ``data_args.s2l_target`` says which (``solopo``/``longpo``)."""
+    """Processor for the plugin stages; the run's plan (``data_args.s2l_plan``) says which rows a sample has."""
 
     def _encode_turns(self, messages: list[dict[str, str]], system: Optional[str]) -> Row:
         """Encode a conversation; every assistant turn is a label, every other token is masked."""
@@ -122,12 +122,10 @@ class ShortToLongDatasetProcessor(DatasetProcessor):
         return {"chosen": long_rows[0], "rejected": long_rows[1], **refs}
 
     def preprocess_dataset(self, examples: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        target = getattr(self.data_args, "s2l_target", None)
-        if target not in ("solopo", "longpo"):
-            raise ValueError(f"ShortToLongDatasetProcessor needs data_args.s2l_target solopo|longpo, got {target!r}")
-        long_rejected = bool(getattr(self.data_args, "s2l_long_rejected", False))
+        plan = self.data_args.s2l_plan
+        target, long_rejected = plan.target, plan.long_rejected
         # every key present even when the whole batch is dropped, so batches share one schema
-        model_inputs: dict[str, list[Any]] = {key: [] for key in output_keys(target, long_rejected)}
+        model_inputs: dict[str, list[Any]] = {key: [] for key in plan.columns()}
         dropped = 0
         for blob, turn in zip(examples[RECORD_COLUMN], examples[TURN_COLUMN]):
             record = record_from_json(blob)
@@ -171,15 +169,6 @@ def overlong_hint(data_args: Any) -> str:
     if data_args.s2l_overlong == "middle":  # already cut: the instruction and responses alone do not fit
         return f"{cutoffs}, even with the context cut in the middle; raise the cutoffs"
     return f"{cutoffs}; raise the cutoffs or set s2l_overlong: middle"
-
-
-def output_keys(target: str, long_rejected: bool) -> list[str]:
-    """The columns a processed row of ``target`` has."""
-    rows = ["chosen", "rejected"] + (["long_chosen"] + (["long_rejected"] if long_rejected else []) if target == "solopo" else [])
-    keys = [f"{r}_{part}" for r in rows for part in ("input_ids", "attention_mask", "labels")]
-    if target == "longpo":
-        keys += [f"{r}_{part}" for r in ("ref_chosen", "ref_rejected") for part in ("input_ids", "labels")]
-    return keys + ["images", "videos", "audios"]
 
 
 def _asst(text: str) -> dict[str, str]:

@@ -16,7 +16,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
 import torch
@@ -118,32 +118,39 @@ def _gathered(model: torch.nn.Module) -> Any:
 
 
 def compute_values(
-    trainer: Any, model: torch.nn.Module, dataset: Any, keys: tuple[str, ...], batch_size: int, desc: str
+    model: torch.nn.Module,
+    dataset: Any,
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    score: Callable[[torch.nn.Module, dict[str, Any]], dict[str, torch.Tensor]],
+    *,
+    keys: tuple[str, ...],
+    batch_size: int,
+    device: torch.device,
+    shards: tuple[int, int],
+    desc: str,
 ) -> dict[str, list[float]]:
-    """One no-grad pass; under several processes each rank scores a shard in lockstep, then all gather.
+    """One no-grad pass: ``score`` on batches that ``collate`` makes of the samples of this rank's shard.
 
-    Under sequence parallelism the shard belongs to the rank's group (its ranks score the same rows together).
+    ``shards`` = (count, index): with several processes each shard is scored by its ranks in lockstep (the
+    same number of batches everywhere, which ZeRO-3's gathers need), then every rank gathers all values.
+    Under sequence parallelism a shard belongs to a group, whose ranks score the same rows together.
     """
     import torch.distributed as dist
     from tqdm import tqdm
 
+    count, index = shards
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    rank = dist.get_rank() if world > 1 else 0
-    sp = getattr(trainer, "sequence_parallel", None)
-    shards, shard = (sp.dp_size, sp.dp_rank) if sp is not None else (world, rank)
     total = len(dataset)
-    mine = list(range(shard, total, shards))
-    steps = -(-len(range(0, total, shards)) // batch_size)  # same number of batches on every rank (ZeRO-3 needs lockstep)
-    device = trainer.accelerator.device
+    mine = list(range(index, total, count))
+    steps = -(-len(range(0, total, count)) // batch_size)
     was_training = model.training
     model.eval()
     results: dict[int, dict[str, float]] = {}
     with torch.no_grad(), _gathered(model):
-        for step in tqdm(range(steps), desc=desc, disable=rank != 0):
+        for step in tqdm(range(steps), desc=desc, disable=world > 1 and dist.get_rank() != 0):
             idx = mine[step * batch_size : (step + 1) * batch_size] or [mine[0] if mine else 0]
-            features = [dataset[i] for i in idx]
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in trainer.data_collator(features).items()}
-            values = trainer.compute_reference_values(model, batch)
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([dataset[i] for i in idx]).items()}
+            values = score(model, batch)
             for j, i in enumerate(idx):
                 if i in mine:
                     results[i] = {k: float(values[k][j]) for k in keys}
@@ -156,66 +163,41 @@ def compute_values(
     return {k: [results[i][k] for i in range(total)] for k in keys}
 
 
-def precompute_reference(
-    trainer: Any,
-    model: torch.nn.Module,
-    *,
-    model_paths: list[Optional[str]],
-    template: str,
+def cached_values(
+    parts: dict[str, Any],
+    rows: int,
+    keys: tuple[str, ...],
     cache_dir: Optional[str],
-    batch_size: int,
-    logger: Any,
-) -> None:
-    """Add the reference columns to the trainer's train/eval datasets, from the cache or one pass."""
+    compute: Callable[[], dict[str, list[float]]],
+    what: str,
+    log: Callable[[str], None],
+    warn: Callable[[str], None],
+) -> tuple[dict[str, list[float]], str, str]:
+    """The values stored under the key of ``parts``, or ``compute()`` checked and stored there (rank 0 writes).
+
+    Returns the values, the cache file and ``"hit"`` or ``"miss"``. ``what`` names the samples in the error a
+    non-finite reference raises; ``log`` hears where the values come from, ``warn`` why a file could not be used.
+    """
     import torch.distributed as dist
 
-    both = (
-        bool(getattr(trainer.train_dataset, "column_names", None))
-        and "long_rejected_input_ids" in trainer.train_dataset.column_names
-    )
-    keys = trainer.needed_reference_keys(both)
-    if not keys:
-        return
-    cache_dir = cache_dir or DEFAULT_CACHE_DIR
-    trainer.reference_cache = {}  # split -> (path, "hit" | "miss"), for logs and tests
-    splits = {"train": trainer.train_dataset, "eval": trainer.eval_dataset}
-    for split, dataset in splits.items():
-        if dataset is None or isinstance(dataset, dict):
-            continue
-        scored = [c for c in dataset.column_names if c.endswith(("input_ids", "labels"))]
-        parts = {
-            "version": CACHE_VERSION,
-            "data": data_fingerprint(dataset, scored),
-            "model": model_fingerprint(model_paths),
-            "template": template,
-            "dtype": str(next(model.parameters()).dtype),
-            "stage": trainer.stage,
-            "keys": keys,
-        }
-        key = cache_key(parts)
-        path = os.path.join(cache_dir, f"{key}.pt")
-        values, why = _load(path, key, len(dataset), keys) if os.path.exists(path) else (None, "")
-        trainer.reference_cache[split] = (path, "miss" if values is None else "hit")
-        if values is None:
-            if why:
-                logger.warning_rank0(f"reference cache {path}: {why}; computing it again")
-            logger.info_rank0(f"reference log-probs ({split}, {len(dataset)} samples): computing once, cache {path}")
-            values = compute_values(trainer, model, dataset, keys, batch_size, f"Reference log-probs ({split})")
-            bad = [i for i in range(len(dataset)) if not all(math.isfinite(values[k][i]) for k in keys)]
-            if bad:
-                raise TrainingError(
-                    f"the reference model gives NaN or infinite log-probs for {len(bad)} {split} samples "
-                    f"(first: sample {bad[0]}); check the reference model and its dtype"
-                )
-            if not dist.is_initialized() or dist.get_rank() == 0:
-                _save(path, key, len(dataset), values)
-            if dist.is_initialized():
-                dist.barrier()
-        else:
-            logger.info_rank0(f"reference log-probs ({split}): read from cache {path}")
-        for name, column in values.items():
-            dataset = dataset.add_column(name, column)
-        if split == "train":
-            trainer.train_dataset = dataset
-        else:
-            trainer.eval_dataset = dataset
+    key = cache_key({"version": CACHE_VERSION, **parts})
+    path = os.path.join(cache_dir or DEFAULT_CACHE_DIR, f"{key}.pt")
+    values, why = _load(path, key, rows, keys) if os.path.exists(path) else (None, "")
+    if values is not None:
+        log(f"reference log-probs ({what}): read from cache {path}")
+        return values, path, "hit"
+    if why:
+        warn(f"reference cache {path}: {why}; computing it again")
+    log(f"reference log-probs ({rows} {what}): computing once, cache {path}")
+    values = compute()
+    bad = [i for i in range(rows) if not all(math.isfinite(values[k][i]) for k in keys)]
+    if bad:
+        raise TrainingError(
+            f"the reference model gives NaN or infinite log-probs for {len(bad)} {what} "
+            f"(first: sample {bad[0]}); check the reference model and its dtype"
+        )
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        _save(path, key, rows, values)
+    if dist.is_initialized():
+        dist.barrier()
+    return values, path, "miss"

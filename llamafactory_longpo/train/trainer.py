@@ -7,6 +7,7 @@ come from :mod:`.logps` (response positions only) and the losses from :mod:`llam
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -16,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from llamafactory.train.dpo.trainer import CustomDPOTrainer
 
-from ..data.collator import REF_LOGP_COLUMNS
+from ..data.plan import RowPlan
 from ..losses import longpo_loss, solopo_loss
 from .compat import accept_indexed_cpu_locations
 from .logps import plain_sequence_logps, sequence_logps
+from .reference import cached_values, compute_values, data_fingerprint, model_fingerprint
 from .rope import rope_theta_override
 from .sequence_parallel import GroupBatchSampler, SamplerEpochCallback, SequenceParallel
 from .shared_prefix import shared_prefix_logps
@@ -31,16 +33,20 @@ class ShortToLongTrainer(CustomDPOTrainer):
     def __init__(
         self,
         *args: Any,
+        plan: RowPlan,
         sequence_parallel: Optional[SequenceParallel] = None,
         shared_prefix: bool = False,
         original_rope_theta: Optional[float] = None,
         **kwargs: Any,
     ) -> None:
-        """``sequence_parallel``: this rank's group (``sequence_parallel_size`` > 1). ``shared_prefix``: LongPO's
-        policy pass packs each pair (:mod:`.shared_prefix`; its attention is installed on the model).
-        ``original_rope_theta``: the RoPE base a LoRA reference must run at when the policy's was raised."""
+        """``plan``: the rows and reference values of a step (:mod:`..data.plan`). ``sequence_parallel``: this
+        rank's group (``sequence_parallel_size`` > 1). ``shared_prefix``: LongPO's policy pass packs each pair
+        (:mod:`.shared_prefix`; its attention is installed on the model). ``original_rope_theta``: the RoPE base a
+        LoRA reference must run at when the policy's was raised."""
         super().__init__(*args, **kwargs)
-        self.stage: str = self.finetuning_args.stage
+        self.plan = plan
+        self.stage: str = plan.target
+        self.reference_cache: dict[str, tuple[str, str]] = {}  # split -> (cache file, "hit" | "miss")
         self.sequence_parallel = sequence_parallel
         self.shared_prefix = shared_prefix
         self.original_rope_theta = original_rope_theta
@@ -148,32 +154,19 @@ class ShortToLongTrainer(CustomDPOTrainer):
         with ctx:
             return self._logps(ref_model, batch, prefix)["logps"]
 
-    def needed_reference_keys(self, both: bool) -> tuple[str, ...]:
-        """Which of :data:`REF_LOGP_COLUMNS` this stage and its knobs use."""
-        fa = self.finetuning_args
-        if self.stage == "longpo":
-            return REF_LOGP_COLUMNS[:2]
-        if fa.pref_loss != "sigmoid":
-            return ()
-        if fa.solopo_long_reference == "short":
-            return REF_LOGP_COLUMNS[:2]
-        return REF_LOGP_COLUMNS[:4] if both else REF_LOGP_COLUMNS[:3]
-
     @torch.no_grad()
     def compute_reference_values(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Reference log-prob SUMS per sample (LongPO: summed over its turns' short rows)."""
+        """Reference log-prob SUMS per sample, for the plan's reference values (LongPO: summed over its turns)."""
         n = batch["input_ids"].size(0) // 2
-        both = "long_input_ids" in batch and batch["long_input_ids"].size(0) == 2 * n
-        keys = self.needed_reference_keys(both)
+        keys = self.plan.reference
         out: dict[str, torch.Tensor] = {}
-        if self.stage == "longpo":
+        if self.plan.reference_rows:
             rows = self.reference_logps(model, batch, "ref_")
             owner = batch["ref_sample"]
             half = owner.size(0) // 2  # chosen turns of every sample, then rejected turns
-            out["ref_chosen_logps"] = torch.zeros(n, dtype=rows.dtype, device=rows.device).index_add(0, owner[:half], rows[:half])
-            out["ref_rejected_logps"] = torch.zeros(n, dtype=rows.dtype, device=rows.device).index_add(
-                0, owner[half:], rows[half:]
-            )
+            zeros = torch.zeros(n, dtype=rows.dtype, device=rows.device)
+            out["ref_chosen_logps"] = zeros.index_add(0, owner[:half], rows[:half])
+            out["ref_rejected_logps"] = zeros.index_add(0, owner[half:], rows[half:])
             return out
         if keys:
             short = self.reference_logps(model, batch, "")
@@ -181,14 +174,66 @@ class ShortToLongTrainer(CustomDPOTrainer):
         if "ref_long_chosen_logps" in keys:
             long = self.reference_logps(model, batch, "long_")
             out["ref_long_chosen_logps"] = long[:n]
-            if both:
+            if "ref_long_rejected_logps" in keys:
                 out["ref_long_rejected_logps"] = long[n:]
         return out
 
     def reference_values(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Precomputed values from the batch when present (no reference model runs), else live."""
-        present = {k: batch[k] for k in REF_LOGP_COLUMNS if k in batch}
-        return present if present else self.compute_reference_values(model, batch)
+        """Precomputed values from the batch (no reference model runs), or live ones."""
+        if self.plan.precomputed:
+            return {k: batch[k] for k in self.plan.reference}
+        return self.compute_reference_values(model, batch)
+
+    def precompute_reference(
+        self,
+        model: torch.nn.Module,
+        *,
+        model_paths: list[Optional[str]],
+        template: str,
+        cache_dir: Optional[str],
+        batch_size: int,
+        log: Callable[[str], None],
+        warn: Callable[[str], None],
+    ) -> None:
+        """Before training: every sample's reference values become columns of the train/eval datasets, from the
+        cache (:mod:`.reference`) or one no-grad pass of the frozen model; ``log`` and ``warn``: as in :func:`.reference.cached_values`."""
+        keys = self.plan.reference
+        live = dataclasses.replace(self.data_collator, plan=self.plan.live())  # the pass scores the reference rows
+        sp = self.sequence_parallel
+        world = self.args.world_size
+        shards = (sp.dp_size, sp.dp_rank) if sp is not None else (world, self.args.process_index)
+        for split in ("train", "eval"):
+            dataset = getattr(self, f"{split}_dataset")
+            if dataset is None or isinstance(dataset, dict):
+                continue
+            scored = [c for c in dataset.column_names if c.endswith(("input_ids", "labels"))]
+            parts = {
+                "data": data_fingerprint(dataset, scored),
+                "model": model_fingerprint(model_paths),
+                "template": template,
+                "dtype": str(next(model.parameters()).dtype),
+                "stage": self.stage,
+                "keys": keys,
+            }
+
+            def compute(dataset: Any = dataset, split: str = split) -> dict[str, list[float]]:
+                return compute_values(
+                    model,
+                    dataset,
+                    live,
+                    self.compute_reference_values,
+                    keys=keys,
+                    batch_size=batch_size,
+                    device=self.accelerator.device,
+                    shards=shards,
+                    desc=f"Reference log-probs ({split})",
+                )
+
+            values, path, status = cached_values(parts, len(dataset), keys, cache_dir, compute, f"{split} samples", log, warn)
+            self.reference_cache[split] = (path, status)
+            for name, column in values.items():
+                dataset = dataset.add_column(name, column)
+            setattr(self, f"{split}_dataset", dataset)
 
     # ------------------------------------------------------------------ losses
     def _solopo(
@@ -198,8 +243,8 @@ class ShortToLongTrainer(CustomDPOTrainer):
         n = batch["input_ids"].size(0) // 2
         short = self._logps(model, batch)
         long = self._logps(model, batch, "long_")
-        both = long["logps"].size(0) == 2 * n
-        ref = self.reference_values(model, batch) if fa.pref_loss == "sigmoid" else {}
+        both = self.plan.long_rejected
+        ref = self.reference_values(model, batch)  # empty for SimPO and ORPO (the plan has no reference)
         names = {"ref_chosen_logps": "ref_short_chosen_logps", "ref_rejected_logps": "ref_short_rejected_logps"}
         refs = {names.get(k, k): v for k, v in ref.items()}
         out = solopo_loss(

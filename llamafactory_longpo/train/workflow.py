@@ -12,6 +12,7 @@ from llamafactory.model import load_model, load_tokenizer
 from llamafactory.train.trainer_utils import create_modelcard_and_push, create_ref_model
 
 from ..data.collator import ShortToLongDataCollator
+from ..data.plan import RowPlan
 from .plots import plot_rewards
 from .rope import current_rope_theta, set_rope_theta
 from .shared_prefix import install_shared_prefix_attention
@@ -28,12 +29,6 @@ PLOT_KEYS = {
 }
 
 
-def prepare_data_args(data_args: Any, finetuning_args: Any) -> None:
-    """Tell the short-to-long loader which rows the stage needs."""
-    data_args.s2l_target = finetuning_args.stage
-    data_args.s2l_long_rejected = finetuning_args.stage == "solopo" and finetuning_args.solopo_align == "both"
-
-
 def build_trainer(
     model_args: Any,
     data_args: Any,
@@ -42,7 +37,8 @@ def build_trainer(
     callbacks: Optional[list[TrainerCallback]] = None,
 ) -> ShortToLongTrainer:
     """Tokenizer, dataset, policy (and reference), collator and trainer for a plugin stage."""
-    prepare_data_args(data_args, finetuning_args)
+    plan = RowPlan.for_stage(finetuning_args, training_args.do_train)
+    data_args.s2l_plan = plan  # the loader's processor reads it
     tokenizer_module = load_tokenizer(model_args)
     tokenizer = tokenizer_module["tokenizer"]
     template = get_template_and_fix_tokenizer(tokenizer, data_args)
@@ -65,15 +61,15 @@ def build_trainer(
         )
 
     collator = ShortToLongDataCollator(
+        plan=plan,
         template=template,
         model=model,
         pad_to_multiple_of=8,
         label_pad_token_id=IGNORE_INDEX if data_args.ignore_pad_token_for_loss else tokenizer.pad_token_id,
         **tokenizer_module,
     )
-    precompute = finetuning_args.use_ref_model and finetuning_args.s2l_precompute_ref and training_args.do_train
     ref_model = None
-    if finetuning_args.use_ref_model and (not precompute or finetuning_args.ref_model is not None):
+    if finetuning_args.use_ref_model and (not plan.precomputed or finetuning_args.ref_model is not None):
         # a live reference, or an explicit one to score once; None for LoRA (adapters get disabled)
         ref_model = create_ref_model(model_args, finetuning_args)
 
@@ -85,28 +81,27 @@ def build_trainer(
         finetuning_args=finetuning_args,
         data_collator=collator,
         callbacks=callbacks,
+        plan=plan,
         sequence_parallel=sequence_parallel,
         shared_prefix=shared_prefix,
         original_rope_theta=current_rope_theta(model.config) if raise_theta is not None else None,
         **dataset_module,
         **tokenizer_module,
     )
-    if precompute:
-        from .reference import precompute_reference
-
+    if plan.precomputed:
         ref_paths = (
             [finetuning_args.ref_model, *(finetuning_args.ref_model_adapters or [])]
             if finetuning_args.ref_model
             else [model_args.model_name_or_path, *(model_args.adapter_name_or_path or [])]
         )
-        precompute_reference(
-            trainer,
+        trainer.precompute_reference(
             model,
             model_paths=ref_paths,
             template=str(data_args.template),
             cache_dir=finetuning_args.s2l_ref_cache_dir,
             batch_size=training_args.per_device_eval_batch_size,
-            logger=logger,
+            log=logger.info_rank0,
+            warn=logger.warning_rank0,
         )
         trainer.ref_model = None  # training reads the cached columns; no reference model is kept
 

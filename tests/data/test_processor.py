@@ -9,6 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from llamafactory_longpo.data.converter import RECORD_COLUMN, TURN_COLUMN
+from llamafactory_longpo.data.plan import RowPlan
 from llamafactory_longpo.data.record import parse_record
 from tests.conftest import ROOT
 
@@ -52,7 +53,7 @@ def _labels_text(tokenizer, labels: list[int]) -> str:
 def test_solopo_rows_mask_all_but_assistant(setup) -> None:
     tokenizer = setup[0]
     blobs = _records("solopo_demo", 3)
-    proc = _processor(setup, s2l_target="solopo", s2l_long_rejected=True)
+    proc = _processor(setup, s2l_plan=RowPlan("solopo", long_rejected=True))
     out = proc.preprocess_dataset({RECORD_COLUMN: blobs, TURN_COLUMN: [0, 0, 0]})
     assert len(out["chosen_input_ids"]) == 3
     rec = json.loads(blobs[0])
@@ -73,7 +74,7 @@ def test_solopo_rows_mask_all_but_assistant(setup) -> None:
 def test_longpo_rows_and_reference_turns(setup) -> None:
     tokenizer = setup[0]
     blobs = _records("longpo_demo", 2)
-    out = _processor(setup, s2l_target="longpo").preprocess_dataset({RECORD_COLUMN: blobs, TURN_COLUMN: [-1, -1]})
+    out = _processor(setup, s2l_plan=RowPlan("longpo")).preprocess_dataset({RECORD_COLUMN: blobs, TURN_COLUMN: [-1, -1]})
     rec = json.loads(blobs[1])
     n = len(rec["turns"])
     assert len(out["ref_chosen_input_ids"][1]) == n == len(out["ref_rejected_labels"][1])
@@ -90,14 +91,14 @@ def test_longpo_rows_and_reference_turns(setup) -> None:
 def test_overlong_drop_and_middle_cut(setup, caplog, capsys) -> None:
     tokenizer = setup[0]
     blobs = _records("solopo_demo", 4)
-    full = _processor(setup, s2l_target="solopo").preprocess_dataset({RECORD_COLUMN: blobs, TURN_COLUMN: [0] * 4})
+    full = _processor(setup, s2l_plan=RowPlan("solopo")).preprocess_dataset({RECORD_COLUMN: blobs, TURN_COLUMN: [0] * 4})
     lengths = sorted(len(x) for x in full["long_chosen_input_ids"])
     cutoff = lengths[1] + 1  # two samples fit, two do not
-    drop = _processor(setup, s2l_target="solopo", cutoff_len=cutoff)
+    drop = _processor(setup, s2l_plan=RowPlan("solopo"), cutoff_len=cutoff)
     out = drop.preprocess_dataset({RECORD_COLUMN: blobs, TURN_COLUMN: [0] * 4})
     assert len(out["long_chosen_input_ids"]) == 2
     assert "Dropped 2 of 4 solopo samples" in capsys.readouterr().err + caplog.text
-    middle = _processor(setup, s2l_target="solopo", cutoff_len=cutoff, s2l_overlong="middle")
+    middle = _processor(setup, s2l_plan=RowPlan("solopo"), cutoff_len=cutoff, s2l_overlong="middle")
     out = middle.preprocess_dataset({RECORD_COLUMN: blobs, TURN_COLUMN: [0] * 4})
     assert len(out["long_chosen_input_ids"]) == 4
     for blob, ids, labels in zip(blobs, out["long_chosen_input_ids"], out["long_chosen_labels"]):
@@ -114,10 +115,10 @@ def test_schema_is_stable_when_a_batch_is_all_dropped(setup, target: str, long_r
     name = "solopo_demo" if target == "solopo" else "longpo_demo"
     blobs = _records(name, 2)
     turns = [0, 0] if target == "solopo" else [-1, -1]
-    kept = _processor(setup, s2l_target=target, s2l_long_rejected=long_rejected).preprocess_dataset(
+    kept = _processor(setup, s2l_plan=RowPlan(target, long_rejected=long_rejected)).preprocess_dataset(
         {RECORD_COLUMN: blobs, TURN_COLUMN: turns}
     )
-    none = _processor(setup, s2l_target=target, s2l_long_rejected=long_rejected, cutoff_len=16).preprocess_dataset(
+    none = _processor(setup, s2l_plan=RowPlan(target, long_rejected=long_rejected), cutoff_len=16).preprocess_dataset(
         {RECORD_COLUMN: blobs, TURN_COLUMN: turns}
     )
     assert set(none) == set(kept) and all(v == [] for v in none.values())
@@ -131,9 +132,10 @@ def test_collator_pads_short_and_long_separately(setup, tiny_model: Path) -> Non
 
     tokenizer, template, _ = setup
     blobs = _records("solopo_demo", 2)
-    out = _processor(setup, s2l_target="solopo").preprocess_dataset({RECORD_COLUMN: blobs, TURN_COLUMN: [0, 0]})
+    out = _processor(setup, s2l_plan=RowPlan("solopo")).preprocess_dataset({RECORD_COLUMN: blobs, TURN_COLUMN: [0, 0]})
     features = [{k: v[i] for k, v in out.items()} for i in range(2)]
     collator = ShortToLongDataCollator(
+        plan=RowPlan("solopo"),
         template=template,
         model=AutoModelForCausalLM.from_pretrained(tiny_model),
         pad_to_multiple_of=8,

@@ -9,6 +9,7 @@ against the independent float64 reference within a float32 bound, then replaced 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -172,7 +173,7 @@ def test_longpo_trainer_loss_matches_plain_forwards(tmp_path: Path, tiny_model: 
     n = batch["input_ids"].size(0) // 2
     # the short reference rows of the same samples (the batch drops them when log-probs are precomputed)
     rows = [{k: v for k, v in trainer.train_dataset[i].items() if not k.endswith("_logps")} for i in range(n)]
-    ref_batch = trainer.data_collator(rows)
+    ref_batch = dataclasses.replace(trainer.data_collator, plan=trainer.plan.live())(rows)  # with the reference rows
     assert torch.equal(ref_batch["input_ids"], batch["input_ids"])  # same samples as the training batch
     r_rows, _ = plain_logps(reference, ref_batch["ref_input_ids"], ref_batch["ref_attention_mask"], ref_batch["ref_labels"])
     owner = ref_batch["ref_sample"].tolist()
