@@ -196,7 +196,8 @@ class ShortToLongTrainer(CustomDPOTrainer):
         warn: Callable[[str], None],
     ) -> None:
         """Before training: every sample's reference values become columns of the train/eval datasets, from the
-        cache (:mod:`.reference`) or one no-grad pass of the frozen model; ``log`` and ``warn``: as in :func:`.reference.cached_values`."""
+        cache (:mod:`.reference`) or one no-grad pass of the frozen model.
+        ``log`` and ``warn``: as in :func:`.reference.cached_values`."""
         keys = self.plan.reference
         live = dataclasses.replace(self.data_collator, plan=self.plan.live())  # the pass scores the reference rows
         sp = self.sequence_parallel
