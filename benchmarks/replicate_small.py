@@ -408,8 +408,8 @@ def build_longpo_data(s: Settings, work: Path, model: Path, data_dir: Path, shor
     log(f"build longpo (unchanged): kept {attempt['kept']} of {s.longpo_attempt_docs} documents ({attempt['dropped']})")
 
     # (b) the same builder, the task's questions as the instruction pools
-    from llamafactory_longpo.build.generate import Generator
     from llamafactory_longpo.build.longpo import LongPOBuildConfig, build_longpo
+    from llamafactory_longpo.text.generate import Generator
 
     corpus = work / "longpo_input.jsonl"
     docs = longpo_corpus(s, corpus, s.longpo_docs, s.seed + 3)
@@ -454,7 +454,7 @@ def build_longpo_data(s: Settings, work: Path, model: Path, data_dir: Path, shor
 
 def eval_set(s: Settings, tokenizer: Any, short_tokens: int, para_tokens: int) -> list[dict[str, Any]]:
     """Held-out questions (their own seed), each at the short length and at 2x, 4x, 8x (evidence at random depths)."""
-    from llamafactory_longpo.build.haystack import build_haystack
+    from llamafactory_longpo.text.haystack import build_haystack
 
     others = others_needed(s, short_tokens, para_tokens, max(MULTS))
     items = kv.make_items("eval", s.eval_items, s.seed + 4, **item_kwargs(s, others))
@@ -478,8 +478,8 @@ def evaluate(name: str, model: Path, samples: list[dict[str, Any]], s: Settings)
     import gc
     import io
 
-    from llamafactory_longpo.build.generate import Generator
-    from llamafactory_longpo.build.scoring import extract_final_answer, sub_em
+    from llamafactory_longpo.text.generate import Generator
+    from llamafactory_longpo.text.scoring import extract_final_answer, sub_em
 
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):

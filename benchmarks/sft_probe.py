@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kv_hops as kv  # noqa: E402
 from replicate_small import FULL, Settings, make_task_model, sft_example  # noqa: E402
 
-from llamafactory_longpo.build.scoring import extract_final_answer, sub_em  # noqa: E402
+from llamafactory_longpo.text.scoring import extract_final_answer, sub_em  # noqa: E402
 
 
 def encode(tokenizer: Any, context: str, question: str, answer: str | None = None) -> Any:

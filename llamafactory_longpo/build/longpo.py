@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..errors import RecordError
-from .output import ResumableWriter, merge_dataset_info, read_inputs, record_seed, summarize
+from ..text.jsonl import read_inputs
+from .output import ResumableWriter, merge_dataset_info, record_seed, summarize
 
 SELF_INSTRUCT_PROMPT = (
     "Read the text above and write {n} diverse questions or instructions that can be answered from it "
@@ -122,7 +123,7 @@ def build_longpo(config: LongPOBuildConfig, generator: Any = None, log: Any = pr
 
     docs, skipped = read_corpus(config.input, config.strict, log)
     if generator is None:
-        from .generate import Generator
+        from ..text.generate import Generator
 
         generator = Generator(config.model)
     tok = generator.tokenizer

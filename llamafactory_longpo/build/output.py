@@ -12,51 +12,16 @@ import json
 import os
 import statistics
 from collections import Counter
-from collections.abc import Callable, Iterator
-from typing import Any, Optional, TypeVar
+from collections.abc import Iterator
+from typing import Any, Optional
 
-from ..errors import ConfigError, RecordError
-
-T = TypeVar("T")
+from ..errors import RecordError
 
 
 def record_seed(base: int, key: str) -> int:
     """A per-input seed: the same input gets the same randomness whatever ran before it (so a resumed build
     equals an uninterrupted one)."""
     return int(hashlib.sha256(f"{base}:{key}".encode()).hexdigest()[:8], 16)
-
-
-def read_inputs(
-    path: str, parse: Callable[[str, int], T | str], *, strict: bool, log: Any, tag: str
-) -> tuple[list[T], dict[str, int]]:
-    """Parse a JSONL input line by line. ``parse(line, lineno)`` returns an item, a string (a reason to
-    skip the line, counted), or raises :class:`RecordError` (reported with its line, counted as
-    ``malformed``; fatal with ``strict``)."""
-    items: list[T] = []
-    skipped: dict[str, int] = {}
-    try:
-        fh = open(path, encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read the input ({err.strerror})") from None
-    with fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                item = parse(line, lineno)
-            except RecordError as err:
-                if strict:
-                    raise
-                log(f"[{tag}] skipped: {err}")
-                item = "malformed"
-            if isinstance(item, str):
-                skipped[item] = skipped.get(item, 0) + 1
-                continue
-            items.append(item)
-    if not items:  # an empty dataset would be registered and fail only at training
-        counts = ", ".join(f"{n} {reason}" for reason, n in skipped.items())
-        raise ConfigError(f"{path}: no usable input line ({counts or 'the file is empty'})")
-    return items, skipped
 
 
 def _clean_tail(path: str) -> None:

@@ -13,10 +13,11 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..errors import ConfigError, RecordError
-from .haystack import build_haystack
-from .output import ResumableWriter, merge_dataset_info, read_inputs, record_seed, summarize
-from .scoring import extract_final_answer, sub_em
+from ..errors import ConfigError
+from ..text.haystack import build_haystack
+from ..text.musique import read_musique
+from ..text.scoring import extract_final_answer, sub_em
+from .output import ResumableWriter, merge_dataset_info, record_seed, summarize
 
 COT_PROMPT = (
     "Answer the question using the passages above. Think step by step, then give the answer on a last "
@@ -44,63 +45,6 @@ class SoLoPOBuildConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class MusiqueItem:
-    key: str
-    question: str
-    answers: list[str]
-    supporting: list[str]
-    others: list[str]
-
-
-def _paragraph(p: dict[str, Any]) -> str:
-    title = (p.get("title") or "").strip()
-    text = p["paragraph_text"].strip()
-    return f"{title}\n{text}" if title else text
-
-
-def parse_musique_line(line: str, lineno: int, path: str) -> Optional[MusiqueItem]:
-    """One MuSiQue line; ``None`` for an unanswerable question; :class:`RecordError` if malformed."""
-    where = f"{path}: line {lineno}"
-    try:
-        raw = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise RecordError(f"{where}: invalid JSON ({err.msg})") from None
-    if not isinstance(raw, dict):
-        raise RecordError(f"{where}: expected a JSON object")
-    if raw.get("answerable") is False:
-        return None
-    for name in ("question", "answer"):
-        if not isinstance(raw.get(name), str) or not raw[name].strip():
-            raise RecordError(f"{where}: field '{name}' is missing or empty")
-    paragraphs = raw.get("paragraphs")
-    if not isinstance(paragraphs, list) or not paragraphs:
-        raise RecordError(f"{where}: field 'paragraphs' is missing or empty")
-    for i, p in enumerate(paragraphs):
-        if not isinstance(p, dict) or not isinstance(p.get("paragraph_text"), str) or not p["paragraph_text"].strip():
-            raise RecordError(f"{where}: field 'paragraphs[{i}].paragraph_text' is missing or empty")
-    supporting = [_paragraph(p) for p in paragraphs if p.get("is_supporting")]
-    if not supporting:
-        raise RecordError(f"{where}: no paragraph has 'is_supporting': true")
-    aliases = raw.get("answer_aliases") or []
-    return MusiqueItem(
-        key=str(raw.get("id", f"line{lineno}")),
-        question=raw["question"].strip(),
-        answers=[raw["answer"], *[a for a in aliases if isinstance(a, str)]],
-        supporting=supporting,
-        others=[_paragraph(p) for p in paragraphs if not p.get("is_supporting")],
-    )
-
-
-def read_musique(path: str, strict: bool, log: Any = print) -> tuple[list[MusiqueItem], dict[str, int]]:
-    """All usable items, and counts of what was skipped (bad lines are reported with their number)."""
-
-    def parse(line: str, lineno: int) -> MusiqueItem | str:
-        return parse_musique_line(line, lineno, path) or "unanswerable"
-
-    return read_inputs(path, parse, strict=strict, log=log, tag="build solopo")
-
-
 def build_solopo(config: SoLoPOBuildConfig, generator: Any = None, log: Any = print) -> dict[str, Any]:
     """Build (or resume) the output; returns the summary. ``generator`` defaults to the toolkit engine."""
     from tqdm import tqdm
@@ -109,7 +53,7 @@ def build_solopo(config: SoLoPOBuildConfig, generator: Any = None, log: Any = pr
     if config.max_records is not None:
         items = items[: config.max_records]
     if generator is None:
-        from .generate import Generator
+        from ..text.generate import Generator
 
         generator = Generator(config.model)
     tokenizer = generator.tokenizer

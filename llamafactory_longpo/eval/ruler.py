@@ -44,13 +44,13 @@ def run_ruler(config: RulerConfig, generator: Any = None, log: Any = print) -> d
         raise ConfigError(f"tasks: {unknown[0]!r} is not one of {', '.join(TASKS)}")
     options: dict[str, Any] = {}
     if "qa_haystack" in config.tasks:
-        from ..build.solopo import read_musique
+        from ..text.musique import read_musique
 
         if not config.musique:
             raise ConfigError("tasks: qa_haystack needs 'musique' (a MuSiQue-format JSONL file)")
         options["records"] = read_musique(config.musique, strict=False, log=log)[0]
     if generator is None:
-        from ..build.generate import Generator
+        from ..text.generate import Generator
 
         generator = Generator(config.model)
     samples = make_samples(

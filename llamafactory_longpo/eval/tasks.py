@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-from ..build.haystack import build_haystack
 from ..errors import ConfigError
+from ..text.haystack import build_haystack
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking", "qa_haystack", "doc_qa_single", "doc_qa_multi")
 
@@ -252,7 +252,7 @@ def make_samples(
 
 def score(sample: Sample, prediction: str) -> float:
     """Sub-EM for single-answer tasks; recall of the answers for list tasks (substring, normalized)."""
-    from ..build.scoring import normalize_answer, sub_em
+    from ..text.scoring import normalize_answer, sub_em
 
     if sample.match == "any":
         return float(sub_em(prediction, sample.answers))

@@ -24,8 +24,8 @@ import pytest
 import yaml
 from transformers import AutoTokenizer
 
-from llamafactory_longpo.build.scoring import extract_final_answer, sub_em
 from llamafactory_longpo.data.record import load_records
+from llamafactory_longpo.text.scoring import extract_final_answer, sub_em
 from tests.conftest import VENV_BIN, cli_env
 
 SAMPLE = Path(__file__).parent / "musique_sample.jsonl"

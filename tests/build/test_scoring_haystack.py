@@ -8,8 +8,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from llamafactory_longpo import demo
-from llamafactory_longpo.build.haystack import build_haystack
-from llamafactory_longpo.build.scoring import extract_final_answer, normalize_answer, sub_em
+from llamafactory_longpo.text.haystack import build_haystack
+from llamafactory_longpo.text.scoring import extract_final_answer, normalize_answer, sub_em
 
 
 @pytest.mark.parametrize(

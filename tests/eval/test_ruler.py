@@ -94,8 +94,8 @@ def test_eval_ruler_cli_and_perfect_stub(tmp_path: Path, tiny_model: Path, tok) 
     for name in ("ruler_heatmap.png", "ruler_lengths.png"):
         assert (tmp_path / "ruler" / name).stat().st_size > 1000
 
-    from llamafactory_longpo.build.solopo import read_musique
     from llamafactory_longpo.eval.ruler import RulerConfig, run_ruler
+    from llamafactory_longpo.text.musique import read_musique
 
     config = RulerConfig(**{**cfg, "output_dir": str(tmp_path / "stub")})
     samples = make_samples(

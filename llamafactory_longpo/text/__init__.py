@@ -1,0 +1,2 @@
+"""Text tools shared by the builders (build/) and evaluation (eval/): haystacks, MuSiQue records, sub-EM scoring,
+generation through the toolkit's engines."""
