@@ -1,9 +1,24 @@
-"""The ONLY module that touches LLaMA-Factory internals.
+"""Where the plugin meets LLaMA-Factory's internals: every seam is patched here or listed here.
 
 Each ``patch_*`` function receives a toolkit module right after it has executed (see ``_bootstrap``)
 and is idempotent. :func:`apply` patches every already-imported module, for callers that import the
-toolkit before the bootstrap could run (or with the ``.pth`` disabled). A toolkit upgrade should be
-this file's work alone.
+toolkit before the bootstrap could run (or with the ``.pth`` disabled). A toolkit upgrade starts with
+this list:
+
+- ``extras.constants`` stage tables: the two stages join the board's lists (:func:`patch_constants`);
+- the ``_*_ARGS`` lists of ``hparams.parser``: argument subclasses with the plugin's knobs (:func:`patch_parser`);
+- ``data.parser.DatasetAttr.join``: short-to-long column renamings are kept (:func:`patch_dataset_attr`);
+- ``data.loader`` ``_get_merged_dataset``, ``align_dataset``, ``_get_dataset_processor``,
+  ``_get_preprocessed_dataset``, ``load_dataset``: short-to-long data validated, loaded, processed
+  (:func:`patch_loader`);
+- ``train.tuner._training_function``: the plugin's stages dispatched (:func:`patch_tuner`);
+- ``webui.runner.Runner._parse_train_args``: the plugin's controls reach a board run (:func:`patch_runner`);
+- ``webui.components.train`` ``create_train_tab`` and ``list_datasets``, ``webui.manager.Manager.get_base_elems``:
+  the plugin's controls and dataset filter (:mod:`.webui`, installed by :func:`patch_webui_train`);
+- ``train.callbacks.LogCallback._write_log``: the plugin's metrics in each log line (:mod:`.train.callbacks`);
+- ``data.collator.MultiModalDataCollatorForSeq2Seq.__call__``: the long and reference rows padded as their own
+  group (:mod:`.data.collator`);
+- ``train.dpo.trainer.CustomDPOTrainer``: the plugin's trainer's base class (:mod:`.train.trainer`).
 """
 
 from __future__ import annotations
@@ -279,7 +294,14 @@ def lock_output_dir(output_dir: str) -> Iterator[None]:
 
 
 def _run_plugin_stage(tuner: Any, config: dict[str, Any]) -> None:
-    """The toolkit's ``_training_function`` for a plugin stage: same callbacks, the plugin's workflow."""
+    """The toolkit's ``_training_function`` for a plugin stage: same callbacks, the plugin's workflow.
+
+    Why the callback set-up is repeated here instead of calling the toolkit's function: that function parses
+    the arguments, builds the callbacks and dispatches on the stage in one body, through a closed
+    ``if/elif`` chain that ends in ``raise ValueError("Unknown task")``; no hook runs between the callbacks and
+    the dispatch, so a plugin stage could only pass through it disguised as one of the toolkit's stages.
+    The repeated part is the list of callbacks, with the toolkit's own classes taken from its module.
+    """
     from .hparams import check_attention_kernels
     from .train.callbacks import NonFiniteGuardCallback, ShortToLongLogCallback, last_checkpoint_note
     from .train.compat import shutdown_distributed
