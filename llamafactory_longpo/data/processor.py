@@ -22,7 +22,7 @@ from llamafactory.extras import logging
 from llamafactory.extras.constants import IGNORE_INDEX
 
 from .converter import RECORD_COLUMN, TURN_COLUMN
-from .record import Record, Turn, long_conversation, user_message
+from .record import Record, Turn, assistant_message, long_conversation, user_message
 
 logger = logging.get_logger(f"llamafactory.longpo.{__name__.rsplit('.', 1)[-1]}")  # under the toolkit's root: its handlers apply
 
@@ -79,12 +79,12 @@ class ShortToLongDatasetProcessor(DatasetProcessor):
 
         def short(ctx: str) -> list[Row]:
             prompt = [user_message(ctx, t.instruction, joiner)]
-            return [self._encode_turns(prompt + [_asst(y)], system) for y in (t.chosen, t.rejected)]
+            return [self._encode_turns(prompt + [assistant_message(y)], system) for y in (t.chosen, t.rejected)]
 
         def long(ctx: str) -> list[Row]:
             prompt = [user_message(ctx, t.instruction, joiner)]
             answers = (t.chosen, t.rejected) if long_rejected else (t.chosen,)
-            return [self._encode_turns(prompt + [_asst(y)], system) for y in answers]
+            return [self._encode_turns(prompt + [assistant_message(y)], system) for y in answers]
 
         short_rows = self._fit(short, t.short_context, self.data_args.short_cutoff_len)
         long_rows = self._fit(long, record.long_context, self.data_args.cutoff_len)
@@ -112,7 +112,7 @@ class ShortToLongDatasetProcessor(DatasetProcessor):
 
             def short(ctx: str, t: Turn = t) -> list[Row]:
                 prompt = [user_message(ctx, t.instruction, joiner)]
-                return [self._encode_turns(prompt + [_asst(y)], record.system) for y in (t.chosen, t.rejected)]
+                return [self._encode_turns(prompt + [assistant_message(y)], record.system) for y in (t.chosen, t.rejected)]
 
             rows = self._fit(short, t.short_context, self.data_args.short_cutoff_len)
             if rows is None:
@@ -169,7 +169,3 @@ def overlong_hint(data_args: Any) -> str:
     if data_args.s2l_overlong == "middle":  # already cut: the instruction and responses alone do not fit
         return f"{cutoffs}, even with the context cut in the middle; raise the cutoffs"
     return f"{cutoffs}; raise the cutoffs or set s2l_overlong: middle"
-
-
-def _asst(text: str) -> dict[str, str]:
-    return {"role": "assistant", "content": text}

@@ -11,6 +11,8 @@ from contextlib import contextmanager
 
 import torch
 
+from ..errors import ConfigError
+
 
 def _rotary_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
@@ -29,11 +31,11 @@ def set_rope_theta(model: torch.nn.Module, theta: float) -> float:
     params = getattr(config, "rope_parameters", None)
     rope_type = (params or {}).get("rope_type", "default") if isinstance(params, dict) else "default"
     if rope_type != "default":
-        raise ValueError(f"policy_rope_theta: only default RoPE is supported, the model uses rope_type {rope_type!r}")
+        raise ConfigError(f"policy_rope_theta: only default RoPE is supported, the model uses rope_type {rope_type!r}")
     old = current_rope_theta(config)
     modules = _rotary_modules(model)
     if not modules:
-        raise ValueError("policy_rope_theta: the model has no rotary embedding buffers (inv_freq)")
+        raise ConfigError("policy_rope_theta: the model has no rotary embedding buffers (inv_freq)")
     for m in modules:
         dim = m.inv_freq.numel() * 2
         exponent = torch.arange(0, dim, 2, dtype=torch.int64).to(device=m.inv_freq.device, dtype=torch.float) / dim

@@ -235,6 +235,7 @@ class ShortToLongTrainer(CustomDPOTrainer):
             for name, column in values.items():
                 dataset = dataset.add_column(name, column)
             setattr(self, f"{split}_dataset", dataset)
+        self.ref_model = None  # training reads the columns: no reference model is kept
 
     # ------------------------------------------------------------------ losses
     def _solopo(

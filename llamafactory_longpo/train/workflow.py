@@ -103,7 +103,6 @@ def build_trainer(
             log=logger.info_rank0,
             warn=logger.warning_rank0,
         )
-        trainer.ref_model = None  # training reads the cached columns; no reference model is kept
 
     # the policy's RoPE base changes only now, after the reference pass; a live reference runs at the original
     if raise_theta is not None:
