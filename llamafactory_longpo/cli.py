@@ -43,6 +43,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ev.add_argument("suite", choices=["ruler"])
     ev.add_argument("config", help="YAML: model (llamafactory-cli chat keys), output_dir, tasks, lengths, depths, ...")
 
+    est = sub.add_parser("estimate", help="predict each GPU's peak memory (and the step's FLOPs) of a training YAML")
+    est.add_argument("config", help="the YAML given to llamafactory-cli train")
+    est.add_argument("--gpus", type=int, default=1, help="GPUs of the run (ZeRO partitions over all of them)")
+    est.add_argument("--lengths", type=int, nargs="+", default=None, help="long-row lengths in tokens (default: cutoff_len)")
+    est.add_argument("--device-memory", type=float, default=80.0, help="GiB per GPU for the fit verdict (default 80)")
+    est.add_argument("--sequence-parallel", type=int, default=None, help="override sequence_parallel_size")
+    est.add_argument("--response-tokens", type=int, default=None, help="scored tokens per row (default 512)")
+    est.add_argument("--validate", action="store_true", help="on a GPU: run a reduced-depth real step and compare")
+
     args = parser.parse_args(argv)
     try:
         return _run(args)
@@ -184,6 +193,20 @@ def _run(args: argparse.Namespace) -> int:
         from .eval.ruler import RulerConfig, run_ruler
 
         run_ruler(_load_config(RulerConfig, args.config, False))
+    elif args.command == "estimate":
+        from .planner import run_estimate
+
+        print(
+            run_estimate(
+                args.config,
+                gpus=args.gpus,
+                lengths=args.lengths,
+                device_gib=args.device_memory,
+                sp=args.sequence_parallel,
+                response=args.response_tokens,
+                validate=args.validate,
+            )
+        )
     elif args.command == "evolve":
         from .build.evolve import run_recipe
 

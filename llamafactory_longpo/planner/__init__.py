@@ -1,0 +1,109 @@
+"""Memory planner: each GPU's peak memory and the step's FLOPs for a training YAML, predicted on a CPU.
+
+``llamafactory-longpo estimate CONFIG.yaml`` traces one training step of the stage's own code (the
+plugin's trainer and log-prob code, the toolkit's DPO/SFT trainers) on fake tensors at two reduced
+depths, scales it to full depth, and distributes it per rank by ZeRO stage, offload and sequence
+parallelism. Model states alone are what ``accelerate estimate-memory`` and DeepSpeed's estimators
+count; what grows with length (activations, the LM head and its loss chunk, attention) is traced here.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import warnings
+from typing import Any, Optional
+
+from ..errors import ConfigError
+
+__all__ = ["run_estimate", "train_start_line"]
+
+
+def _quiet() -> None:
+    """The toolkit's and libraries' info lines are about the traced copies, not the user's run."""
+    for name in ("llamafactory", "transformers", "DeepSpeed", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:  # transformers is a dependency; this only guards odd installs
+        pass
+
+
+def _check_layout(gpus: int, sp: int) -> None:
+    if gpus < 1:
+        raise ConfigError(f"--gpus: {gpus} must be >= 1")
+    if sp < 1 or gpus % sp:
+        raise ConfigError(f"sequence_parallel_size: {sp} must divide the number of GPUs ({gpus})")
+
+
+def run_estimate(
+    config: str,
+    gpus: int = 1,
+    lengths: Optional[list[int]] = None,
+    device_gib: float = 80.0,
+    sp: Optional[int] = None,
+    response: Optional[int] = None,
+    validate: bool = False,
+) -> str:
+    """The ``estimate`` command: the report for ``config`` at each of ``lengths`` (default ``cutoff_len``)."""
+    _quiet()
+    from .plan import GIB, estimate, format_report
+    from .step import load_run_config
+
+    run = load_run_config(config)
+    sp = sp or int(getattr(run.finetuning_args, "sequence_parallel_size", 1) or 1)
+    _check_layout(gpus, sp)
+    lengths = lengths or [run.data_args.cutoff_len]
+    for length in lengths:
+        if length < 16:
+            raise ConfigError(f"--lengths: {length} tokens is too short to trace (at least 16)")
+    estimates = [estimate(run, length, gpus, sp, device_gib, response) for length in lengths]
+    counts = estimates[0].counts
+    counts_line = (
+        f"{counts.total / 1e9:.2f}B parameters, {counts.trainable / 1e9:.3g}B trainable, "
+        f"{run.model_config.num_hidden_layers} layers, vocabulary {run.model_config.vocab_size:,}"
+    )
+    report = format_report(run, estimates, gpus, sp, counts_line)
+    if validate:
+        from .validate import GPU_LAYERS, gpu_check
+
+        check = gpu_check(run, lengths[0], response)
+        report += (
+            f"\nvalidate ({GPU_LAYERS} layers, one GPU, {lengths[0]:,} tokens): predicted {check.predicted / GIB:.2f} GiB, "
+            f"max_memory_allocated {check.measured / GIB:.2f} GiB ({check.error:+.1%})"
+        )
+    return report
+
+
+def _fresh_args(obj: Any, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The init fields of a parsed arguments object, to parse them again (post-init values are idempotent)."""
+    return {f.name: copy.deepcopy(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init and f.name not in drop}
+
+
+def train_start_line(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any) -> str:
+    """One line for the start of training: the predicted peak per rank of this run at its ``cutoff_len``.
+
+    Never raises: a run is not stopped for its estimate; the line then says why there is none.
+    """
+    try:
+        _quiet()
+        from .plan import GIB, estimate
+        from .step import ZeroConfig, load_run_config_from_dict
+
+        raw: dict[str, Any] = {}
+        for obj in (model_args, data_args, finetuning_args):
+            raw.update(_fresh_args(obj))
+        ds = training_args.deepspeed
+        raw.update(_fresh_args(training_args, drop=("deepspeed",)))
+        zero = ZeroConfig.from_dict(ds) if isinstance(ds, dict) else ZeroConfig.from_file(ds, None)
+        run = load_run_config_from_dict(raw, zero, "the running training")
+        world = max(1, int(training_args.world_size))
+        e = estimate(run, data_args.cutoff_len, world)
+        parts = ", ".join(f"{k} {v / GIB:.1f}" for k, v in e.parts.items() if v >= 0.05 * GIB)
+        return f"planner: predicted peak per rank at {data_args.cutoff_len:,} tokens: {e.total / GIB:.1f} GiB ({parts})"
+    except Exception as err:  # noqa: BLE001 - the estimate is advice; training goes on without it
+        return f"planner: no estimate for this run ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"

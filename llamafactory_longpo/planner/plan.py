@@ -1,0 +1,270 @@
+"""Per-rank peak memory of a run: traced activations, DeepSpeed's model-state formulas, a fit verdict.
+
+How a prediction is made (:func:`estimate`):
+
+1. Trace the step (:mod:`.step`, :mod:`.trace`) at two reduced depths; every part of the peak and the
+   step's FLOPs are linear in depth (each layer adds its parameters, its checkpointed input and its
+   share of compute; one layer is recomputed at a time), so two depths give the full-depth values.
+2. Sequence parallelism (Ulysses): each rank holds ``1/P`` of every row's tokens for all heads, or
+   all tokens for ``1/P`` of the heads inside attention; the same bytes. The memory trace runs rows of
+   ``T/P`` tokens, and the FLOPs come from a trace of whole rows (attention is quadratic in ``T``).
+3. Model states: without DeepSpeed, as traced (the toolkit keeps trainable weights in fp32 with bf16
+   autocast; AdamW keeps two states per weight). With DeepSpeed, ZeRO's formulas (Rajbhandari et al.,
+   2020, arXiv 1910.02054; DeepSpeed's ``estimate_zero{2,3}_model_states_mem_needs``): bf16 weights
+   (2 B), gradients as bf16 plus an fp32 partition (2 + 4 B), fp32 master weights and Adam moments
+   (4 + 8 B) per trainable parameter, partitioned over the ranks by stage, and under ZeRO-3 the largest
+   gathered layer (4 B per parameter) on top.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .attention import register
+from .step import DEFAULT_RESPONSE_TOKENS, Lengths, RunConfig, StepSetup, autocast_context, setup_step
+from .trace import GRADIENTS, KINDS, OPTIMIZER, REFERENCE, WEIGHTS, StepTrace, fake_mode, trace_step
+
+GIB = 1 << 30
+NOT_MODELLED = (
+    "not modelled: allocator fragmentation and cache, CUDA context, NCCL buffers, cuBLAS/cuDNN workspaces, "
+    "DeepSpeed bucket and prefetch buffers, padding (rows are traced at full length)"
+)
+
+
+@dataclass
+class ModelCounts:
+    """Parameter counts at full depth (linear in depth, like everything else here)."""
+
+    total: float
+    trainable: float
+    largest_layer: float
+    largest_trainable: bool
+
+
+@dataclass
+class DepthTrace:
+    """One traced depth: peak parts of the forward/backward and of the optimizer step, FLOPs, counts."""
+
+    layers: int
+    fwd_bwd: dict[str, int]
+    optimizer_step: dict[str, int]
+    flops: int
+    counts: ModelCounts
+
+
+@dataclass
+class Estimate:
+    """Predicted peak of one rank at one length, with its parts (bytes) and the step's FLOPs."""
+
+    length: int
+    parts: dict[str, float]
+    flops: float
+    counts: ModelCounts
+    device_bytes: Optional[float] = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+    @property
+    def fits(self) -> Optional[bool]:
+        return None if self.device_bytes is None else self.total <= self.device_bytes
+
+    @property
+    def largest(self) -> str:
+        return max(self.parts, key=lambda k: self.parts[k])
+
+
+def _counts(model: torch.nn.Module) -> ModelCounts:
+    seen: dict[int, torch.nn.Parameter] = {}
+    for p in model.parameters():
+        seen.setdefault(id(p), p)
+    total = sum(p.numel() for p in seen.values())
+    trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
+    largest, largest_trainable = 0, False
+    for m in model.modules():
+        own = list(m.parameters(recurse=False))
+        size = sum(p.numel() for p in own)
+        if size > largest:
+            largest, largest_trainable = size, any(p.requires_grad for p in own)
+    return ModelCounts(total, trainable, largest, largest_trainable)
+
+
+def traced_step(run: RunConfig, setup: StepSetup, layers: int) -> StepTrace:
+    """Peak parts and FLOPs of one steady-state step (the optimizer's states already made); fake or real."""
+    setup.warm_optimizer()
+    autocast = autocast_context(run)
+
+    def step() -> None:
+        with autocast:
+            setup.run_step()
+
+    track = [setup.model, setup.optimizer, setup.batch]
+    return trace_step(step, setup.optimizer_step, track, run.model_config.vocab_size, layers, reference=setup.ref_model)
+
+
+def trace_depth(run: RunConfig, layers: int, lengths: Lengths, attention: str, shared_prefix: Optional[bool]) -> DepthTrace:
+    """Trace one step of the run at ``layers`` layers on fake tensors."""
+    with fake_mode():
+        setup = setup_step(run, layers, lengths, attention, shared_prefix)
+        traced = traced_step(run, setup, layers)
+        return DepthTrace(layers, traced.fwd_bwd, traced.optimizer_step, traced.flops, _counts(setup.model))
+
+
+def _extrapolate(a: float, b: float, la: int, lb: int, layers: int) -> float:
+    return a + (b - a) * (layers - la) / (lb - la)
+
+
+def trace_depths(run: RunConfig, full_layers: int) -> tuple[int, int]:
+    """The two depths traced: 2 and 3 layers (the first and last layer may differ from the middle ones)."""
+    return (2, 3) if full_layers > 3 else (max(1, full_layers - 1), full_layers)
+
+
+def scaled_trace(
+    run: RunConfig, lengths: Lengths, attention: str, shared_prefix: Optional[bool], layers: Optional[int] = None
+) -> DepthTrace:
+    """The step at full depth (``layers``, default the model's), from traces at two reduced depths."""
+    full = layers or run.model_config.num_hidden_layers
+    la, lb = trace_depths(run, full)
+    if la == lb:
+        return trace_depth(run, full, lengths, attention, shared_prefix)
+    a = trace_depth(run, la, lengths, attention, shared_prefix)
+    b = trace_depth(run, lb, lengths, attention, shared_prefix)
+
+    def parts(x: dict[str, int], y: dict[str, int]) -> dict[str, float]:
+        return {k: max(0.0, _extrapolate(x[k], y[k], la, lb, full)) for k in KINDS}
+
+    ca, cb = a.counts, b.counts
+    counts = ModelCounts(
+        _extrapolate(ca.total, cb.total, la, lb, full),
+        _extrapolate(ca.trainable, cb.trainable, la, lb, full),
+        max(ca.largest_layer, cb.largest_layer),
+        cb.largest_trainable,
+    )
+    return DepthTrace(
+        full,
+        parts(a.fwd_bwd, b.fwd_bwd),
+        parts(a.optimizer_step, b.optimizer_step),
+        _extrapolate(a.flops, b.flops, la, lb, full),
+        counts,
+    )
+
+
+def zero_model_states(run: RunConfig, counts: ModelCounts, world: int) -> dict[str, float]:
+    """Weights, gradients and optimizer states per rank under DeepSpeed (see the module docstring)."""
+    z = run.zero
+    psi, psi_t = counts.total, counts.trainable
+    shard = world if z.stage >= 3 else 1
+    grad_shard = world if z.stage >= 2 else 1
+    weights = 2 * psi / shard
+    if z.stage >= 3:
+        weights = (0 if z.offload_param else weights) + (4 if counts.largest_trainable else 2) * counts.largest_layer
+    if z.offload_optimizer or z.offload_param:
+        return {WEIGHTS: weights, GRADIENTS: 0.0, OPTIMIZER: 0.0}
+    grads = 2 * psi_t / grad_shard + 4 * psi_t / (world if z.stage >= 1 else 1)
+    optimizer = 12 * psi_t / (world if z.stage >= 1 else 1)
+    return {WEIGHTS: weights, GRADIENTS: grads, OPTIMIZER: optimizer}
+
+
+def per_rank(run: RunConfig, traced: DepthTrace, world: int) -> dict[str, float]:
+    """The rank's peak parts: as traced without DeepSpeed; ZeRO's model states with it."""
+    if not run.zero.enabled:
+        fwd, opt = traced.fwd_bwd, traced.optimizer_step
+        return dict(fwd) if sum(fwd.values()) >= sum(opt.values()) else dict(opt)
+    parts = {k: float(v) for k, v in traced.fwd_bwd.items()}
+    parts.update(zero_model_states(run, traced.counts, world))
+    if parts[REFERENCE] and run.zero.stage >= 3:  # a separate reference is partitioned like the policy's weights
+        ref_weights = traced.fwd_bwd.get(REFERENCE, 0)
+        parts[REFERENCE] = parts[REFERENCE] - ref_weights + ref_weights / world
+    return {k: parts[k] for k in KINDS}
+
+
+def row_lengths(run: RunConfig, length: int, sp: int, response: Optional[int]) -> Lengths:
+    """Tokens per row on one rank: the long rows at ``length``, the short ones at ``short_cutoff_len``."""
+    short = min(getattr(run.data_args, "short_cutoff_len", length) or length, length)
+    resp = response if response is not None else DEFAULT_RESPONSE_TOKENS
+    local_long, local_short = -(-length // sp), -(-short // sp)
+    return Lengths(local_long, local_short, max(1, min(resp, local_short // 2 if run.stage == "solopo" else local_long // 2)))
+
+
+def estimate(
+    run: RunConfig,
+    length: int,
+    gpus: int = 1,
+    sp: Optional[int] = None,
+    device_gib: Optional[float] = None,
+    response: Optional[int] = None,
+    attention: Optional[str] = None,
+    layers: Optional[int] = None,
+) -> Estimate:
+    """Predict one rank's peak for rows of ``length`` tokens (``cutoff_len`` of the long rows).
+
+    ``sp``: sequence-parallel size (default the run's); ``attention``: the kernel traced (default the GPU
+    flash model; validation passes the model's own); ``layers``: full depth (default the model's).
+    """
+    sp = sp or int(getattr(run.finetuning_args, "sequence_parallel_size", 1) or 1)
+    attention = attention or register()
+    notes: list[str] = []
+    shared = None
+    if sp > 1 and run.stage == "longpo" and run.finetuning_args.s2l_shared_prefix:
+        shared = False
+        notes.append("LongPO's shared prefix is off under sequence parallelism (chosen and rejected run as two rows)")
+    traced = scaled_trace(run, row_lengths(run, length, sp, response), attention, shared, layers)
+    flops = traced.flops if sp == 1 else scaled_trace(run, row_lengths(run, length, 1, response), attention, shared, layers).flops
+    device = device_gib * GIB if device_gib else None
+    return Estimate(length, per_rank(run, traced, gpus), flops, traced.counts, device, notes)
+
+
+def largest_fitting(
+    run: RunConfig, gpus: int, sp: int, device_gib: float, start: int = 4096, limit: int = 1 << 20
+) -> Optional[int]:
+    """The largest power-of-two length from ``start`` up to ``limit`` whose peak fits ``device_gib``."""
+    best = None
+    length = start
+    while length <= limit:
+        if not estimate(run, length, gpus, sp, device_gib).fits:
+            break
+        best, length = length, length * 2
+    return best
+
+
+def format_report(run: RunConfig, estimates: list[Estimate], gpus: int, sp: int, counts_line: str) -> str:
+    """The ``estimate`` command's table: one column per length, one line per part, then the verdict."""
+    fa, ta = run.finetuning_args, run.training_args
+    z = run.zero
+    zero = "no DeepSpeed" if not z.enabled else f"ZeRO-{z.stage}"
+    offload = [k for k, on in (("optimizer", z.offload_optimizer), ("params", z.offload_param)) if on]
+    if offload:
+        zero += f" (offload {', '.join(offload)})"
+    loss = f" ({fa.pref_loss})" if run.stage != "sft" else ""
+    lines = [
+        f"model: {run.model_args.model_name_or_path} ({run.model_source}): {counts_line}",
+        f"run: stage {run.stage}{loss}, {fa.finetuning_type}, {str(run.dtype).removeprefix('torch.')}, {gpus} GPU(s), "
+        f"{zero}, sequence parallel {sp}, {ta.per_device_train_batch_size} sample(s) per device",
+        "traced: the stage's own training step on fake tensors at 2 and 3 layers, scaled to full depth; "
+        "attention as a flash kernel holds it (no T x T scores)",
+    ]
+    width = 24
+    head = f"{'per rank (GiB)':<{width}}" + "".join(f"{e.length:>12,}" for e in estimates)
+    lines += ["", head]
+    for kind in KINDS:
+        lines.append(f"  {kind:<{width - 2}}" + "".join(f"{e.parts[kind] / GIB:>12.2f}" for e in estimates))
+    lines.append(f"  {'total':<{width - 2}}" + "".join(f"{e.total / GIB:>12.2f}" for e in estimates))
+    lines.append(f"  {'step TFLOPs':<{width - 2}}" + "".join(f"{e.flops / 1e12:>12.1f}" for e in estimates))
+    if estimates and estimates[0].device_bytes:
+        cap = estimates[0].device_bytes / GIB
+        lines.append(f"  {f'fits {cap:g} GiB':<{width - 2}}" + "".join(f"{'yes' if e.fits else 'NO':>12}" for e in estimates))
+        for e in estimates:
+            if not e.fits:
+                lines.append(
+                    f"{e.length:,} tokens does not fit {cap:g} GiB: needs {e.total / GIB:.1f} GiB; "
+                    f"largest part: {e.largest} ({e.parts[e.largest] / GIB:.1f} GiB)"
+                )
+    for note in dict.fromkeys(n for e in estimates for n in e.notes):
+        lines.append(f"note: {note}")
+    lines.append(NOT_MODELLED)
+    return "\n".join(lines)

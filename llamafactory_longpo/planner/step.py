@@ -1,0 +1,342 @@
+"""One training step of a run's own code path, set up from its YAML on a model of reduced depth.
+
+The YAML goes through the toolkit's argument parser with the plugin's classes (the same validation, the
+same one-line errors as ``llamafactory-cli train``). The model is built from ``config.json`` alone with
+the toolkit's own ``prepare_model_for_training`` (gradient checkpointing) and ``init_adapter`` (full,
+freeze, LoRA), and the step is the trainer's own ``training_step``: :class:`ShortToLongTrainer` for the
+plugin's stages, the toolkit's DPO and SFT trainers for ``dpo`` and ``sft``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..errors import ConfigError
+from ..hparams import PLUGIN_STAGES
+
+SHAPES_DIR = Path(__file__).with_name("shapes")
+STAGES = (*PLUGIN_STAGES, "dpo", "sft")
+DEFAULT_RESPONSE_TOKENS = 512
+
+
+@dataclass
+class ZeroConfig:
+    """What the run's DeepSpeed JSON says about model states (stage 0 = no DeepSpeed)."""
+
+    stage: int = 0
+    offload_optimizer: bool = False
+    offload_param: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.stage > 0 or self.offload_optimizer
+
+    @classmethod
+    def from_file(cls, path: Optional[str], base: Optional[Path]) -> ZeroConfig:
+        """Read the ``deepspeed`` JSON (relative paths: from the working directory, else beside the YAML)."""
+        if not path:
+            return cls()
+        file = Path(path)
+        if not file.exists() and base is not None and not file.is_absolute():
+            file = base / path
+        try:
+            raw = json.loads(file.read_text(encoding="utf-8"))
+        except OSError as err:
+            raise ConfigError(f"deepspeed: cannot read {path!r} ({err.strerror})") from None
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"deepspeed: {path!r} is not valid JSON (line {err.lineno}: {err.msg})") from None
+        return cls.from_dict(raw)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ZeroConfig:
+        zero = raw.get("zero_optimization") or {}
+
+        def offloaded(key: str) -> bool:
+            device = (zero.get(key) or {}).get("device", "none")
+            return str(device).lower() in ("cpu", "nvme")
+
+        return cls(int(zero.get("stage", 0) or 0), offloaded("offload_optimizer"), offloaded("offload_param"))
+
+
+@dataclass
+class RunConfig:
+    """A parsed training YAML plus what the planner needs beside it."""
+
+    path: str
+    model_args: Any
+    data_args: Any
+    training_args: Any
+    finetuning_args: Any
+    zero: ZeroConfig
+    model_config: Any  # transformers PretrainedConfig at full depth
+    model_source: str
+    tmp: Any = field(default=None, repr=False)  # keeps the scratch output_dir alive
+
+    @property
+    def stage(self) -> str:
+        return self.finetuning_args.stage
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model_args.compute_dtype
+
+
+def shipped_shapes() -> dict[str, Path]:
+    """Name -> ``config.json`` of the model shapes shipped with the planner."""
+    return {p.parent.name: p for p in sorted(SHAPES_DIR.glob("*/config.json"))}
+
+
+def resolve_model_config(name: str) -> tuple[Any, str]:
+    """The ``config.json`` of ``model_name_or_path``: a local folder or file, else a shipped shape by name.
+
+    Hub ids match a shipped shape by their last component (``Qwen/Qwen2.5-7B-Instruct`` -> ``Qwen2.5-7B``):
+    an instruct or chat model has its base model's shapes. Nothing is downloaded.
+    """
+    from transformers import AutoConfig
+
+    local = Path(name)
+    if local.is_file() or (local / "config.json").is_file():
+        return AutoConfig.from_pretrained(str(local if local.is_dir() else local.parent)), str(local)
+    key = name.rstrip("/").rsplit("/", 1)[-1].lower()
+    key = key.removeprefix("meta-")
+    shapes = shipped_shapes()
+    for shape, path in shapes.items():
+        if key == shape.lower() or key.startswith(shape.lower() + "-"):
+            return AutoConfig.from_pretrained(str(path.parent)), f"shipped shape {shape}"
+    raise ConfigError(
+        f"model_name_or_path: {name!r} has no local config.json and is not a shipped shape ({', '.join(shapes)}); "
+        "point it at a folder holding the model's config.json"
+    )
+
+
+def load_run_config(path: str, overrides: Optional[dict[str, Any]] = None) -> RunConfig:
+    """Parse a ``llamafactory-cli train`` YAML as training does; ``deepspeed`` is read, not initialised."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh) or {}
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of training arguments")
+    raw.update(overrides or {})
+    zero = ZeroConfig.from_file(raw.pop("deepspeed", None), Path(path).parent)
+    return load_run_config_from_dict(raw, zero, path)
+
+
+def load_run_config_from_dict(raw: dict[str, Any], zero: ZeroConfig, path: str) -> RunConfig:
+    """Parse training arguments (without ``deepspeed``: ``zero`` says what it holds) as training does."""
+    raw = dict(raw)
+    stage = raw.get("stage", "sft")
+    if stage not in STAGES:
+        raise ConfigError(f"stage: {stage!r} is not one the planner traces; use one of {', '.join(STAGES)}")
+    tmp = tempfile.TemporaryDirectory(prefix="s2l-planner-")
+    raw.update(output_dir=tmp.name, report_to="none")  # the trainer is built but never saves nor reports
+    # mixed precision is applied by the trace itself (TrainingArguments refuses bf16 on a machine without a GPU)
+    half = {k: bool(raw.pop(k, False)) for k in ("bf16", "fp16")}
+
+    from llamafactory.extras.misc import infer_optim_dtype
+    from llamafactory.hparams.parser import _parse_train_args
+
+    try:
+        model_args, data_args, training_args, finetuning_args, _ = _parse_train_args(raw)
+    except ValueError as err:  # ConfigError is one; the toolkit's own messages are one line too
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{path}: {str(err).splitlines()[0]}") from None
+    model_config, source = resolve_model_config(model_args.model_name_or_path)
+    if half["bf16"] or finetuning_args.pure_bf16:
+        model_args.compute_dtype = torch.bfloat16
+    elif half["fp16"]:
+        model_args.compute_dtype = torch.float16
+    else:
+        model_args.compute_dtype = infer_optim_dtype(getattr(model_config, "dtype", None) or torch.float32)
+    model_args.use_reentrant_gc = False  # as the plugin's stages force it
+    return RunConfig(path, model_args, data_args, training_args, finetuning_args, zero, model_config, source, tmp)
+
+
+def reduced_config(config: Any, layers: int, attention: Optional[str]) -> Any:
+    """``config`` with ``layers`` decoder layers (per-layer lists cut to match) and an attention kernel."""
+    cfg = copy.deepcopy(config)
+    cfg.num_hidden_layers = layers
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = list(cfg.layer_types)[:layers]
+    if attention is not None:
+        cfg._attn_implementation = attention
+    return cfg
+
+
+def build_model(run: RunConfig, config: Any, trainable: bool = True) -> torch.nn.Module:
+    """The policy (or, ``trainable=False``, a frozen reference) as the toolkit sets it up for training."""
+    from llamafactory.model.adapter import init_adapter
+    from llamafactory.model.model_utils.checkpointing import prepare_model_for_training
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config, dtype=run.dtype)
+    if not trainable:
+        model.requires_grad_(False)
+        return model.eval()
+    model_args = copy.copy(run.model_args)
+    prepare_model_for_training(model, model_args)
+    model = init_adapter(config, model, model_args, run.finetuning_args, True)
+    if run.zero.enabled:  # the DeepSpeed engine runs the module in the compute dtype (fp32 masters live in the optimizer)
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.is_floating_point():
+                tensor.data = tensor.data.to(run.dtype)  # in place, as the toolkit upcasts (fake tensors cannot be swapped)
+    return model.train()
+
+
+def uses_live_reference(run: RunConfig) -> bool:
+    """Whether a reference forward runs in each step (not precomputed, not reference-free)."""
+    fa = run.finetuning_args
+    if not fa.use_ref_model:
+        return False
+    return run.stage == "dpo" or not fa.s2l_precompute_ref
+
+
+def build_trainer(run: RunConfig, model: torch.nn.Module, ref_model: Optional[torch.nn.Module]) -> Any:
+    """The stage's own trainer class around ``model`` (no data: the planner hands it one batch)."""
+    args = copy.copy(run.training_args)
+    # "can be subclassed and overridden" (TrainingArguments): the model already sits where the trace runs it
+    args.__class__ = type(type(args).__name__, (type(args),), {"place_model_on_device": property(lambda self: False)})
+    common = dict(args=args, finetuning_args=run.finetuning_args, processor=None, tokenizer=None)
+    if run.stage in PLUGIN_STAGES:
+        from ..train.trainer import ShortToLongTrainer
+
+        trainer = ShortToLongTrainer(model=model, ref_model=ref_model, **common)
+    elif run.stage == "dpo":
+        from llamafactory.train.dpo.trainer import CustomDPOTrainer
+
+        trainer = CustomDPOTrainer(model=model, ref_model=ref_model, **common)
+    else:
+        from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
+
+        trainer = CustomSeq2SeqTrainer(model=model, model_args=run.model_args, **common)
+    trainer.current_gradient_accumulation_steps = run.training_args.gradient_accumulation_steps  # set by the train loop
+    return trainer
+
+
+@dataclass
+class Lengths:
+    """Tokens per row of one traced micro-batch (already divided by the sequence-parallel size)."""
+
+    long: int
+    short: int
+    response: int
+
+
+def _rows(count: int, length: int, response: int, vocab: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    ids = torch.randint(3, vocab, (count, length), generator=gen)
+    labels = ids.clone()
+    labels[:, : length - response] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def _pairs(n: int, length: int, response: int, vocab: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """``2n`` rows: chosen then rejected, sharing everything but the response (as preference pairs do)."""
+    rows = _rows(2 * n, length, response, vocab, gen)
+    rows["input_ids"][n:, : length - response] = rows["input_ids"][:n, : length - response]
+    rows["labels"] = torch.where(rows["labels"] == -100, -100, rows["input_ids"])
+    return rows
+
+
+def make_batch(run: RunConfig, trainer: Any, lengths: Lengths, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """One collated micro-batch with the keys the stage's collator produces, every row at full length."""
+    gen = torch.Generator().manual_seed(seed)
+    n = run.training_args.per_device_train_batch_size
+    fa = run.finetuning_args
+    live = uses_live_reference(run)
+    if run.stage == "sft":
+        return _rows(n, lengths.long, lengths.response, vocab, gen)
+    if run.stage == "dpo":
+        return _pairs(n, lengths.long, lengths.response, vocab, gen)
+    if run.stage == "solopo":
+        batch = _pairs(n, lengths.short, lengths.response, vocab, gen)
+        both = fa.solopo_align == "both"
+        long_rows = _pairs(n, lengths.long, lengths.response, vocab, gen)
+        if not both:
+            long_rows = {k: v[:n] for k, v in long_rows.items()}
+        batch.update({f"long_{k}": v for k, v in long_rows.items()})
+        keys = trainer.needed_reference_keys(both)
+    else:
+        batch = _pairs(n, lengths.long, lengths.response, vocab, gen)
+        keys = trainer.needed_reference_keys(True)
+        if live:
+            ref = _pairs(n, lengths.short, lengths.response, vocab, gen)
+            batch.update({f"ref_{k}": v for k, v in ref.items()})
+            batch["ref_sample"] = torch.arange(n).repeat(2)
+    if not live:
+        batch.update({k: torch.zeros(n) for k in keys})
+    return batch
+
+
+@dataclass
+class StepSetup:
+    """Everything a traced step needs; ``run_step`` does forward and backward of the micro-batch."""
+
+    model: torch.nn.Module
+    ref_model: Optional[torch.nn.Module]
+    trainer: Any
+    batch: dict[str, torch.Tensor]
+    optimizer: Any
+
+    def run_step(self) -> None:
+        self.trainer.training_step(self.model, self.batch)
+
+    def warm_optimizer(self) -> None:
+        """Make the optimizer's states as a first step would (zero gradients, no forward): a steady-state step."""
+        for p in self.model.parameters():
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+        self.optimizer_step()
+
+    def optimizer_step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def setup_step(
+    run: RunConfig,
+    layers: int,
+    lengths: Lengths,
+    attention: Optional[str],
+    shared_prefix: Optional[bool] = None,
+    model_factory: Optional[Callable[[Any], torch.nn.Module]] = None,
+) -> StepSetup:
+    """Model of ``layers`` layers, reference (when one runs live), trainer, optimizer and one micro-batch.
+
+    ``shared_prefix``: override LongPO's ``s2l_shared_prefix`` (sequence parallelism turns it off).
+    ``model_factory``: builds the policy from the reduced config instead of :func:`build_model`.
+    """
+    config = reduced_config(run.model_config, layers, attention)
+    if shared_prefix is not None:
+        run = copy.copy(run)
+        run.finetuning_args = copy.copy(run.finetuning_args)
+        run.finetuning_args.s2l_shared_prefix = shared_prefix
+    model = model_factory(config) if model_factory else build_model(run, config)
+    ref_model = None
+    if uses_live_reference(run) and (run.finetuning_args.ref_model is not None or run.finetuning_args.finetuning_type != "lora"):
+        ref_model = build_model(run, config, trainable=False)
+    trainer = build_trainer(run, model, ref_model)
+    optimizer = trainer.create_optimizer()
+    batch = make_batch(run, trainer, lengths, config.vocab_size)
+    return StepSetup(model, ref_model, trainer, batch, optimizer)
+
+
+def autocast_context(run: RunConfig, device_type: str = "cpu") -> Any:
+    """Mixed precision as the trainer's accelerator applies it without DeepSpeed (fp32 masters, bf16 math)."""
+    if run.zero.enabled or run.dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type, dtype=run.dtype)

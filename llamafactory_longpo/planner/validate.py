@@ -1,0 +1,84 @@
+"""Check a prediction against the real step: live tensor bytes on CPU, the allocator's peak on a GPU.
+
+CPU: the same step (trainer, batch, optimizer) on real tensors at full depth, under the same tracker
+without fake tensors, against the prediction made with the model's own attention kernel (what the CPU
+run uses), so the comparison tests the tracing and the depth scaling. The process's peak RSS is also
+reported; it holds the interpreter, the libraries and the allocator's cache besides the tensors.
+
+GPU: a reduced-depth model of the run's width on the GPU, one real step, ``torch.cuda.max_memory_allocated``
+against the prediction for that depth with the flash-kernel attention model: this tests the GPU kernel
+modelling as well.
+"""
+
+from __future__ import annotations
+
+import gc
+import resource
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .plan import estimate, traced_step
+from .step import Lengths, RunConfig, setup_step
+
+GPU_LAYERS = 4
+
+
+@dataclass
+class Check:
+    """A prediction and what the real step held (bytes)."""
+
+    predicted: float
+    measured: float
+    rss: Optional[float] = None
+
+    @property
+    def error(self) -> float:
+        return (self.predicted - self.measured) / self.measured
+
+
+def cpu_check(run: RunConfig, length: int, response: Optional[int] = None, attention: str = "sdpa") -> Check:
+    """Predict with ``attention`` (the kernel the CPU run uses), then run the real step and compare."""
+    from .plan import row_lengths
+
+    predicted = estimate(run, length, sp=1, response=response, attention=attention).total
+    layers = run.model_config.num_hidden_layers
+    gc.collect()
+    setup = setup_step(run, layers, row_lengths(run, length, 1, response), attention)
+    measured = traced_step(run, setup, layers).peak
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return Check(predicted, measured, rss)
+
+
+def gpu_check(run: RunConfig, length: int, response: Optional[int] = None, layers: int = GPU_LAYERS) -> Check:
+    """One real step of a ``layers``-deep model of the run's width on the GPU, against its prediction.
+
+    Runs without DeepSpeed on one GPU: the model-state formulas of ZeRO are DeepSpeed's own; what is
+    checked here is the traced part (activations, LM head, attention kernels) and the weights as held.
+    """
+    if not torch.cuda.is_available():
+        from ..errors import ConfigError
+
+        raise ConfigError("--validate: no CUDA device here (on CPU, benchmarks/planner_validate.py checks the planner)")
+    from .plan import row_lengths
+    from .step import autocast_context
+
+    predicted = estimate(run, length, sp=1, response=response, layers=layers).total
+    lengths: Lengths = row_lengths(run, length, 1, response)
+    attention = "flash_attention_2" if run.model_args.flash_attn == "fa2" else "sdpa"
+    setup = setup_step(run, layers, lengths, attention)
+    device = torch.device("cuda")
+    setup.model.to(device)
+    if setup.ref_model is not None:
+        setup.ref_model.to(device)
+    setup.batch = {k: v.to(device) for k, v in setup.batch.items()}
+    setup.warm_optimizer()
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    with autocast_context(run, "cuda"):
+        setup.run_step()
+    setup.optimizer_step()
+    torch.cuda.synchronize()
+    return Check(predicted, float(torch.cuda.max_memory_allocated()))
