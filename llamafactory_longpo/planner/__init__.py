@@ -13,6 +13,8 @@ import copy
 import dataclasses
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Optional
 
 from ..errors import ConfigError
@@ -20,17 +22,24 @@ from ..errors import ConfigError
 __all__ = ["run_estimate", "train_start_line"]
 
 
-def _quiet() -> None:
-    """The toolkit's and libraries' info lines are about the traced copies, not the user's run."""
-    for name in ("llamafactory", "transformers", "DeepSpeed", "accelerate"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    try:
-        from transformers.utils import logging as hf_logging
+@contextmanager
+def quiet() -> Iterator[None]:
+    """The toolkit's and libraries' info lines and warnings are about the traced copies, not the user's run."""
+    from llamafactory.extras.logging import get_logger
 
-        hf_logging.set_verbosity_error()
-    except ImportError:  # transformers is a dependency; this only guards odd installs
-        pass
+    get_logger()  # configures the toolkit's root logger now, so that its level is not reset inside the block
+
+    loggers = [logging.getLogger(name) for name in ("llamafactory", "transformers", "DeepSpeed", "accelerate")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _check_layout(gpus: int, sp: int) -> None:
@@ -50,7 +59,19 @@ def run_estimate(
     validate: bool = False,
 ) -> str:
     """The ``estimate`` command: the report for ``config`` at each of ``lengths`` (default ``cutoff_len``)."""
-    _quiet()
+    with quiet():
+        return _report(config, gpus, lengths, device_gib, sp, response, validate)
+
+
+def _report(
+    config: str,
+    gpus: int,
+    lengths: Optional[list[int]],
+    device_gib: float,
+    sp: Optional[int],
+    response: Optional[int],
+    validate: bool,
+) -> str:
     from .plan import GIB, estimate, format_report
     from .step import load_run_config
 
@@ -90,20 +111,24 @@ def train_start_line(model_args: Any, data_args: Any, training_args: Any, finetu
     Never raises: a run is not stopped for its estimate; the line then says why there is none.
     """
     try:
-        _quiet()
-        from .plan import GIB, estimate
-        from .step import ZeroConfig, load_run_config_from_dict
-
-        raw: dict[str, Any] = {}
-        for obj in (model_args, data_args, finetuning_args):
-            raw.update(_fresh_args(obj))
-        ds = training_args.deepspeed
-        raw.update(_fresh_args(training_args, drop=("deepspeed",)))
-        zero = ZeroConfig.from_dict(ds) if isinstance(ds, dict) else ZeroConfig.from_file(ds, None)
-        run = load_run_config_from_dict(raw, zero, "the running training")
-        world = max(1, int(training_args.world_size))
-        e = estimate(run, data_args.cutoff_len, world)
-        parts = ", ".join(f"{k} {v / GIB:.1f}" for k, v in e.parts.items() if v >= 0.05 * GIB)
-        return f"planner: predicted peak per rank at {data_args.cutoff_len:,} tokens: {e.total / GIB:.1f} GiB ({parts})"
+        with quiet():
+            return _train_start_line(model_args, data_args, training_args, finetuning_args)
     except Exception as err:  # noqa: BLE001 - the estimate is advice; training goes on without it
         return f"planner: no estimate for this run ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+
+
+def _train_start_line(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any) -> str:
+    from .plan import GIB, estimate
+    from .step import ZeroConfig, load_run_config_from_dict
+
+    raw: dict[str, Any] = {}
+    for obj in (model_args, data_args, finetuning_args):
+        raw.update(_fresh_args(obj))
+    ds = training_args.deepspeed
+    raw.update(_fresh_args(training_args, drop=("deepspeed",)))
+    zero = ZeroConfig.from_dict(ds) if isinstance(ds, dict) else ZeroConfig.from_file(ds, None)
+    run = load_run_config_from_dict(raw, zero, "the running training")
+    world = max(1, int(training_args.world_size))
+    e = estimate(run, data_args.cutoff_len, world)
+    parts = ", ".join(f"{k} {v / GIB:.1f}" for k, v in e.parts.items() if v >= 0.05 * GIB)
+    return f"planner: predicted peak per rank at {data_args.cutoff_len:,} tokens: {e.total / GIB:.1f} GiB ({parts})"

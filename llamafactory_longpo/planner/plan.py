@@ -10,10 +10,10 @@ How a prediction is made (:func:`estimate`):
    ``T/P`` tokens, and the FLOPs come from a trace of whole rows (attention is quadratic in ``T``).
 3. Model states: without DeepSpeed, as traced (the toolkit keeps trainable weights in fp32 with bf16
    autocast; AdamW keeps two states per weight). With DeepSpeed, ZeRO's formulas (Rajbhandari et al.,
-   2020, arXiv 1910.02054; DeepSpeed's ``estimate_zero{2,3}_model_states_mem_needs``): bf16 weights
-   (2 B), gradients as bf16 plus an fp32 partition (2 + 4 B), fp32 master weights and Adam moments
-   (4 + 8 B) per trainable parameter, partitioned over the ranks by stage, and under ZeRO-3 the largest
-   gathered layer (4 B per parameter) on top.
+   2020, arXiv 1910.02054; DeepSpeed's ``estimate_zero{2,3}_model_states_mem_needs``, whose totals these
+   equal): bf16 weights (2 B per parameter), gradients (ZeRO-2: bf16 + fp32, 6 B; ZeRO-3: 4 B), fp32 master
+   weights and Adam moments (12 B) per trainable parameter, partitioned over the ranks by stage, and under
+   ZeRO-3 the largest gathered layer (4 B per parameter) on top.
 """
 
 from __future__ import annotations
@@ -165,7 +165,10 @@ def zero_model_states(run: RunConfig, counts: ModelCounts, world: int) -> dict[s
         weights = (0 if z.offload_param else weights) + (4 if counts.largest_trainable else 2) * counts.largest_layer
     if z.offload_optimizer or z.offload_param:
         return {WEIGHTS: weights, GRADIENTS: 0.0, OPTIMIZER: 0.0}
-    grads = 2 * psi_t / grad_shard + 4 * psi_t / (world if z.stage >= 1 else 1)
+    # ZeRO-2 holds bf16 and fp32 gradient partitions (18 B per parameter with the 12 of the optimizer, and the
+    # bf16 weights whole); ZeRO-3 counts 18 B per parameter in all, its bf16 weights partition among them
+    fp32_grads = 4 if z.stage < 3 else 2
+    grads = 2 * psi_t / grad_shard + fp32_grads * psi_t / (world if z.stage >= 1 else 1)
     optimizer = 12 * psi_t / (world if z.stage >= 1 else 1)
     return {WEIGHTS: weights, GRADIENTS: grads, OPTIMIZER: optimizer}
 

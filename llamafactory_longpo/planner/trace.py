@@ -61,7 +61,15 @@ class HybridFakeMode(FakeTensorMode):
         super().__init__(allow_non_fake_inputs=True)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
+        try:
+            return self._hybrid_dispatch(func, types, args, kwargs or {})
+        finally:
+            # The converter memoises conversions through weakrefs to the fake tensors it makes, and a tensor
+            # with a weakref cannot be swapped: ``module.to(...)`` of a fake module (PEFT, trainers) would fail.
+            # Forgetting the memo only means that a real tensor used twice is converted twice.
+            self.fake_tensor_converter.meta_converter.tensor_memo.clear()
+
+    def _hybrid_dispatch(self, func: Any, types: Any, args: Any, kwargs: dict) -> Any:
         flat = pytree.arg_tree_leaves(*args, **kwargs)
         tensors = [t for t in flat if isinstance(t, torch.Tensor)]
         if any(isinstance(t, FakeTensor) for t in tensors):
@@ -78,6 +86,16 @@ class HybridFakeMode(FakeTensorMode):
         if leaves and all(not t.is_floating_point() and t.numel() <= REAL_LIMIT for t in leaves):
             return func(*args, **kwargs)
         return out
+
+
+class _NoHook:
+    """A hook handle for a hook never installed."""
+
+    def remove(self) -> None:
+        return None
+
+
+_NO_HOOK = _NoHook()
 
 
 class _KindTracker(MemTracker):
@@ -146,6 +164,14 @@ class _KindTracker(MemTracker):
             self._shape_kind = None
         super()._track(reftype, t)
         self._shape_kind = None
+
+    def _track_module_params_and_buffers(self, module: torch.nn.Module, install_grad_hooks: bool = True) -> tuple[int, int]:
+        # MemTracker hooks every parameter's gradient, and a frozen parameter (LoRA's base weights, a reference
+        # model) refuses a hook: mark those as hooked already, with handles that remove nothing
+        for p in module.parameters():
+            if not p.requires_grad and p not in self._param_to_grad_hook_handles:
+                self._param_to_grad_hook_handles[p] = (_NO_HOOK, _NO_HOOK)
+        return super()._track_module_params_and_buffers(module, install_grad_hooks)
 
     def _pre_fw_hook(self, module: torch.nn.Module, inputs: Any) -> None:
         # MemTracker's per-module statistics refuse a module called twice in one step; the log-prob code calls

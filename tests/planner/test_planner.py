@@ -1,0 +1,122 @@
+"""The memory planner against real steps, on the offline tiny model and the shipped 7B shapes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llamafactory_longpo.cli import main
+from llamafactory_longpo.planner.plan import zero_model_states
+from llamafactory_longpo.planner.step import ZeroConfig, load_run_config
+from llamafactory_longpo.planner.trace import KINDS
+from tests.conftest import ROOT
+
+TINY = ROOT / "examples" / "tiny"
+
+
+def _deeper_tiny(tmp_path: Path, tiny_model: Path, layers: int = 4) -> Path:
+    """The tiny model's config.json with more layers: the planner traces 2 and 3 and scales to ``layers``."""
+    config = json.loads((tiny_model / "config.json").read_text())
+    config["num_hidden_layers"] = layers
+    config["layer_types"] = ["full_attention"] * layers
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _yaml(tmp_path: Path, base: str, **overrides: object) -> str:
+    raw = yaml.safe_load((TINY / base).read_text())
+    raw.update(overrides)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("base", "overrides"),
+    [
+        ("longpo_tiny.yaml", {}),  # full fine-tuning, shared prefix (a [T, T] mask), NLL over the whole row
+        ("solo_orpo_tiny.yaml", {"finetuning_type": "lora", "pref_loss": "sigmoid", "s2l_precompute_ref": False}),
+    ],
+    ids=["longpo-full", "solopo-sigmoid-lora-live-reference"],
+)
+def test_prediction_matches_the_real_step(tmp_path: Path, tiny_model: Path, base: str, overrides: dict) -> None:
+    """Traced at 2 and 3 layers on fake tensors and scaled to 4, within 10% of the real 4-layer step's peak."""
+    from llamafactory_longpo.planner.validate import cpu_check
+
+    model = _deeper_tiny(tmp_path, tiny_model)
+    run = load_run_config(_yaml(tmp_path, base, model_name_or_path=str(model), **overrides))
+    check = cpu_check(run, 1024)
+    assert abs(check.error) < 0.10, (check.predicted, check.measured)
+
+
+def test_7b_report_lists_every_part(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["estimate", str(ROOT / "examples" / "longpo_qwen_128k.yaml"), "--gpus", "8", "--lengths", "8192"]) == 0
+    out = capsys.readouterr().out
+    assert "shipped shape Qwen2.5-7B" in out and "ZeRO-3 (offload optimizer, params)" in out
+    lines = {line.strip().rsplit(None, 1)[0]: line.split()[-1] for line in out.splitlines() if line.startswith("  ")}
+    for part in (*KINDS, "total", "step TFLOPs", "fits 80 GiB"):
+        assert part in lines, part
+    assert "not modelled:" in out
+
+
+def test_a_run_that_cannot_fit_names_its_largest_part(capsys: pytest.CaptureFixture[str]) -> None:
+    from llamafactory_longpo.planner.plan import estimate
+
+    config = str(ROOT / "examples" / "solo_orpo_qwen.yaml")
+    assert main(["estimate", config, "--gpus", "8", "--lengths", "8192", "--device-memory", "20"]) == 0
+    out = capsys.readouterr().out
+    predicted = estimate(load_run_config(config), 8192, gpus=8, device_gib=20)
+    assert not predicted.fits
+    assert f"8,192 tokens does not fit 20 GiB: needs {predicted.total / 2**30:.1f} GiB; largest part: {predicted.largest}" in out
+
+
+def test_a_bad_config_gets_the_training_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The same one line as ``llamafactory-cli train`` prints (the toolkit's entry point, in-process)."""
+    from llamafactory.train.tuner import run_exp
+
+    config = _yaml(tmp_path, "solo_orpo_tiny.yaml", solopo_distance="cosine")
+    assert main(["estimate", config]) == 1
+    planner_err = capsys.readouterr().err.strip().splitlines()
+    with pytest.raises(SystemExit):
+        run_exp(yaml.safe_load(Path(config).read_text()))
+    train_err = capsys.readouterr().err.strip().splitlines()
+    assert len(planner_err) == 1
+    message = planner_err[0].split("error: ", 1)[1]
+    assert message == "solopo_distance: 'cosine' is not one of abs, square, smooth_l1"
+    assert train_err[-1].endswith(f"error: {message}")
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("offload", [False, True])
+def test_zero_model_states_are_deepspeeds(stage: int, offload: bool) -> None:
+    """Full fine-tuning: the weights, gradients and optimizer lines add up to DeepSpeed's own estimators."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    from llamafactory_longpo.planner.plan import ModelCounts
+
+    total, largest, gpus = 7_615_616_512, 545_062_912, 8
+    run = load_run_config(str(ROOT / "examples" / "solo_orpo_qwen.yaml"))
+    run.zero = ZeroConfig(stage, offload, offload and stage == 3)
+    ours = sum(zero_model_states(run, ModelCounts(total, total, largest, True), gpus).values())
+    if stage == 2:
+        theirs = estimate_zero2_model_states_mem_needs(total, gpus, cpu_offload=offload)[1]
+    else:
+        theirs = estimate_zero3_model_states_mem_needs(total, largest, gpus, cpu_offload=offload, cpu_offload_params=offload)[1]
+    assert ours == pytest.approx(theirs, rel=1e-9)
+
+
+def test_train_start_line(tiny_model: Path) -> None:
+    from llamafactory.hparams import get_train_args
+
+    from llamafactory_longpo.planner import train_start_line
+
+    raw = yaml.safe_load((TINY / "solo_orpo_tiny.yaml").read_text())
+    raw.update(model_name_or_path=str(tiny_model), output_dir=str(ROOT / "output" / "planner_line"))
+    line = train_start_line(*get_train_args(raw)[:4])
+    assert line.startswith("planner: predicted peak per rank at 1,024 tokens: "), line
