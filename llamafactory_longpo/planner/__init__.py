@@ -85,7 +85,7 @@ def _report(
     estimates = [estimate(run, length, gpus, sp, device_gib, response) for length in lengths]
     counts = estimates[0].counts
     counts_line = (
-        f"{counts.total / 1e9:.2f}B parameters, {counts.trainable / 1e9:.3g}B trainable, "
+        f"{_count(counts.total)} parameters, {_count(counts.trainable)} trainable, "
         f"{run.model_config.num_hidden_layers} layers, vocabulary {run.model_config.vocab_size:,}"
     )
     report = format_report(run, estimates, gpus, sp, counts_line)
@@ -100,6 +100,13 @@ def _report(
     return report
 
 
+def _count(n: float) -> str:
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.3g}{suffix}"
+    return f"{n:.0f}"
+
+
 def _fresh_args(obj: Any, drop: tuple[str, ...] = ()) -> dict[str, Any]:
     """The init fields of a parsed arguments object, to parse them again (post-init values are idempotent)."""
     return {f.name: copy.deepcopy(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init and f.name not in drop}
@@ -108,8 +115,11 @@ def _fresh_args(obj: Any, drop: tuple[str, ...] = ()) -> dict[str, Any]:
 def train_start_line(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any) -> str:
     """One line for the start of training: the predicted peak per rank of this run at its ``cutoff_len``.
 
-    Never raises: a run is not stopped for its estimate; the line then says why there is none.
+    Never raises: a run is not stopped for its estimate; the line then says why there is none. Only the
+    first process traces (the others return an empty line, which they do not log anyway).
     """
+    if int(getattr(training_args, "process_index", 0) or 0) != 0:
+        return ""
     try:
         with quiet():
             return _train_start_line(model_args, data_args, training_args, finetuning_args)
@@ -118,7 +128,7 @@ def train_start_line(model_args: Any, data_args: Any, training_args: Any, finetu
 
 
 def _train_start_line(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any) -> str:
-    from .plan import GIB, estimate
+    from .plan import estimate, size
     from .step import ZeroConfig, load_run_config_from_dict
 
     raw: dict[str, Any] = {}
@@ -130,5 +140,5 @@ def _train_start_line(model_args: Any, data_args: Any, training_args: Any, finet
     run = load_run_config_from_dict(raw, zero, "the running training")
     world = max(1, int(training_args.world_size))
     e = estimate(run, data_args.cutoff_len, world)
-    parts = ", ".join(f"{k} {v / GIB:.1f}" for k, v in e.parts.items() if v >= 0.05 * GIB)
-    return f"planner: predicted peak per rank at {data_args.cutoff_len:,} tokens: {e.total / GIB:.1f} GiB ({parts})"
+    parts = ", ".join(f"{k} {size(v)}" for k, v in e.parts.items() if v >= 0.05 * e.total)
+    return f"planner: predicted peak per rank at {data_args.cutoff_len:,} tokens: {size(e.total)} ({parts})"

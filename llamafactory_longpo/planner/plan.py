@@ -34,6 +34,11 @@ NOT_MODELLED = (
 )
 
 
+def size(nbytes: float) -> str:
+    """``12.3 GiB``, or ``45.6 MiB`` under a GiB."""
+    return f"{nbytes / GIB:.1f} GiB" if nbytes >= GIB else f"{nbytes / (1 << 20):.1f} MiB"
+
+
 @dataclass
 class ModelCounts:
     """Parameter counts at full depth (linear in depth, like everything else here)."""
@@ -248,15 +253,18 @@ def format_report(run: RunConfig, estimates: list[Estimate], gpus: int, sp: int,
         f"model: {run.model_args.model_name_or_path} ({run.model_source}): {counts_line}",
         f"run: stage {run.stage}{loss}, {fa.finetuning_type}, {str(run.dtype).removeprefix('torch.')}, {gpus} GPU(s), "
         f"{zero}, sequence parallel {sp}, {ta.per_device_train_batch_size} sample(s) per device",
-        "traced: the stage's own training step on fake tensors at 2 and 3 layers, scaled to full depth; "
-        "attention as a flash kernel holds it (no T x T scores)",
+        "traced: the stage's own training step on fake tensors at {} and {} layers, scaled to {}; "
+        "attention as a flash kernel holds it (no T x T scores)".format(
+            *trace_depths(run, run.model_config.num_hidden_layers), run.model_config.num_hidden_layers
+        ),
     ]
     width = 24
-    head = f"{'per rank (GiB)':<{width}}" + "".join(f"{e.length:>12,}" for e in estimates)
+    unit, scale = ("GiB", GIB) if max(e.total for e in estimates) >= GIB else ("MiB", 1 << 20)
+    head = f"{f'per rank ({unit})':<{width}}" + "".join(f"{e.length:>12,}" for e in estimates)
     lines += ["", head]
     for kind in KINDS:
-        lines.append(f"  {kind:<{width - 2}}" + "".join(f"{e.parts[kind] / GIB:>12.2f}" for e in estimates))
-    lines.append(f"  {'total':<{width - 2}}" + "".join(f"{e.total / GIB:>12.2f}" for e in estimates))
+        lines.append(f"  {kind:<{width - 2}}" + "".join(f"{e.parts[kind] / scale:>12.2f}" for e in estimates))
+    lines.append(f"  {'total':<{width - 2}}" + "".join(f"{e.total / scale:>12.2f}" for e in estimates))
     lines.append(f"  {'step TFLOPs':<{width - 2}}" + "".join(f"{e.flops / 1e12:>12.1f}" for e in estimates))
     if estimates and estimates[0].device_bytes:
         cap = estimates[0].device_bytes / GIB
@@ -264,8 +272,8 @@ def format_report(run: RunConfig, estimates: list[Estimate], gpus: int, sp: int,
         for e in estimates:
             if not e.fits:
                 lines.append(
-                    f"{e.length:,} tokens does not fit {cap:g} GiB: needs {e.total / GIB:.1f} GiB; "
-                    f"largest part: {e.largest} ({e.parts[e.largest] / GIB:.1f} GiB)"
+                    f"{e.length:,} tokens does not fit {cap:g} GiB: needs {size(e.total)}; "
+                    f"largest part: {e.largest} ({size(e.parts[e.largest])})"
                 )
     for note in dict.fromkeys(n for e in estimates for n in e.notes):
         lines.append(f"note: {note}")

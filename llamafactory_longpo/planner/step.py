@@ -105,7 +105,7 @@ def resolve_model_config(name: str) -> tuple[Any, str]:
 
     local = Path(name)
     if local.is_file() or (local / "config.json").is_file():
-        return AutoConfig.from_pretrained(str(local if local.is_dir() else local.parent)), str(local)
+        return AutoConfig.from_pretrained(str(local if local.is_dir() else local.parent)), "local config.json"
     key = name.rstrip("/").rsplit("/", 1)[-1].lower()
     key = key.removeprefix("meta-")
     shapes = shipped_shapes()

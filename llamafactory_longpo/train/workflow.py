@@ -13,6 +13,7 @@ from llamafactory.train.trainer_utils import create_modelcard_and_push, create_r
 
 from ..data.collator import ShortToLongDataCollator
 from ..data.plan import RowPlan
+from ..planner import train_start_line
 from .plots import plot_rewards
 from .rope import current_rope_theta, set_rope_theta
 from .shared_prefix import install_shared_prefix_attention
@@ -122,6 +123,7 @@ def run_short_to_long(
     stage = finetuning_args.stage
     trainer = build_trainer(model_args, data_args, training_args, finetuning_args, callbacks)
     if training_args.do_train:
+        logger.info_rank0(train_start_line(model_args, data_args, training_args, finetuning_args))
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         trainer.save_model()
         trainer.log_metrics("train", result.metrics)

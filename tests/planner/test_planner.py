@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from llamafactory_longpo.cli import main
-from llamafactory_longpo.planner.plan import zero_model_states
+from llamafactory_longpo.planner.plan import size, zero_model_states
 from llamafactory_longpo.planner.step import ZeroConfig, load_run_config
 from llamafactory_longpo.planner.trace import KINDS
 from tests.conftest import ROOT
@@ -72,7 +72,7 @@ def test_a_run_that_cannot_fit_names_its_largest_part(capsys: pytest.CaptureFixt
     out = capsys.readouterr().out
     predicted = estimate(load_run_config(config), 8192, gpus=8, device_gib=20)
     assert not predicted.fits
-    assert f"8,192 tokens does not fit 20 GiB: needs {predicted.total / 2**30:.1f} GiB; largest part: {predicted.largest}" in out
+    assert f"8,192 tokens does not fit 20 GiB: needs {size(predicted.total)}; largest part: {predicted.largest}" in out
 
 
 def test_a_bad_config_gets_the_training_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
