@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 from ..errors import ConfigError
 
-__all__ = ["run_estimate", "train_start_line"]
+__all__ = ["quiet", "run_estimate", "train_start_line"]
 
 
 @contextmanager

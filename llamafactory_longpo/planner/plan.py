@@ -208,6 +208,7 @@ def estimate(
     response: Optional[int] = None,
     attention: Optional[str] = None,
     layers: Optional[int] = None,
+    flops: bool = True,
 ) -> Estimate:
     """Predict one rank's peak for rows of ``length`` tokens (``cutoff_len`` of the long rows).
 
@@ -222,22 +223,11 @@ def estimate(
         shared = False
         notes.append("LongPO's shared prefix is off under sequence parallelism (chosen and rejected run as two rows)")
     traced = scaled_trace(run, row_lengths(run, length, sp, response), attention, shared, layers)
-    flops = traced.flops if sp == 1 else scaled_trace(run, row_lengths(run, length, 1, response), attention, shared, layers).flops
+    step_flops = traced.flops
+    if sp > 1:  # attention is quadratic in the row: count the whole rows (``flops=False``: not needed, not traced)
+        step_flops = scaled_trace(run, row_lengths(run, length, 1, response), attention, shared, layers).flops if flops else 0
     device = device_gib * GIB if device_gib else None
-    return Estimate(length, per_rank(run, traced, gpus), flops, traced.counts, device, notes)
-
-
-def largest_fitting(
-    run: RunConfig, gpus: int, sp: int, device_gib: float, start: int = 4096, limit: int = 1 << 20
-) -> Optional[int]:
-    """The largest power-of-two length from ``start`` up to ``limit`` whose peak fits ``device_gib``."""
-    best = None
-    length = start
-    while length <= limit:
-        if not estimate(run, length, gpus, sp, device_gib).fits:
-            break
-        best, length = length, length * 2
-    return best
+    return Estimate(length, per_rank(run, traced, gpus), step_flops, traced.counts, device, notes)
 
 
 def format_report(run: RunConfig, estimates: list[Estimate], gpus: int, sp: int, counts_line: str) -> str:
