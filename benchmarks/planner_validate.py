@@ -8,7 +8,9 @@ Sequence-parallel rows run on 2 CPU ranks (gloo, DeepSpeed Ulysses) and report r
     .venv/bin/python benchmarks/planner_validate.py                 # all, about 10 minutes on 2 cores
     .venv/bin/python benchmarks/planner_validate.py --only longpo-full-shared-4k
 
-Writes saves/planner_validate/results.json and prints a Markdown table.
+Writes saves/planner_validate/results.json and prints a Markdown table (MiB): the prediction, the real
+step's live-tensor peak under the tracker, and the CPU allocator's peak for the same step (profiler memory
+events, no tracker), each with the prediction's error, and the process's peak RSS.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ def run_one(name: str, folder: Path) -> dict:
     from llamafactory_longpo.planner import quiet
     from llamafactory_longpo.planner.plan import estimate, row_lengths, traced_step
     from llamafactory_longpo.planner.step import load_run_config, setup_step
+    from llamafactory_longpo.planner.validate import allocator_peak
 
     path, info = write_config(name, folder)
     sp = info["sp"]
@@ -87,6 +90,7 @@ def run_one(name: str, folder: Path) -> dict:
             setup.trainer.sequence_parallel = enable_sequence_parallel(setup.model, sp)
         start = time.time()
         measured = traced_step(run, setup, layers)
+        allocated = allocator_peak(run, setup)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result = dict(
         name=name,
@@ -94,8 +98,10 @@ def run_one(name: str, folder: Path) -> dict:
         predicted=predicted.total,
         parts={k: round(v) for k, v in predicted.parts.items()},
         measured=measured.peak,
+        allocated=allocated,
         rss=rss,
         error=(predicted.total - measured.peak) / measured.peak,
+        allocator_error=(predicted.total - allocated) / allocated,
         step_seconds=round(time.time() - start, 1),
     )
     if sp > 1 and dist.get_rank() != 0:
@@ -134,12 +140,13 @@ def main() -> None:
             mib = (r["predicted"] / 2**20, r["measured"] / 2**20)
             print(f"{name}: predicted {mib[0]:.1f} MiB, live peak {mib[1]:.1f} MiB ({r['error']:+.1%})", flush=True)
     (OUT / "results.json").write_text(json.dumps(results, indent=1))
-    print("\n| configuration | layers | tokens | SP | predicted (MiB) | live-tensor peak (MiB) | error | peak RSS (MiB) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| configuration | layers | tokens | SP | predicted | live tensors | error | allocator | error | peak RSS |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         print(
             f"| {r['name']} | {r['layers']} | {r['length']:,} | {r['sp']} | {r['predicted'] / 2**20:.1f} | "
-            f"{r['measured'] / 2**20:.1f} | {r['error']:+.1%} | {r['rss'] / 2**20:.0f} |"
+            f"{r['measured'] / 2**20:.1f} | {r['error']:+.1%} | {r['allocated'] / 2**20:.1f} | "
+            f"{r['allocator_error']:+.1%} | {r['rss'] / 2**20:.0f} |"
         )
 
 

@@ -127,6 +127,20 @@ def train_start_line(model_args: Any, data_args: Any, training_args: Any, finetu
         return f"planner: no estimate for this run ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
 
 
+@contextmanager
+def _outside_deepspeed() -> Iterator[None]:
+    """Hide a running ZeRO-3 from the traced copies: no ``zero.Init`` partitioning of the fake model, no
+    LM-head lockstep. Either would start collectives that only this rank (the one that traces) joins."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def _train_start_line(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any) -> str:
     from .plan import estimate, size
     from .step import ZeroConfig, load_run_config_from_dict
@@ -139,6 +153,7 @@ def _train_start_line(model_args: Any, data_args: Any, training_args: Any, finet
     zero = ZeroConfig.from_dict(ds) if isinstance(ds, dict) else ZeroConfig.from_file(ds, None)
     run = load_run_config_from_dict(raw, zero, "the running training")
     world = max(1, int(training_args.world_size))
-    e = estimate(run, data_args.cutoff_len, world)
+    with _outside_deepspeed():
+        e = estimate(run, data_args.cutoff_len, world)
     parts = ", ".join(f"{k} {size(v)}" for k, v in e.parts.items() if v >= 0.05 * e.total)
     return f"planner: predicted peak per rank at {data_args.cutoff_len:,} tokens: {size(e.total)} ({parts})"

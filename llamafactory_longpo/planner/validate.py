@@ -20,22 +20,52 @@ from typing import Optional
 import torch
 
 from .plan import estimate, traced_step
-from .step import Lengths, RunConfig, setup_step
+from .step import Lengths, RunConfig, StepSetup, setup_step
 
 GPU_LAYERS = 4
 
 
 @dataclass
 class Check:
-    """A prediction and what the real step held (bytes)."""
+    """A prediction and what the real step held (bytes): live tensors by the tracker, and by the allocator."""
 
     predicted: float
     measured: float
+    allocated: Optional[float] = None
     rss: Optional[float] = None
 
     @property
     def error(self) -> float:
         return (self.predicted - self.measured) / self.measured
+
+    @property
+    def allocator_error(self) -> Optional[float]:
+        return None if self.allocated is None else (self.predicted - self.allocated) / self.allocated
+
+
+def allocator_peak(run: RunConfig, setup: StepSetup) -> float:
+    """Peak bytes of a real step as PyTorch's CPU allocator reports them to the profiler (its ``[memory]``
+    events), on top of the storages alive before it: a count that does not go through the tracker."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from .step import autocast_context
+
+    setup.warm_optimizer()
+    state = [t for s in setup.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    modules = [m for m in (setup.model, setup.ref_model) if m is not None]
+    before = [*state, *setup.batch.values(), *(t for m in modules for t in [*m.parameters(), *m.buffers()])]
+    baseline = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in before}.values())
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with autocast_context(run):
+            setup.run_step()
+        setup.optimizer_step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return baseline + peak
 
 
 def cpu_check(run: RunConfig, length: int, response: Optional[int] = None, attention: str = "sdpa") -> Check:
@@ -47,8 +77,9 @@ def cpu_check(run: RunConfig, length: int, response: Optional[int] = None, atten
     gc.collect()
     setup = setup_step(run, layers, row_lengths(run, length, 1, response), attention)
     measured = traced_step(run, setup, layers).peak
+    allocated = allocator_peak(run, setup)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return Check(predicted, measured, rss)
+    return Check(predicted, measured, allocated, rss)
 
 
 def gpu_check(run: RunConfig, length: int, response: Optional[int] = None, layers: int = GPU_LAYERS) -> Check:
@@ -61,13 +92,16 @@ def gpu_check(run: RunConfig, length: int, response: Optional[int] = None, layer
         from ..errors import ConfigError
 
         raise ConfigError("--validate: no CUDA device here (on CPU, benchmarks/planner_validate.py checks the planner)")
-    from .plan import row_lengths
-    from .step import autocast_context
+    import copy
 
+    from .plan import row_lengths
+    from .step import ZeroConfig, autocast_context
+
+    run = copy.copy(run)
+    run.zero = ZeroConfig()  # one GPU, the toolkit's own optimizer: no DeepSpeed formulas to compare
     predicted = estimate(run, length, sp=1, response=response, layers=layers).total
     lengths: Lengths = row_lengths(run, length, 1, response)
-    attention = "flash_attention_2" if run.model_args.flash_attn == "fa2" else "sdpa"
-    setup = setup_step(run, layers, lengths, attention)
+    setup = setup_step(run, layers, lengths, "sdpa")  # PyTorch picks its flash kernel on the GPU (no mask)
     device = torch.device("cuda")
     setup.model.to(device)
     if setup.ref_model is not None:

@@ -45,13 +45,15 @@ def _yaml(tmp_path: Path, base: str, **overrides: object) -> str:
     ids=["longpo-full", "solopo-sigmoid-lora-live-reference"],
 )
 def test_prediction_matches_the_real_step(tmp_path: Path, tiny_model: Path, base: str, overrides: dict) -> None:
-    """Traced at 2 and 3 layers on fake tensors and scaled to 4, within 10% of the real 4-layer step's peak."""
+    """Traced at 2 and 3 layers on fake tensors and scaled to 4, within 10% of the real 4-layer step's peak:
+    its live tensors under the same tracker, and the CPU allocator's own count (the profiler's memory events)."""
     from llamafactory_longpo.planner.validate import cpu_check
 
     model = _deeper_tiny(tmp_path, tiny_model)
     run = load_run_config(_yaml(tmp_path, base, model_name_or_path=str(model), **overrides))
     check = cpu_check(run, 1024)
     assert abs(check.error) < 0.10, (check.predicted, check.measured)
+    assert abs(check.allocator_error) < 0.10, (check.predicted, check.allocated)
 
 
 def test_7b_report_lists_every_part(capsys: pytest.CaptureFixture[str]) -> None:
