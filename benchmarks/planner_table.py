@@ -83,15 +83,24 @@ def combination(ft: str, knobs: dict, sp: int, folder: Path) -> tuple[dict, Opti
 
 
 def main() -> None:
+    import argparse
+
     from llamafactory_longpo.planner import quiet
 
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", default=None, help="recompute these (e.g. 'full:dpo sigmoid'), keep the rest")
+    args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
+    if args.only:
+        results = [
+            r for r in json.loads((OUT / "results.json").read_text()) if f"{r['finetuning']}:{r['method']}" not in args.only
+        ]
     with quiet(), tempfile.TemporaryDirectory() as tmp:
         for ft in ("full", "lora"):
             for method, knobs in METHODS.items():
                 for sp in (1, 2, 4):
-                    if knobs["stage"] == "dpo" and sp > 1:
+                    if (knobs["stage"] == "dpo" and sp > 1) or (args.only and f"{ft}:{method}" not in args.only):
                         continue
                     rows, largest = combination(ft, knobs, sp, Path(tmp))
                     parts = {
@@ -101,6 +110,8 @@ def main() -> None:
                     results.append(dict(finetuning=ft, method=method, sp=sp, largest=largest, rows=parts))
                     totals = ", ".join(f"{length}: {e.total / GIB:.1f} GiB" for length, e in rows.items())
                     print(f"{ft} {method} sp{sp}: {totals}; largest {largest}", file=sys.stderr, flush=True)
+    order = {(ft, m): i for i, (ft, m) in enumerate((ft, m) for ft in ("full", "lora") for m in METHODS)}
+    results.sort(key=lambda r: (order[(r["finetuning"], r["method"])], r["sp"]))
     (OUT / "results.json").write_text(json.dumps(results, indent=1))
     print_tables(results)
 

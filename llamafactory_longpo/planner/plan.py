@@ -58,6 +58,7 @@ class DepthTrace:
     optimizer_step: dict[str, int]
     flops: int
     counts: ModelCounts
+    reference_weights: float = 0.0  # bytes of a separate reference model's weights (inside the reference part)
 
 
 @dataclass
@@ -117,7 +118,9 @@ def trace_depth(run: RunConfig, layers: int, lengths: Lengths, attention: str, s
     with fake_mode():
         setup = setup_step(run, layers, lengths, attention, shared_prefix)
         traced = traced_step(run, setup, layers)
-        return DepthTrace(layers, traced.fwd_bwd, traced.optimizer_step, traced.flops, _counts(setup.model))
+        ref = setup.ref_model
+        ref_bytes = sum(t.nbytes for t in [*ref.parameters(), *ref.buffers()]) if ref is not None else 0
+        return DepthTrace(layers, traced.fwd_bwd, traced.optimizer_step, traced.flops, _counts(setup.model), ref_bytes)
 
 
 def _extrapolate(a: float, b: float, la: int, lb: int, layers: int) -> float:
@@ -156,6 +159,7 @@ def scaled_trace(
         parts(a.optimizer_step, b.optimizer_step),
         _extrapolate(a.flops, b.flops, la, lb, full),
         counts,
+        _extrapolate(a.reference_weights, b.reference_weights, la, lb, full),
     )
 
 
@@ -185,9 +189,8 @@ def per_rank(run: RunConfig, traced: DepthTrace, world: int) -> dict[str, float]
         return dict(fwd) if sum(fwd.values()) >= sum(opt.values()) else dict(opt)
     parts = {k: float(v) for k, v in traced.fwd_bwd.items()}
     parts.update(zero_model_states(run, traced.counts, world))
-    if parts[REFERENCE] and run.zero.stage >= 3:  # a separate reference is partitioned like the policy's weights
-        ref_weights = traced.fwd_bwd.get(REFERENCE, 0)
-        parts[REFERENCE] = parts[REFERENCE] - ref_weights + ref_weights / world
+    if run.zero.stage >= 3:  # a separate reference's weights are partitioned like the policy's
+        parts[REFERENCE] -= traced.reference_weights * (1 - 1 / world)
     return {k: parts[k] for k in KINDS}
 
 
