@@ -58,6 +58,7 @@ class DepthTrace:
     optimizer_step: dict[str, int]
     flops: int
     counts: ModelCounts
+    transient: dict[str, float]  # see StepTrace
     reference_weights: float = 0.0  # bytes of a separate reference model's weights (inside the reference part)
 
 
@@ -120,7 +121,8 @@ def trace_depth(run: RunConfig, layers: int, lengths: Lengths, attention: str, s
         traced = traced_step(run, setup, layers)
         ref = setup.ref_model
         ref_bytes = sum(t.nbytes for t in [*ref.parameters(), *ref.buffers()]) if ref is not None else 0
-        return DepthTrace(layers, traced.fwd_bwd, traced.optimizer_step, traced.flops, _counts(setup.model), ref_bytes)
+        counts = _counts(setup.model)
+        return DepthTrace(layers, traced.fwd_bwd, traced.optimizer_step, traced.flops, counts, traced.transient, ref_bytes)
 
 
 def _extrapolate(a: float, b: float, la: int, lb: int, layers: int) -> float:
@@ -159,6 +161,7 @@ def scaled_trace(
         parts(a.optimizer_step, b.optimizer_step),
         _extrapolate(a.flops, b.flops, la, lb, full),
         counts,
+        parts(a.transient, b.transient),
         _extrapolate(a.reference_weights, b.reference_weights, la, lb, full),
     )
 
@@ -187,7 +190,7 @@ def per_rank(run: RunConfig, traced: DepthTrace, world: int) -> dict[str, float]
     if not run.zero.enabled:
         fwd, opt = traced.fwd_bwd, traced.optimizer_step
         return dict(fwd) if sum(fwd.values()) >= sum(opt.values()) else dict(opt)
-    parts = {k: float(v) for k, v in traced.fwd_bwd.items()}
+    parts = {k: float(v) for k, v in traced.transient.items()}  # gradients leave for their partitions as they come
     parts.update(zero_model_states(run, traced.counts, world))
     if run.zero.stage >= 3:  # a separate reference's weights are partitioned like the policy's
         parts[REFERENCE] -= traced.reference_weights * (1 - 1 / world)

@@ -40,6 +40,7 @@ _STATE_KINDS = {
     _MemRefType.GRAD: GRADIENTS,
     _MemRefType.OPT: OPTIMIZER,
 }
+_MODEL_STATES = (WEIGHTS, GRADIENTS, OPTIMIZER)
 
 
 def _is_attention(name: str) -> bool:
@@ -102,15 +103,17 @@ class _KindTracker(MemTracker):
     """``MemTracker`` that also sorts activation-side storages into the breakdown's kinds.
 
     Each storage gets a kind when it is first seen: model states by MemTracker's own categories; the
-    rest by what made it: an attention kernel, a tensor as wide as the vocabulary (logits, log-softmax and
-    their gradients), a forward without gradients (the reference model), else plain activations. The
+    rest by what made it: a backward op whose output has a trainable weight's shape (that weight's gradient),
+    an attention kernel, a tensor as wide as the vocabulary (logits, log-softmax and their gradients), a
+    forward without gradients (the reference model), else plain activations. The
     live bytes per kind are kept current, and copied whenever the total reaches a new high, separately
     for the forward/backward and the optimizer step.
     """
 
-    def __init__(self, vocab_size: int) -> None:
+    def __init__(self, vocab_size: int, grad_shapes: set[tuple[int, ...]]) -> None:
         super().__init__()
         self.vocab_size = vocab_size
+        self.grad_shapes = grad_shapes
         self.live: dict[str, int] = dict.fromkeys(KINDS, 0)
         self.peaks: dict[str, dict[str, int]] = {}
         self._op_kind = ACTIVATIONS
@@ -154,9 +157,16 @@ class _KindTracker(MemTracker):
         best = self.peaks.get(self.phase)
         if best is None or total > sum(best.values()):
             self.peaks[self.phase] = dict(self.live)
+        # the peak of what is not a model state: where it lies when DeepSpeed keeps those partitioned
+        transient = total - sum(self.live[k] for k in _MODEL_STATES)
+        best = self.peaks.get(f"{self.phase} transient")
+        if best is None or transient > sum(v for k, v in best.items() if k not in _MODEL_STATES):
+            self.peaks[f"{self.phase} transient"] = dict(self.live)
 
     def _track(self, reftype: Any, t: torch.Tensor) -> None:
-        if t.dim() >= 1 and t.shape[-1] == self.vocab_size and t.is_floating_point():
+        if self._mod_tracker.is_bw and tuple(t.shape) in self.grad_shapes and t.is_floating_point():
+            self._shape_kind = GRADIENTS  # a weight's gradient, from the op that makes it (MemTracker types it later)
+        elif t.dim() >= 1 and t.shape[-1] == self.vocab_size and t.is_floating_point():
             self._shape_kind = HEAD  # logits, log-softmax and their gradients
         elif t.dtype == torch.bool and t.dim() >= 2 and t.shape[-1] == t.shape[-2] and t.numel() > REAL_LIMIT:
             self._shape_kind = ATTENTION  # a [T, T] attention mask
@@ -197,12 +207,17 @@ class _KindTracker(MemTracker):
 
 @dataclass
 class StepTrace:
-    """Peak live bytes by kind in the forward/backward and in the optimizer step, and the step's FLOPs."""
+    """Peak live bytes by kind in the forward/backward and in the optimizer step, and the step's FLOPs.
+
+    ``transient``: live bytes by kind when the forward/backward's activations, head, attention and
+    reference parts together peak (the model states ignored).
+    """
 
     fwd_bwd: dict[str, int]
     optimizer_step: dict[str, int]
     flops: int
     layers: int
+    transient: dict[str, int]
 
     @property
     def peak(self) -> int:
@@ -230,7 +245,8 @@ def trace_step(
     ``reference``: a separate frozen reference model, whose weights are counted apart.
     Works the same with real tensors (the validation runs) and inside :func:`fake_mode`.
     """
-    tracker = _KindTracker(vocab_size)
+    modules = [m for m in track if isinstance(m, torch.nn.Module)]
+    tracker = _KindTracker(vocab_size, {tuple(p.shape) for m in modules for p in m.parameters() if p.requires_grad})
     tracker.track_external(*track)
     if reference is not None:
         tracker.track_reference(reference)
@@ -242,4 +258,7 @@ def trace_step(
             tracker.phase = "optimizer"
             optimizer_step()
     empty = dict.fromkeys(KINDS, 0)
-    return StepTrace(tracker.peaks.get("step", empty), tracker.peaks.get("optimizer", empty), tracker.flops, layers)
+    peaks = tracker.peaks
+    return StepTrace(
+        peaks.get("step", empty), peaks.get("optimizer", empty), tracker.flops, layers, peaks.get("step transient", empty)
+    )
