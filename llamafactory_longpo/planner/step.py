@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import tempfile
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,11 +205,18 @@ def uses_live_reference(run: RunConfig) -> bool:
     return run.stage == "dpo" or not fa.s2l_precompute_ref
 
 
-def build_trainer(run: RunConfig, model: torch.nn.Module, ref_model: Optional[torch.nn.Module]) -> Any:
-    """The stage's own trainer class around ``model`` (no data: the planner hands it one batch)."""
+def build_trainer(
+    run: RunConfig, model: torch.nn.Module, ref_model: Optional[torch.nn.Module], device: torch.device = torch.device("cpu")
+) -> Any:
+    """The stage's own trainer class around ``model`` (no data: the planner hands it one batch).
+
+    ``device``: where the trainer puts batches. A CPU rank of a distributed run would say ``cpu:0``, which
+    fake tensors do not take for ``cpu``; "can be subclassed and overridden" (TrainingArguments), as is
+    ``place_model_on_device``: the model already sits where the step runs.
+    """
     args = copy.copy(run.training_args)
-    # "can be subclassed and overridden" (TrainingArguments): the model already sits where the trace runs it
-    args.__class__ = type(type(args).__name__, (type(args),), {"place_model_on_device": property(lambda self: False)})
+    overrides = {"place_model_on_device": property(lambda self: False), "device": property(lambda self: device)}
+    args.__class__ = type(type(args).__name__, (type(args),), overrides)
     common = dict(args=args, finetuning_args=run.finetuning_args, processor=None, tokenizer=None)
     if run.stage in PLUGIN_STAGES:
         from ..train.trainer import ShortToLongTrainer
@@ -313,23 +319,23 @@ def setup_step(
     lengths: Lengths,
     attention: Optional[str],
     shared_prefix: Optional[bool] = None,
-    model_factory: Optional[Callable[[Any], torch.nn.Module]] = None,
+    device: torch.device = torch.device("cpu"),
 ) -> StepSetup:
     """Model of ``layers`` layers, reference (when one runs live), trainer, optimizer and one micro-batch.
 
     ``shared_prefix``: override LongPO's ``s2l_shared_prefix`` (sequence parallelism turns it off).
-    ``model_factory``: builds the policy from the reduced config instead of :func:`build_model`.
+    ``device``: where the trainer puts the batch.
     """
     config = reduced_config(run.model_config, layers, attention)
     if shared_prefix is not None:
         run = copy.copy(run)
         run.finetuning_args = copy.copy(run.finetuning_args)
         run.finetuning_args.s2l_shared_prefix = shared_prefix
-    model = model_factory(config) if model_factory else build_model(run, config)
+    model = build_model(run, config)
     ref_model = None
     if uses_live_reference(run) and (run.finetuning_args.ref_model is not None or run.finetuning_args.finetuning_type != "lora"):
         ref_model = build_model(run, config, trainable=False)
-    trainer = build_trainer(run, model, ref_model)
+    trainer = build_trainer(run, model, ref_model, device)
     optimizer = trainer.create_optimizer()
     batch = make_batch(run, trainer, lengths, config.vocab_size)
     return StepSetup(model, ref_model, trainer, batch, optimizer)

@@ -101,8 +101,8 @@ def gpu_check(run: RunConfig, length: int, response: Optional[int] = None, layer
     run.zero = ZeroConfig()  # one GPU, the toolkit's own optimizer: no DeepSpeed formulas to compare
     predicted = estimate(run, length, sp=1, response=response, layers=layers).total
     lengths: Lengths = row_lengths(run, length, 1, response)
-    setup = setup_step(run, layers, lengths, "sdpa")  # PyTorch picks its flash kernel on the GPU (no mask)
     device = torch.device("cuda")
+    setup = setup_step(run, layers, lengths, "sdpa", device=device)  # PyTorch picks its flash kernel (no mask)
     setup.model.to(device)
     if setup.ref_model is not None:
         setup.ref_model.to(device)
