@@ -83,11 +83,7 @@ def run_one(name: str, folder: Path) -> dict:
         run = load_run_config(str(path))
         predicted = estimate(run, info["length"], gpus=sp, sp=sp, attention="sdpa")
         layers = run.model_config.num_hidden_layers
-        setup = setup_step(run, layers, row_lengths(run, info["length"], 1, None), "sdpa")
-        if sp > 1:
-            from llamafactory_longpo.train.sequence_parallel import enable_sequence_parallel
-
-            setup.trainer.sequence_parallel = enable_sequence_parallel(setup.model, sp)
+        setup = setup_step(run, layers, row_lengths(run, info["length"], 1, None), "sdpa", sequence_parallel_size=sp)
         start = time.time()
         measured = traced_step(run, setup, layers)
         allocated = allocator_peak(run, setup)

@@ -18,12 +18,13 @@ How a prediction is made (:func:`estimate`):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from .attention import register
+from .attention import gpu_attention
 from .step import DEFAULT_RESPONSE_TOKENS, Lengths, RunConfig, StepSetup, autocast_context, setup_step
 from .trace import GRADIENTS, KINDS, OPTIMIZER, REFERENCE, WEIGHTS, StepTrace, fake_mode, trace_step
 
@@ -71,7 +72,6 @@ class Estimate:
     flops: float
     counts: ModelCounts
     device_bytes: Optional[float] = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> float:
@@ -114,10 +114,10 @@ def traced_step(run: RunConfig, setup: StepSetup, layers: int) -> StepTrace:
     return trace_step(step, setup.optimizer_step, track, run.model_config.vocab_size, layers, reference=setup.ref_model)
 
 
-def trace_depth(run: RunConfig, layers: int, lengths: Lengths, attention: str, shared_prefix: Optional[bool]) -> DepthTrace:
-    """Trace one step of the run at ``layers`` layers on fake tensors."""
-    with fake_mode():
-        setup = setup_step(run, layers, lengths, attention, shared_prefix)
+def trace_depth(run: RunConfig, layers: int, lengths: Lengths, attention: Optional[str]) -> DepthTrace:
+    """Trace one step of the run at ``layers`` layers on fake tensors (``attention``: see :func:`estimate`)."""
+    with fake_mode(), gpu_attention() if attention is None else nullcontext():
+        setup = setup_step(run, layers, lengths, attention or "sdpa")
         traced = traced_step(run, setup, layers)
         ref = setup.ref_model
         ref_bytes = sum(t.nbytes for t in [*ref.parameters(), *ref.buffers()]) if ref is not None else 0
@@ -134,16 +134,14 @@ def trace_depths(run: RunConfig, full_layers: int) -> tuple[int, int]:
     return (2, 3) if full_layers > 3 else (max(1, full_layers - 1), full_layers)
 
 
-def scaled_trace(
-    run: RunConfig, lengths: Lengths, attention: str, shared_prefix: Optional[bool], layers: Optional[int] = None
-) -> DepthTrace:
+def scaled_trace(run: RunConfig, lengths: Lengths, attention: Optional[str], layers: Optional[int] = None) -> DepthTrace:
     """The step at full depth (``layers``, default the model's), from traces at two reduced depths."""
     full = layers or run.model_config.num_hidden_layers
     la, lb = trace_depths(run, full)
     if la == lb:
-        return trace_depth(run, full, lengths, attention, shared_prefix)
-    a = trace_depth(run, la, lengths, attention, shared_prefix)
-    b = trace_depth(run, lb, lengths, attention, shared_prefix)
+        return trace_depth(run, full, lengths, attention)
+    a = trace_depth(run, la, lengths, attention)
+    b = trace_depth(run, lb, lengths, attention)
 
     def parts(x: dict[str, int], y: dict[str, int]) -> dict[str, float]:
         return {k: max(0.0, _extrapolate(x[k], y[k], la, lb, full)) for k in KINDS}
@@ -218,22 +216,17 @@ def estimate(
 ) -> Estimate:
     """Predict one rank's peak for rows of ``length`` tokens (``cutoff_len`` of the long rows).
 
-    ``sp``: sequence-parallel size (default the run's); ``attention``: the kernel traced (default the GPU
-    flash model; validation passes the model's own); ``layers``: full depth (default the model's).
+    ``sp``: sequence-parallel size (default the run's); ``attention``: None traces SDPA as a GPU kernel holds
+    it (:mod:`.attention`), a name traces that implementation as it runs here (the CPU validation passes
+    ``sdpa``); ``layers``: full depth (default the model's).
     """
     sp = sp or int(getattr(run.finetuning_args, "sequence_parallel_size", 1) or 1)
-    attention = attention or register()
-    notes: list[str] = []
-    shared = None
-    if sp > 1 and run.stage == "longpo" and run.finetuning_args.s2l_shared_prefix:
-        shared = False
-        notes.append("LongPO's shared prefix is off under sequence parallelism (chosen and rejected run as two rows)")
-    traced = scaled_trace(run, row_lengths(run, length, sp, response), attention, shared, layers)
+    traced = scaled_trace(run, row_lengths(run, length, sp, response), attention, layers)
     step_flops = traced.flops
     if sp > 1:  # attention is quadratic in the row: count the whole rows (``flops=False``: not needed, not traced)
-        step_flops = scaled_trace(run, row_lengths(run, length, 1, response), attention, shared, layers).flops if flops else 0
+        step_flops = scaled_trace(run, row_lengths(run, length, 1, response), attention, layers).flops if flops else 0
     device = device_gib * GIB if device_gib else None
-    return Estimate(length, per_rank(run, traced, gpus), step_flops, traced.counts, device, notes)
+    return Estimate(length, per_rank(run, traced, gpus), step_flops, traced.counts, device)
 
 
 def format_report(run: RunConfig, estimates: list[Estimate], gpus: int, sp: int, counts_line: str) -> str:
@@ -271,7 +264,5 @@ def format_report(run: RunConfig, estimates: list[Estimate], gpus: int, sp: int,
                     f"{e.length:,} tokens does not fit {cap:g} GiB: needs {size(e.total)}; "
                     f"largest part: {e.largest} ({size(e.parts[e.largest])})"
                 )
-    for note in dict.fromkeys(n for e in estimates for n in e.notes):
-        lines.append(f"note: {note}")
     lines.append(NOT_MODELLED)
     return "\n".join(lines)

@@ -205,8 +205,18 @@ def uses_live_reference(run: RunConfig) -> bool:
     return run.stage == "dpo" or not fa.s2l_precompute_ref
 
 
+def uses_shared_prefix(run: RunConfig) -> bool:
+    """LongPO's policy pass packs each pair (the condition the plugin's workflow builds its trainer with)."""
+    fa = run.finetuning_args
+    return run.stage == "longpo" and bool(fa.s2l_shared_prefix) and bool(fa.s2l_response_logits)
+
+
 def build_trainer(
-    run: RunConfig, model: torch.nn.Module, ref_model: Optional[torch.nn.Module], device: torch.device = torch.device("cpu")
+    run: RunConfig,
+    model: torch.nn.Module,
+    ref_model: Optional[torch.nn.Module],
+    device: torch.device = torch.device("cpu"),
+    sequence_parallel: Any = None,
 ) -> Any:
     """The stage's own trainer class around ``model`` (no data: the planner hands it one batch).
 
@@ -219,9 +229,18 @@ def build_trainer(
     args.__class__ = type(type(args).__name__, (type(args),), overrides)
     common = dict(args=args, finetuning_args=run.finetuning_args, processor=None, tokenizer=None)
     if run.stage in PLUGIN_STAGES:
+        from ..train.rope import current_rope_theta
         from ..train.trainer import ShortToLongTrainer
 
-        trainer = ShortToLongTrainer(model=model, ref_model=ref_model, **common)
+        raised = run.finetuning_args.policy_rope_theta is not None
+        trainer = ShortToLongTrainer(
+            model=model,
+            ref_model=ref_model,
+            sequence_parallel=sequence_parallel,
+            shared_prefix=uses_shared_prefix(run),
+            original_rope_theta=current_rope_theta(model.config) if raised else None,
+            **common,
+        )
     elif run.stage == "dpo":
         from llamafactory.train.dpo.trainer import CustomDPOTrainer
 
@@ -317,25 +336,31 @@ def setup_step(
     run: RunConfig,
     layers: int,
     lengths: Lengths,
-    attention: Optional[str],
-    shared_prefix: Optional[bool] = None,
+    attention: str,
     device: torch.device = torch.device("cpu"),
+    sequence_parallel_size: int = 1,
 ) -> StepSetup:
-    """Model of ``layers`` layers, reference (when one runs live), trainer, optimizer and one micro-batch.
+    """Model of ``layers`` layers, reference (when one runs live), trainer, optimizer and one micro-batch,
+    wired as the plugin's workflow wires them (LongPO's shared-prefix attention installed first, then sequence
+    parallelism, which needs the process group of a real distributed run).
 
-    ``shared_prefix``: override LongPO's ``s2l_shared_prefix`` (sequence parallelism turns it off).
-    ``device``: where the trainer puts the batch.
+    ``attention``: the model's attention implementation; ``device``: where the trainer puts the batch.
     """
     config = reduced_config(run.model_config, layers, attention)
-    if shared_prefix is not None:
-        run = copy.copy(run)
-        run.finetuning_args = copy.copy(run.finetuning_args)
-        run.finetuning_args.s2l_shared_prefix = shared_prefix
     model = build_model(run, config)
+    if uses_shared_prefix(run):
+        from ..train.shared_prefix import install_shared_prefix_attention
+
+        install_shared_prefix_attention(model)
+    sequence_parallel = None
+    if sequence_parallel_size > 1:
+        from ..train.sequence_parallel import enable_sequence_parallel
+
+        sequence_parallel = enable_sequence_parallel(model, sequence_parallel_size)
     ref_model = None
     if uses_live_reference(run) and (run.finetuning_args.ref_model is not None or run.finetuning_args.finetuning_type != "lora"):
         ref_model = build_model(run, config, trainable=False)
-    trainer = build_trainer(run, model, ref_model, device)
+    trainer = build_trainer(run, model, ref_model, device, sequence_parallel)
     optimizer = trainer.create_optimizer()
     batch = make_batch(run, trainer, lengths, config.vocab_size)
     return StepSetup(model, ref_model, trainer, batch, optimizer)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+import torch.nn.attention.bias as bias
 from torch._subclasses.fake_tensor import (
     DataDependentOutputException,
     DynamicOutputShapeException,
@@ -26,6 +27,7 @@ from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import flop_registry
 
+_CAUSAL_LOWER_RIGHT = bias.causal_lower_right
 # bookkeeping tensors up to this many elements stay real (a 4M-element index is 32 MB; a [T, T] mask is not)
 REAL_LIMIT = 1 << 22
 
@@ -224,11 +226,33 @@ class StepTrace:
         return max(sum(self.fwd_bwd.values()), sum(self.optimizer_step.values()))
 
 
+def _materialized_causal_lower_right(*size: int) -> torch.Tensor:
+    """``causal_lower_right`` as a CPU run ends up using it: SDPA's CPU kernels take no ``CausalBias`` and
+    get this boolean mask."""
+    lq, lk = size
+    return torch.ones(lq, lk, dtype=torch.bool).tril(diagonal=lk - lq)
+
+
 @contextmanager
 def fake_mode() -> Iterator[HybridFakeMode]:
     """Build models and batches inside this: floating-point tensors are fake, nothing is allocated."""
     with HybridFakeMode() as mode:
         yield mode
+
+
+@contextmanager
+def _cpu_causal_bias() -> Iterator[None]:
+    """A ``CausalBias`` cannot be made under a dispatch mode (the tracker, fake tensors): CPU kernels get the
+    mask it materialises instead, which is what they would run with. A bias already replaced (the GPU kernel
+    model of :mod:`.attention`) stays."""
+    if bias.causal_lower_right is not _CAUSAL_LOWER_RIGHT:
+        yield
+        return
+    bias.causal_lower_right = _materialized_causal_lower_right
+    try:
+        yield
+    finally:
+        bias.causal_lower_right = _CAUSAL_LOWER_RIGHT
 
 
 def trace_step(
@@ -250,7 +274,7 @@ def trace_step(
     tracker.track_external(*track)
     if reference is not None:
         tracker.track_reference(reference)
-    with tracker:
+    with _cpu_causal_bias(), tracker:
         tracker.phase = "step"
         step()
         tracker.counting_flops = False
