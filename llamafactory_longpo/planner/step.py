@@ -197,12 +197,21 @@ def build_model(run: RunConfig, config: Any, trainable: bool = True) -> torch.nn
     return model.train()
 
 
+def row_plan(run: RunConfig) -> Any:
+    """The plugin stage's row plan, made as its workflow makes it (rows, reference values, precomputed or not)."""
+    from ..data.plan import RowPlan
+
+    return RowPlan.for_stage(run.finetuning_args, True)
+
+
 def uses_live_reference(run: RunConfig) -> bool:
     """Whether a reference forward runs in each step (not precomputed, not reference-free)."""
-    fa = run.finetuning_args
-    if not fa.use_ref_model:
+    if run.stage == "dpo":
+        return bool(run.finetuning_args.use_ref_model)
+    if run.stage not in PLUGIN_STAGES:
         return False
-    return run.stage == "dpo" or not fa.s2l_precompute_ref
+    plan = row_plan(run)
+    return bool(plan.reference) and not plan.precomputed
 
 
 def uses_shared_prefix(run: RunConfig) -> bool:
@@ -236,6 +245,7 @@ def build_trainer(
         trainer = ShortToLongTrainer(
             model=model,
             ref_model=ref_model,
+            plan=row_plan(run),
             sequence_parallel=sequence_parallel,
             shared_prefix=uses_shared_prefix(run),
             original_rope_theta=current_rope_theta(model.config) if raised else None,
@@ -277,33 +287,30 @@ def _pairs(n: int, length: int, response: int, vocab: int, gen: torch.Generator)
     return rows
 
 
-def make_batch(run: RunConfig, trainer: Any, lengths: Lengths, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def make_batch(run: RunConfig, lengths: Lengths, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """One collated micro-batch with the keys the stage's collator produces, every row at full length."""
     gen = torch.Generator().manual_seed(seed)
     n = run.training_args.per_device_train_batch_size
-    fa = run.finetuning_args
     live = uses_live_reference(run)
     if run.stage == "sft":
         return _rows(n, lengths.long, lengths.response, vocab, gen)
     if run.stage == "dpo":
         return _pairs(n, lengths.long, lengths.response, vocab, gen)
+    plan = row_plan(run)
     if run.stage == "solopo":
         batch = _pairs(n, lengths.short, lengths.response, vocab, gen)
-        both = fa.solopo_align == "both"
         long_rows = _pairs(n, lengths.long, lengths.response, vocab, gen)
-        if not both:
+        if not plan.long_rejected:
             long_rows = {k: v[:n] for k, v in long_rows.items()}
         batch.update({f"long_{k}": v for k, v in long_rows.items()})
-        keys = trainer.needed_reference_keys(both)
     else:
         batch = _pairs(n, lengths.long, lengths.response, vocab, gen)
-        keys = trainer.needed_reference_keys(True)
         if live:
             ref = _pairs(n, lengths.short, lengths.response, vocab, gen)
             batch.update({f"ref_{k}": v for k, v in ref.items()})
             batch["ref_sample"] = torch.arange(n).repeat(2)
-    if not live:
-        batch.update({k: torch.zeros(n) for k in keys})
+    if plan.precomputed:
+        batch.update({k: torch.zeros(n) for k in plan.reference})
     return batch
 
 
@@ -362,7 +369,7 @@ def setup_step(
         ref_model = build_model(run, config, trainable=False)
     trainer = build_trainer(run, model, ref_model, device, sequence_parallel)
     optimizer = trainer.create_optimizer()
-    batch = make_batch(run, trainer, lengths, config.vocab_size)
+    batch = make_batch(run, lengths, config.vocab_size)
     return StepSetup(model, ref_model, trainer, batch, optimizer)
 
 
