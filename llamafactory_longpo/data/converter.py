@@ -58,7 +58,8 @@ def validate_files(
     Done up front so a bad file fails with its own line number, before anything is tokenized or written.
     Valid but suspicious data (an empty file beside others, chosen == rejected, a long context shorter
     than its short one, duplicate records) is counted and reported through ``warn``, one line per kind;
-    data with nothing to learn from (every pair identical) is an error.
+    every pair identical is a warning too: the preference term then learns nothing, but LongPO's NLL term,
+    SoLoPO's alignment term and the ``sft`` view still train.
     """
     count = 0
     seen: set[str] = set()
@@ -94,11 +95,11 @@ def validate_files(
         raise RecordError(
             f"{paths[0]}: the file holds no records" if len(paths) == 1 else f"{', '.join(paths)}: no file holds a record"
         )
-    if same == turns:
-        raise RecordError(f"{paths[0]}: every turn has chosen == rejected; a preference pair needs two different responses")
     messages = {
         "empty": "file(s) hold no records",
-        "same": f"of {turns} turns have chosen == rejected (nothing to prefer; they only add noise)",
+        "same": f"of {turns} turns have chosen == rejected (nothing to prefer"
+        + ("; with every pair identical the preference term learns nothing" if same == turns else "; they only add noise")
+        + ")",
         "shorter": "turn(s) have a long_context shorter than their short_context (the long input should contain the short one)",
         "duplicate": f"of {count} records repeat an earlier record (they weigh twice)",
     }
