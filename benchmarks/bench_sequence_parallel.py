@@ -6,6 +6,7 @@ ONE rank holds. On CPU the ranks share the machine's cores, so step times say li
 
     .venv/bin/python benchmarks/bench_sequence_parallel.py                         # longpo + solopo-orpo, 8K and 16K
     .venv/bin/python benchmarks/bench_sequence_parallel.py --lengths 4096 --only longpo
+    .venv/bin/python benchmarks/bench_sequence_parallel.py --lengths 32768 --only longpo longpo-two-rows --sp 2
 """
 
 from __future__ import annotations
@@ -87,15 +88,15 @@ def report(results: list[dict[str, Any]]) -> str:
     by = {(r["name"], r["length"], r["sp"]): r for r in results}
     for name, length in sorted({(r["name"], r["length"]) for r in results}):
         one, two = by.get((name, length, 1)), by.get((name, length, 2))
-        if not one or not two or "error" in one or "error" in two:
-            lines.append(f"| {name} | {length} | {(one or {}).get('error', '-')} | {(two or {}).get('error', '-')} | | | |")
-            continue
-        worst = max(two["peak_rss_gb_per_rank"])
-        lines.append(
-            f"| {name} | {length} | {one['peak_rss_gb_per_rank'][0]:.2f} GB | "
-            + " / ".join(f"{g:.2f}" for g in two["peak_rss_gb_per_rank"])
-            + f" GB | {worst / one['peak_rss_gb_per_rank'][0]:.2f} | {one['s_per_step']:.1f} | {two['s_per_step']:.1f} |"
-        )
+        ok_one, ok_two = one and "error" not in one, two and "error" not in two
+        cells = [
+            f"{one['peak_rss_gb_per_rank'][0]:.2f} GB" if ok_one else (one or {}).get("error", "-"),
+            " / ".join(f"{g:.2f}" for g in two["peak_rss_gb_per_rank"]) + " GB" if ok_two else (two or {}).get("error", "-"),
+            f"{max(two['peak_rss_gb_per_rank']) / one['peak_rss_gb_per_rank'][0]:.2f}" if ok_one and ok_two else "",
+            f"{one['s_per_step']:.1f}" if ok_one else "",
+            f"{two['s_per_step']:.1f}" if ok_two else "",
+        ]
+        lines.append(f"| {name} | {length} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -104,6 +105,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384])
     parser.add_argument("--only", nargs="+", choices=list(CONFIGS), default=["longpo", "solopo-orpo"])
     parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--sp", type=int, nargs="+", default=[1, 2], help="sequence-parallel sizes to run (ranks)")
     parser.add_argument("--response", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=32768)
     parser.add_argument("--hidden", type=int, default=256)
@@ -116,7 +118,7 @@ def main() -> None:
     for length in args.lengths:
         dataset = make_data(args.out, model, length, n=args.steps, response=args.response)
         for name in args.only:
-            for sp in (1, 2):
+            for sp in args.sp:
                 r = run_one(args.out, model, dataset, length, name, sp, args)
                 results.append(r)
                 shown = r.get("error") or f"peak per rank {r['peak_rss_gb_per_rank']} GB, {r['s_per_step']:.1f} s/step"
