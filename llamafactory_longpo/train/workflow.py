@@ -121,9 +121,12 @@ def run_short_to_long(
 ) -> None:
     """Train stage ``solopo`` or ``longpo`` (``finetuning_args.stage``), like the toolkit's ``run_dpo``."""
     stage = finetuning_args.stage
+    if training_args.do_train:
+        # before anything is built: the trace must meet this process's attention registry as the toolkit left it
+        # (sequence parallelism replaces its entries in place with Ulysses, whose all-to-all only this rank would join)
+        logger.info_rank0(train_start_line(model_args, data_args, training_args, finetuning_args))
     trainer = build_trainer(model_args, data_args, training_args, finetuning_args, callbacks)
     if training_args.do_train:
-        logger.info_rank0(train_start_line(model_args, data_args, training_args, finetuning_args))
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         trainer.save_model()
         trainer.log_metrics("train", result.metrics)
