@@ -182,7 +182,14 @@ def cached_values(
 
     key = cache_key({"version": CACHE_VERSION, **parts})
     path = os.path.join(cache_dir or DEFAULT_CACHE_DIR, f"{key}.pt")
-    values, why = _load(path, key, rows, keys) if os.path.exists(path) else (None, "")
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    values, why = None, ""
+    if (not distributed or dist.get_rank() == 0) and os.path.exists(path):
+        values, why = _load(path, key, rows, keys)
+    if distributed:  # one decision for all ranks: with node-local caches, the others may lack (or differ in) the file
+        box = [values, why]
+        dist.broadcast_object_list(box, src=0)
+        values, why = box
     if values is not None:
         log(f"reference log-probs ({what}): read from cache {path}")
         return values, path, "hit"
@@ -196,8 +203,8 @@ def cached_values(
             f"the reference model gives NaN or infinite log-probs for {len(bad)} {what} "
             f"(first: sample {bad[0]}); check the reference model and its dtype"
         )
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if not distributed or dist.get_rank() == 0:
         _save(path, key, rows, values)
-    if dist.is_initialized():
+    if distributed:
         dist.barrier()
     return values, path, "miss"

@@ -227,6 +227,15 @@ def install_shared_prefix_attention(model: torch.nn.Module) -> str:
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    from .sequence_parallel import _ORIGINAL_ATTENTION
+
+    if _ORIGINAL_ATTENTION:  # the pieces must run on the whole sequence, inside Ulysses' all-to-all
+        raise RuntimeError("the shared prefix's attention must be installed before sequence parallelism wraps attention")
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    sliding = sliding or "sliding_attention" in (getattr(config, "layer_types", None) or ())
+    if sliding or getattr(config, "attn_logit_softcapping", None):
+        raise ConfigError("s2l_shared_prefix: sliding-window and soft-capped attention are not supported; set it to false")
     name = model.config._attn_implementation
     kernel = KERNELS.get(name)
     if kernel is None:

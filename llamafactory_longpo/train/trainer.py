@@ -203,10 +203,8 @@ class ShortToLongTrainer(CustomDPOTrainer):
         sp = self.sequence_parallel
         world = self.args.world_size
         shards = (sp.dp_size, sp.dp_rank) if sp is not None else (world, self.args.process_index)
-        for split in ("train", "eval"):
-            dataset = getattr(self, f"{split}_dataset")
-            if dataset is None or isinstance(dataset, dict):
-                continue
+
+        def with_columns(dataset: Any, split: str) -> Any:
             scored = [c for c in dataset.column_names if c.endswith(("input_ids", "labels"))]
             parts = {
                 "data": data_fingerprint(dataset, scored),
@@ -217,7 +215,7 @@ class ShortToLongTrainer(CustomDPOTrainer):
                 "keys": keys,
             }
 
-            def compute(dataset: Any = dataset, split: str = split) -> dict[str, list[float]]:
+            def compute() -> dict[str, list[float]]:
                 return compute_values(
                     model,
                     dataset,
@@ -234,7 +232,14 @@ class ShortToLongTrainer(CustomDPOTrainer):
             self.reference_cache[split] = (path, status)
             for name, column in values.items():
                 dataset = dataset.add_column(name, column)
-            setattr(self, f"{split}_dataset", dataset)
+            return dataset
+
+        if self.train_dataset is not None:
+            self.train_dataset = with_columns(self.train_dataset, "train")
+        if isinstance(self.eval_dataset, dict):  # eval_on_each_dataset: every member is scored on its own
+            self.eval_dataset = {name: with_columns(d, f"eval {name}") for name, d in self.eval_dataset.items()}
+        elif self.eval_dataset is not None:
+            self.eval_dataset = with_columns(self.eval_dataset, "eval")
         self.ref_model = None  # training reads the columns: no reference model is kept
 
     # ------------------------------------------------------------------ losses

@@ -113,12 +113,12 @@ def test_zero_model_states_are_deepspeeds(stage: int, offload: bool) -> None:
     assert ours == pytest.approx(theirs, rel=1e-9)
 
 
-def test_train_start_line(tiny_model: Path) -> None:
+def test_train_start_line(tiny_model: Path, tmp_path: Path) -> None:
     from llamafactory.hparams import get_train_args
 
     from llamafactory_longpo.planner import train_start_line
 
     raw = yaml.safe_load((TINY / "solo_orpo_tiny.yaml").read_text())
-    raw.update(model_name_or_path=str(tiny_model), output_dir=str(ROOT / "output" / "planner_line"))
+    raw.update(model_name_or_path=str(tiny_model), output_dir=str(tmp_path / "out"))
     line = train_start_line(*get_train_args(raw)[:4])
     assert line.startswith("planner: predicted peak per rank at 1,024 tokens: "), line
