@@ -1,4 +1,4 @@
-"""losses.py against an independent float64 computation of SPEC's formulas."""
+"""losses.py against an independent float64 computation of the papers' formulas (tests/spec_formulas.py)."""
 
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ def _yaml(tmp_path: Path, base: str, **overrides: object) -> str:
 @pytest.mark.parametrize(
     ("base", "overrides"),
     [
-        ("longpo_tiny.yaml", {}),  # full fine-tuning, shared prefix (a [T, T] mask), NLL over the whole row
+        ("longpo_tiny.yaml", {}),  # full fine-tuning, shared prefix (two causal attention pieces), NLL over the whole row
         ("solo_orpo_tiny.yaml", {"finetuning_type": "lora", "pref_loss": "sigmoid", "s2l_precompute_ref": False}),
     ],
     ids=["longpo-full", "solopo-sigmoid-lora-live-reference"],
