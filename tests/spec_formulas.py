@@ -1,4 +1,5 @@
-"""The papers' formulas (LongPO, arXiv 2502.13922; SoLoPO, arXiv 2505.11166) written again with Python floats (float64), independent of losses.py."""
+"""The papers' formulas (LongPO, arXiv 2502.13922; SoLoPO, arXiv 2505.11166) written again with Python floats
+(float64), independent of losses.py."""
 
 from __future__ import annotations
 

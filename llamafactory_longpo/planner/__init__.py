@@ -115,16 +115,41 @@ def _fresh_args(obj: Any, drop: tuple[str, ...] = ()) -> dict[str, Any]:
 def train_start_line(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any) -> str:
     """One line for the start of training: the predicted peak per rank of this run at its ``cutoff_len``.
 
-    Never raises: a run is not stopped for its estimate; the line then says why there is none. Only the
-    first process traces (the others return an empty line, which they do not log anyway).
+    Never raises: a run is not stopped for its estimate; the line then says why there is none. Only
+    single-process runs trace here: in a distributed run the trace would touch process-wide state (accelerate's
+    shared state, DeepSpeed's configuration, the attention registry) in one rank only, so the line names the
+    ``estimate`` command instead; the other ranks return an empty line, which they do not log anyway.
     """
     if int(getattr(training_args, "process_index", 0) or 0) != 0:
         return ""
+    world = int(getattr(training_args, "world_size", 1) or 1)
+    if world > 1:  # a trace in one rank of a running group would change that rank's process-wide state alone
+        return f"planner: for this run's per-rank estimate, run llamafactory-longpo estimate <config> --gpus {world}"
     try:
-        with quiet():
+        with quiet(), _random_state_kept():
             return _train_start_line(model_args, data_args, training_args, finetuning_args)
     except Exception as err:  # noqa: BLE001 - the estimate is advice; training goes on without it
         return f"planner: no estimate for this run ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+
+
+@contextmanager
+def _random_state_kept() -> Iterator[None]:
+    """Every random generator as it was before the trace. The trace draws random numbers (model init; the traced
+    trainer's ``set_seed``), and only rank 0 traces: without this, its generators would part from the other
+    ranks' and the run's own draws after it (LoRA adapters' init, for one) would differ from rank to rank."""
+    import random
+
+    import numpy as np
+    import torch
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 @contextmanager

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from llamafactory_longpo.cli import main
@@ -120,5 +121,11 @@ def test_train_start_line(tiny_model: Path, tmp_path: Path) -> None:
 
     raw = yaml.safe_load((TINY / "solo_orpo_tiny.yaml").read_text())
     raw.update(model_name_or_path=str(tiny_model), output_dir=str(tmp_path / "out"))
-    line = train_start_line(*get_train_args(raw)[:4])
+    args = get_train_args(raw)[:4]
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    line = train_start_line(*args)
+    # only rank 0 traces: the random generators must be where they were, or ranks part (LoRA inits differ)
+    assert torch.equal(torch.rand(4), expected)
     assert line.startswith("planner: predicted peak per rank at 1,024 tokens: "), line
