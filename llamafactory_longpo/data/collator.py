@@ -38,6 +38,11 @@ class ShortToLongDataCollator(PairwiseDataCollatorWithPadding):
 
     plan: Optional[RowPlan] = None  # required; a dataclass field after the parent's defaulted ones
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.plan is None:
+            raise TypeError("ShortToLongDataCollator needs plan= (the run's data.plan.RowPlan)")
+
     def _pad(self, rows: list[dict[str, Any]], prefix: str) -> dict[str, torch.Tensor]:
         padded = MultiModalDataCollatorForSeq2Seq.__call__(self, rows)
         return {f"{prefix}{k}": v for k, v in padded.items() if k in ("input_ids", "attention_mask", "labels")}

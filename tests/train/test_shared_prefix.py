@@ -24,6 +24,17 @@ from tests.train.test_trainer_loss import build
 LONGPO = dict(stage="longpo", pref_loss="sigmoid", dataset="longpo_demo", cutoff_len=2048, per_device_train_batch_size=3)
 
 
+@pytest.fixture(autouse=True)
+def attention_registries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wrappers a test installs (transformers' attention and mask registries are process-wide) go with it."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    for registry in (ALL_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FUNCTIONS):
+        monkeypatch.setattr(registry, "_local_mapping", dict(registry._local_mapping))
+        monkeypatch.setattr(type(registry), "_global_mapping", dict(type(registry)._global_mapping))
+
+
 @pytest.fixture(scope="module")
 def model_and_batch(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     """The tiny policy (moved off its init) in float64, and a batch of three multi-turn LongPO pairs."""
@@ -83,7 +94,6 @@ def policy_loss_and_grads(model, batch, shared: bool) -> tuple[torch.Tensor, dic
 
 @pytest.mark.parametrize("kernel", ["sdpa", "eager", "flash_attention_2"])
 def test_shared_prefix_equals_two_rows_on_every_kernel(model_and_batch, kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     from llamafactory_longpo.train.shared_prefix import install_shared_prefix_attention
 
@@ -94,7 +104,6 @@ def test_shared_prefix_equals_two_rows_on_every_kernel(model_and_batch, kernel: 
     calls: list[dict] = []
     if kernel == "flash_attention_2":  # mocked: flash-attn is a CUDA kernel (see the module docstring)
         monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=flash_stand_in(calls)))
-        monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, kernel, ALL_ATTENTION_FUNCTIONS[kernel])
         model.config._attn_implementation = kernel  # set_attn_implementation would look for the CUDA package
     else:
         model.set_attn_implementation(kernel)
