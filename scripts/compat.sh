@@ -20,6 +20,10 @@ if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
   pipq() { "$VENV/bin/python" -m pip "$@" 2> >(grep -v -e "WARNING: Location" -e "outside environment" >&2); }
   pipq install -q "$TOOLKIT_WHEEL" "transformers==$TRANSFORMERS"
   pipq install -q --no-deps -e .
+  # torch lives in .venv, so pip made no torchrun here; the toolkit's launcher finds it on PATH, and .venv's
+  # own would start the ranks under .venv's interpreter (toolkit 0.9.5, older transformers).
+  printf '#!/usr/bin/env bash\nexec "%s" -m torch.distributed.run "$@"\n' "$PWD/$VENV/bin/python" > "$VENV/bin/torchrun"
+  chmod +x "$VENV/bin/torchrun"
   echo "$want" > "$stamp"
 fi
 "$VENV/bin/python" -c 'import importlib.metadata as m; print("[compat] llamafactory", m.version("llamafactory"), "transformers", m.version("transformers"))'
