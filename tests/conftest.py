@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,6 +29,37 @@ def tiny_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     return tiny_model_dir()
+
+
+@pytest.fixture
+def logs(caplog: pytest.LogCaptureFixture):
+    """The toolkit's loggers do not propagate to the root logger: listen on theirs."""
+    root = logging.getLogger("llamafactory")
+    root.addHandler(caplog.handler)
+    yield caplog
+    root.removeHandler(caplog.handler)
+
+
+def train_in_process(
+    config: dict[str, Any], capfd: pytest.CaptureFixture, logs: pytest.LogCaptureFixture, callbacks: Any = None
+) -> tuple[int, str]:
+    """``llamafactory-cli train`` as the toolkit's ``run_exp`` in this process: (exit status, all output).
+
+    An exception that escapes it fails the test (the CLI would show it as a traceback)."""
+    from llamafactory.train.tuner import run_exp
+
+    try:
+        run_exp(args=config, callbacks=callbacks)
+        code = 0
+    except SystemExit as err:
+        code = err.code
+    except KeyboardInterrupt:  # would end the whole pytest session
+        pytest.fail("Ctrl-C escaped the training run")
+    out = capfd.readouterr()
+    # a logging handler some library bound to an earlier test's (now closed) capture stream reports that on
+    # every record: pytest's artefact, not the run's
+    text = re.sub(r"--- Logging error ---\n.*?\nArguments: .*?\n", "", out.out + out.err, flags=re.S)
+    return code, text + logs.text
 
 
 def cli_env(**extra: str) -> dict[str, str]:

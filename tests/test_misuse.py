@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import math
 import re
 import subprocess
@@ -23,20 +22,11 @@ import torch
 import yaml
 from transformers import TrainerCallback
 
-from tests.conftest import ROOT, VENV_BIN, base_config, cli_env, run_command, write_yaml
+from tests.conftest import ROOT, VENV_BIN, base_config, cli_env, run_command, train_in_process, write_yaml
 
 GOOD = [json.loads(line) for line in (ROOT / "data" / "solopo_demo.jsonl").read_text(encoding="utf-8").splitlines()[:4]]
 LONGPO = [json.loads(line) for line in (ROOT / "data" / "longpo_demo.jsonl").read_text(encoding="utf-8").splitlines()[:3]]
 LONGPO_STAGE = {"stage": "longpo", "pref_loss": "sigmoid"}
-
-
-@pytest.fixture
-def logs(caplog: pytest.LogCaptureFixture):
-    """The toolkit's loggers do not propagate to the root logger: listen on theirs."""
-    root = logging.getLogger("llamafactory")
-    root.addHandler(caplog.handler)
-    yield caplog
-    root.removeHandler(caplog.handler)
 
 
 def _dataset(folder: Path, rows: list[Any], files: dict[str, list[Any]] | None = None) -> Path:
@@ -63,22 +53,9 @@ def _train(
     **overrides: Any,
 ) -> tuple[int, str]:
     """One in-process ``llamafactory-cli train`` over the dataset in ``folder``: (exit status, all output)."""
-    from llamafactory.train.tuner import run_exp
-
     config = base_config(tiny, folder / "out", dataset="d", dataset_dir=str(folder), max_samples=4)
     config.update({"s2l_ref_cache_dir": str(folder / "ref_cache"), **overrides})
-    try:
-        run_exp(args=config, callbacks=callbacks)
-        code = 0
-    except SystemExit as err:
-        code = err.code
-    except KeyboardInterrupt:  # would end the whole pytest session
-        pytest.fail("Ctrl-C escaped the training run")
-    out = capfd.readouterr()
-    # a logging handler some library bound to an earlier test's (now closed) capture stream reports that on
-    # every record: pytest's artefact, not the run's
-    text = re.sub(r"--- Logging error ---\n.*?\nArguments: .*?\n", "", out.out + out.err, flags=re.S)
-    return code, text + logs.text
+    return train_in_process(config, capfd, logs, callbacks)
 
 
 def _mutate(fn: Callable[[list[Any]], Any], rows: list[Any] = GOOD) -> list[Any]:

@@ -1,4 +1,7 @@
-"""Bad input: one clear line naming file, record and field; exit status 1; no output written."""
+"""Bad input: one clear line naming file, record and field; exit status 1; no output written.
+
+The cases run the toolkit's ``run_exp`` in this process; one of them also runs as a real ``llamafactory-cli``
+subprocess, for the exit status and the absence of a traceback as a user sees them."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, base_config, run_cli, write_yaml
+from tests.conftest import ROOT, base_config, run_cli, train_in_process, write_yaml
 
 GOOD = [json.loads(line) for line in (ROOT / "data" / "solopo_demo.jsonl").read_text(encoding="utf-8").splitlines()[:3]]
 
@@ -57,26 +60,40 @@ CASES = {
 }
 
 
+def _check(code: int, text: str, expected: str, out: Path) -> None:
+    assert code == 1, text[-3000:]
+    errors = [line for line in text.splitlines() if "[llamafactory-longpo] error:" in line]
+    assert len(errors) == 1 and expected in errors[0], text[-3000:]
+    assert "Traceback" not in text
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_one_line_error(tmp_path: Path, tiny_model: Path, name: str) -> None:
+def test_bad_input_one_line_error(tmp_path: Path, tiny_model: Path, name: str, capfd: pytest.CaptureFixture, logs) -> None:
     rows, overrides, expected = CASES[name]
+    _dataset(tmp_path, rows)
+    out = tmp_path / "out"
+    code, text = train_in_process(base_config(tiny_model, out, dataset="d", dataset_dir=str(tmp_path), **overrides), capfd, logs)
+    _check(code, text, expected, out)
+
+
+def test_bad_input_from_the_cli(tmp_path: Path, tiny_model: Path) -> None:
+    rows, overrides, expected = CASES["missing-field"]
     _dataset(tmp_path, rows)
     out = tmp_path / "out"
     cfg = write_yaml(tmp_path / "cfg.yaml", base_config(tiny_model, out, dataset="d", dataset_dir=str(tmp_path), **overrides))
     proc = run_cli(["train", str(cfg)], cwd=tmp_path)
-    assert proc.returncode == 1, proc.stdout[-3000:]
-    errors = [line for line in proc.stdout.splitlines() if line.startswith("[llamafactory-longpo] error:")]
-    assert len(errors) == 1 and expected in errors[0], proc.stdout[-3000:]
-    assert "Traceback" not in proc.stdout
-    assert not out.exists()
+    _check(proc.returncode, proc.stdout, expected, out)
+    assert proc.stdout.count("[llamafactory-longpo] error:") == 1 and proc.stdout.rstrip().splitlines()[-1].startswith(
+        "[llamafactory-longpo] error:"
+    ), proc.stdout[-3000:]
 
 
-def test_plugin_stage_rejects_other_formats(tmp_path: Path, tiny_model: Path) -> None:
+def test_plugin_stage_rejects_other_formats(tmp_path: Path, tiny_model: Path, capfd: pytest.CaptureFixture, logs) -> None:
     _dataset(tmp_path, [{"instruction": "q", "input": "", "chosen": "a", "rejected": "b"}], formatting="alpaca")
     info = json.loads((tmp_path / "dataset_info.json").read_text())
     info["d"]["ranking"] = True
     (tmp_path / "dataset_info.json").write_text(json.dumps(info))
-    cfg = write_yaml(tmp_path / "cfg.yaml", base_config(tiny_model, tmp_path / "out", dataset="d", dataset_dir=str(tmp_path)))
-    proc = run_cli(["train", str(cfg)], cwd=tmp_path)
-    assert proc.returncode == 1
-    assert 'dataset \'d\' (d.jsonl): stage solopo needs "formatting": "short_to_long"' in proc.stdout
+    out = tmp_path / "out"
+    code, text = train_in_process(base_config(tiny_model, out, dataset="d", dataset_dir=str(tmp_path)), capfd, logs)
+    _check(code, text, 'dataset \'d\' (d.jsonl): stage solopo needs "formatting": "short_to_long"', out)
