@@ -283,9 +283,23 @@ class ShortToLongDataArguments:
             )
 
 
-# kernels the shared prefix runs on (train/shared_prefix.py); "auto" lets transformers choose sdpa or eager
-SHARED_PREFIX_FLASH_ATTN: tuple[str, ...] = ("auto", "disabled", "sdpa", "fa2")
-HALF_PRECISION_FLASH_ATTN: tuple[str, ...] = ("fa2", "fa3")
+@dataclass(frozen=True)
+class AttentionKernel:
+    """What one value of the toolkit's ``flash_attn`` runs, and which of the plugin's features run on it."""
+
+    implementation: str  # transformers' ``attn_implementation``
+    half_precision_only: bool  # flash-attention computes in bf16/fp16 only
+    sequence_parallel: bool  # takes no 4D mask, so Ulysses can shard its sequence
+    shared_prefix: Optional[str]  # LongPO's shared prefix: how its pieces run on it (None: it cannot)
+
+
+# the one list of attention kernels: the checks below, train/sequence_parallel.py and train/shared_prefix.py read it
+ATTENTION_KERNELS: dict[str, AttentionKernel] = {
+    "disabled": AttentionKernel("eager", False, False, "eager"),
+    "sdpa": AttentionKernel("sdpa", False, True, "sdpa"),
+    "fa2": AttentionKernel("flash_attention_2", True, True, "fa2"),
+    "fa3": AttentionKernel("flash_attention_3", True, True, None),
+}  # "auto": transformers picks sdpa (or eager where sdpa is missing)
 
 
 def check_attention_kernels(
@@ -297,16 +311,21 @@ def check_attention_kernels(
     kernel that takes no 4D mask (eager needs one); LongPO's shared prefix runs on sdpa, flash-attention 2 and eager.
     """
     flash_attn = str(flash_attn)
-    if flash_attn in HALF_PRECISION_FLASH_ATTN and not half_precision:
+    kernel = ATTENTION_KERNELS.get(flash_attn)
+    if kernel is None:  # "auto"
+        return
+    if kernel.half_precision_only and not half_precision:
         raise ConfigError(
             f"flash_attn: {flash_attn} runs in bf16 or fp16 only; set bf16: true (or fp16: true), or flash_attn: sdpa"
         )
-    if sequence_parallel_size > 1 and flash_attn == "disabled":
+    if sequence_parallel_size > 1 and not kernel.sequence_parallel:
+        allowed = " or ".join(k for k, v in ATTENTION_KERNELS.items() if v.sequence_parallel)
         raise ConfigError(
-            f"flash_attn: disabled (eager) cannot run sequence_parallel_size: {sequence_parallel_size}; use sdpa or fa2"
+            f"flash_attn: {flash_attn} ({kernel.implementation}) cannot run sequence_parallel_size: "
+            f"{sequence_parallel_size}; use {allowed}"
         )
-    if stage == "longpo" and shared_prefix and flash_attn not in SHARED_PREFIX_FLASH_ATTN:
+    if stage == "longpo" and shared_prefix and kernel.shared_prefix is None:
+        allowed = ", ".join(["auto", *(k for k, v in ATTENTION_KERNELS.items() if v.shared_prefix)])
         raise ConfigError(
-            f"flash_attn: {flash_attn} cannot run LongPO's shared prefix (use one of {', '.join(SHARED_PREFIX_FLASH_ATTN)}), "
-            "or set s2l_shared_prefix: false"
+            f"flash_attn: {flash_attn} cannot run LongPO's shared prefix (use one of {allowed}), or set s2l_shared_prefix: false"
         )

@@ -80,8 +80,9 @@ def plugin_argument_classes() -> tuple[type, type]:
             validate_choices(self, {"stage"})
             if self.stage in PLUGIN_STAGES:
                 self.validate_short_to_long(self.stage, self.pref_loss)
-                # LongPO always has a reference (on short inputs); SoLoPO only for SoLo-DPO.
-                self.use_ref_model = self.stage == "longpo" or self.pref_loss == "sigmoid"
+                from .data.plan import RowPlan
+
+                self.use_ref_model = bool(RowPlan.for_stage(self).reference)  # the plan's decision, told to the toolkit
             elif int(getattr(self, "sequence_parallel_size", 1) or 1) > 1:
                 stages = ", ".join(PLUGIN_STAGES)
                 raise ConfigError(f"sequence_parallel_size: stage {self.stage!r} has no sequence parallelism here; use {stages}")

@@ -14,7 +14,7 @@ BAD = {
     "fa3-in-fp32": (dict(flash_attn="fa3", stage="solopo"), "flash_attn: fa3 runs in bf16 or fp16 only"),
     "eager-with-sequence-parallel": (
         dict(flash_attn="disabled", sequence_parallel_size=2),
-        "flash_attn: disabled (eager) cannot run sequence_parallel_size: 2",
+        "flash_attn: disabled (eager) cannot run sequence_parallel_size: 2; use sdpa or fa2 or fa3",
     ),
     "fa3-shared-prefix": (dict(flash_attn="fa3", half_precision=True), "flash_attn: fa3 cannot run LongPO's shared prefix"),
 }

@@ -36,9 +36,10 @@ from torch.utils.data import Sampler
 from transformers import TrainerCallback
 
 from ..errors import ConfigError
+from ..hparams import ATTENTION_KERNELS
 
-# attention implementations that work without a materialized 4D mask (DeepSpeed drops masks under SP)
-SUPPORTED_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+# the kernels that work without a materialized 4D mask (DeepSpeed drops masks under SP): flash_attn value by name
+SUPPORTED_ATTENTION = {k.implementation: name for name, k in ATTENTION_KERNELS.items() if k.sequence_parallel}
 
 
 @dataclass
@@ -102,7 +103,8 @@ def check_sequence_parallel(size: int, config: Any, attn_implementation: Optiona
         )
     if attn_implementation not in SUPPORTED_ATTENTION:
         raise ConfigError(
-            f"sequence_parallel_size: {size} needs flash_attn: sdpa or fa2 (the model runs {attn_implementation!r} "
+            f"sequence_parallel_size: {size} needs flash_attn: {' or '.join(SUPPORTED_ATTENTION.values())} "
+            f"(the model runs {attn_implementation!r} "
             "attention, which needs a full 4D mask that Ulysses cannot shard)"
         )
 

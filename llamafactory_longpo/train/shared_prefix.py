@@ -48,11 +48,13 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..hparams import ATTENTION_KERNELS
 from .logps import scored_sums, token_mean_nll
 
 IGNORE_INDEX = -100
 EAGER_NAME = "longpo_shared_prefix_eager"  # eager has no registry entry of its own to wrap
-KERNELS = {"sdpa": "sdpa", "flash_attention_2": "fa2", "eager": "eager", EAGER_NAME: "eager"}
+# transformers' attention name -> how the pieces run on it
+KERNELS = {k.implementation: k.shared_prefix for k in ATTENTION_KERNELS.values() if k.shared_prefix} | {EAGER_NAME: "eager"}
 
 
 @dataclass(frozen=True)
@@ -240,7 +242,8 @@ def install_shared_prefix_attention(model: torch.nn.Module) -> str:
     kernel = KERNELS.get(name)
     if kernel is None:
         raise ConfigError(
-            f"s2l_shared_prefix: attention {name!r} is not supported (flash_attn: sdpa, fa2 or disabled); "
+            f"s2l_shared_prefix: attention {name!r} is not supported "
+            f"(flash_attn: {', '.join(k for k, v in ATTENTION_KERNELS.items() if v.shared_prefix)}); "
             "set s2l_shared_prefix: false"
         )
     if name in ("eager", EAGER_NAME):

@@ -124,7 +124,7 @@ def test_checks_name_each_problem() -> None:
         ((2, qwen7b, "sdpa", 3), "does not divide the world size 3"),
         ((8, qwen7b, "sdpa", 8), "does not divide the model's 28 attention heads; use one of 2, 4, 28"),
         ((7, qwen7b, "sdpa", 7), "7 and the model's 4 key/value heads must divide one another"),
-        ((4, qwen7b, "eager", 8), "needs flash_attn: sdpa or fa2 (the model runs 'eager' attention"),
+        ((4, qwen7b, "eager", 8), "needs flash_attn: sdpa or fa2 or fa3 (the model runs 'eager' attention"),
     ]
     for args, message in cases:
         with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
