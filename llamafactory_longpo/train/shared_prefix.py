@@ -141,6 +141,18 @@ def _eager_piece(
     return out
 
 
+def _flash_dtype(query: torch.Tensor, module: torch.nn.Module) -> Optional[torch.dtype]:
+    """The half dtype flash-attention must get when a float32 query reaches it (fp32 LoRA weights or norms in a
+    bf16 run), or ``None``: the rule of transformers' own flash-attention path, so both paths compute alike."""
+    if query.dtype != torch.float32:
+        return None
+    if torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    if hasattr(module.config, "_is_quantized"):
+        return module.config.dtype
+    return next(m for m in module.modules() if isinstance(m, torch.nn.Linear)).weight.dtype
+
+
 def _flash_pieces(
     qs: list[torch.Tensor], ks: list[torch.Tensor], vs: list[torch.Tensor], scaling: Optional[float], dropout: float
 ) -> list[torch.Tensor]:
@@ -176,6 +188,9 @@ def shared_prefix_attention(
         ks.append(torch.cat([key[b : b + 1, :, s:e] for s, e in key_ranges], dim=2))
         vs.append(torch.cat([value[b : b + 1, :, s:e] for s, e in key_ranges], dim=2))
     if kernel == "fa2":
+        half = _flash_dtype(query, module)
+        if half is not None:
+            qs, ks, vs = ([t.to(half) for t in parts] for parts in (qs, ks, vs))
         outs = [o.unsqueeze(0) for o in _flash_pieces(qs, ks, vs, scaling, dropout)]
     elif kernel == "sdpa":
         outs = [_sdpa_piece(q, k, v, scaling, dropout) for q, k, v in zip(qs, ks, vs)]

@@ -125,6 +125,30 @@ def test_shared_prefix_equals_two_rows_on_every_kernel(model_and_batch, kernel: 
         assert all(k > q for q, k in zip(q_lens[1::2], k_lens[1::2]))
 
 
+def test_flash_pieces_get_half_precision(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A float32 query in a bf16 model (fp32 LoRA weights, upcast norms) reaches flash-attention in bf16, as on
+    transformers' own flash path: flash-attn has no float32 kernel."""
+    from llamafactory_longpo.train.shared_prefix import PrefixLayout, shared_prefix_attention
+
+    seen: list[torch.dtype] = []
+    stand_in = flash_stand_in([])
+
+    def recording(q, k, v, *args, **kwargs):
+        seen.extend({q.dtype, k.dtype, v.dtype})
+        return stand_in(q, k, v, *args, **kwargs)
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=recording))
+    module = torch.nn.Linear(8, 8).to(torch.bfloat16)
+    module.config = types.SimpleNamespace()
+    layout = PrefixLayout(((3, 2, 2),))
+    q, k, v = (torch.randn(1, 2, 7, 4) for _ in range(3))
+    shared_prefix_attention(module, q, k, v, layout, "fa2", scaling=0.5)
+    assert seen == [torch.bfloat16]
+    seen.clear()
+    shared_prefix_attention(module, q.bfloat16(), k.bfloat16(), v.bfloat16(), layout, "fa2", scaling=0.5)
+    assert seen == [torch.bfloat16]
+
+
 def test_pack_layout_and_targets() -> None:
     """Positions restart at the prefix length for the rejected suffix; every target sits where its token is."""
     from llamafactory_longpo.train.shared_prefix import pack_shared_prefix
