@@ -346,6 +346,16 @@ class ShortToLongTrainer(CustomDPOTrainer):
             return self._solopo(model, batch, prefix)
         return self._longpo(model, batch, prefix)
 
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """The stored eval metrics take the eval set's own prefix (``eval_<name>_`` with ``eval_on_each_dataset``):
+        the toolkit's DPO log writes them as ``eval_*``, where each member's values would overwrite the last's."""
+        loss_keys = [k for k in logs if k.startswith("eval_") and k.endswith("_loss")]
+        stored = self._stored_metrics.get("eval")
+        if "loss" not in logs and len(loss_keys) == 1 and loss_keys[0] != "eval_loss" and stored:
+            prefix = loss_keys[0][: -len("loss")]
+            self._stored_metrics["eval"] = {prefix + k.removeprefix("eval_"): v for k, v in stored.items()}
+        super().log(logs, *args, **kwargs)
+
     def prediction_step(
         self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: Optional[list[str]] = None
     ) -> tuple[torch.Tensor, None, None]:

@@ -3,6 +3,7 @@ reference cache is keyed on data and model (stale caches are rebuilt, never read
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -89,6 +90,30 @@ def test_reference_cache_hit_stale_and_corrupt(tmp_path: Path, tiny_model: Path)
     rebuilt, batch4 = build(tmp_path / "e", tiny_model, **common)
     assert rebuilt.reference_cache["train"] == (path, "miss")
     assert torch.equal(batch4["ref_chosen_logps"], batch1["ref_chosen_logps"])
+
+
+def test_reference_columns_for_each_eval_dataset(tmp_path: Path, tiny_model: Path) -> None:
+    """``eval_on_each_dataset``: the eval set is a dict, and every member gets its own reference columns."""
+    trainer, batch = build(
+        tmp_path,
+        tiny_model,
+        stage="longpo",
+        pref_loss="sigmoid",
+        dataset="longpo_demo",
+        cutoff_len=2048,
+        eval_dataset="longpo_demo",
+        eval_on_each_dataset=True,
+        eval_strategy="steps",
+        per_device_eval_batch_size=2,
+    )
+    assert isinstance(trainer.eval_dataset, dict) and list(trainer.eval_dataset) == ["longpo_demo"]
+    assert trainer.reference_cache.keys() == {"train", "eval longpo_demo"}
+    member = trainer.eval_dataset["longpo_demo"]
+    assert member["ref_chosen_logps"] == trainer.train_dataset["ref_chosen_logps"]  # same rows, same reference
+    metrics = trainer.evaluate()
+    # every metric under the member's own name (the toolkit's DPO log would write eval_logps/...)
+    assert math.isfinite(metrics["eval_longpo_demo_loss"]) and "eval_longpo_demo_logps/ref_chosen" in metrics
+    assert not [k for k in metrics if k.startswith("eval_") and not k.startswith("eval_longpo_demo_")]
 
 
 def test_filler_head_calls_are_exact_zeros() -> None:
