@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from ..errors import ConfigError
+from ..text import world
 from ..text.haystack import build_haystack
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking", "qa_haystack", "doc_qa_single", "doc_qa_multi")
@@ -42,11 +43,8 @@ class Sample:
 
 
 def filler_paragraphs(rng: random.Random) -> list[str]:
-    """Distractor text: the demo world's paragraphs, shuffled (plain prose, no needles)."""
-    from .. import demo
-
-    paras = [p for text in demo.corpus() for p in text.split("\n\n") if len(p) > 60]
-    paras = sorted(set(paras))
+    """Distractor text: a fictional world's paragraphs, shuffled (plain prose, no needles)."""
+    paras = sorted(set(world.paragraphs()))
     rng.shuffle(paras)
     return paras
 
@@ -168,16 +166,14 @@ def qa_haystack(tok: Any, length: int, depth: float, rng: random.Random, records
     )
 
 
-def _documents(rng: random.Random) -> tuple[Any, list[tuple[str, str, dict[str, Any]]]]:
-    """Demo-world documents: (title, text, company) per company."""
-    from .. import demo
-
-    world = demo.make_world(random.Random(rng.randrange(2**31)))
+def _documents(rng: random.Random) -> tuple[world.World, list[tuple[str, str, dict[str, Any]]]]:
+    """A fictional world's documents: (title, text, company) per company."""
+    w = world.make_world(random.Random(rng.randrange(2**31)))
     docs = []
-    for c in world.companies:
-        text = f"{demo.company_paragraph(world, c, rng)}\n{demo.person_paragraph(world, c['founder'], rng)}"
+    for c in w.companies:
+        text = f"{world.company_paragraph(w, c, rng)}\n{world.person_paragraph(w, c['founder'], rng)}"
         docs.append((c["name"], text, c))
-    return world, docs
+    return w, docs
 
 
 def _doc(title: str, text: str, i: int) -> str:
@@ -202,14 +198,12 @@ def doc_qa_single(tok: Any, length: int, depth: float, rng: random.Random, **_: 
 
 
 def doc_qa_multi(tok: Any, length: int, depth: float, rng: random.Random, **_: Any) -> Sample:
-    world, docs = _documents(rng)
+    w, docs = _documents(rng)
     target = rng.randrange(len(docs))
     title, _, company = docs[target]
     founder = company["founder"]
-    from .. import demo
-
-    company_doc = _doc(title, demo.company_paragraph(world, company, rng), target)
-    person_doc = _doc(founder["name"], demo.person_paragraph(world, founder, rng), len(docs))
+    company_doc = _doc(title, world.company_paragraph(w, company, rng), target)
+    person_doc = _doc(founder["name"], world.person_paragraph(w, founder, rng), len(docs))
     rest = [_doc(t, x, i) for i, (t, x, c) in enumerate(docs) if c["founder"] is not founder]
     hay = build_haystack(tok, [company_doc, person_doc], rest, length, depth=[depth, rng.random()], seed=rng.randrange(2**31))
     return Sample(
