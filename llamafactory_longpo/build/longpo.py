@@ -12,10 +12,11 @@ import json
 import random
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..errors import RecordError
+from ..errors import ConfigError, RecordError
 from ..text.jsonl import read_inputs
 from .output import ResumableWriter, merge_dataset_info, record_seed, summarize
 
@@ -118,7 +119,20 @@ def read_corpus(path: str, strict: bool, log: Any = print) -> tuple[list[tuple[s
     return read_inputs(path, parse, strict=strict, log=log, tag="build longpo")
 
 
-def build_longpo(config: LongPOBuildConfig, generator: Any = None, log: Any = print) -> dict[str, Any]:
+# instruction pools for a document's chunks, one list of instructions per chunk (empty: none for that chunk)
+InstructionSource = Callable[[list[str]], list[list[str]]]
+
+
+def build_longpo(
+    config: LongPOBuildConfig, generator: Any = None, log: Any = print, instructions: Optional[InstructionSource] = None
+) -> dict[str, Any]:
+    """Build LongPO records from a corpus with the model itself (LongPO, arXiv 2502.13922).
+
+    ``instructions`` replaces the self-instruct step only: where a task already has its questions (an
+    experiment over a synthetic task, a curated pool), they are the chunks' pools, and one of them is still
+    picked at random per chunk. Every answer, chosen (on the chunk) and rejected (on the whole document),
+    remains the model's own. The random draws are the same either way, so records differ only by the pools.
+    """
     from tqdm import tqdm
 
     docs, skipped = read_corpus(config.input, config.strict, log)
@@ -146,18 +160,22 @@ def build_longpo(config: LongPOBuildConfig, generator: Any = None, log: Any = pr
                 writer.drop(key, "no_chunk")
                 continue
             chunks = rng.sample(chunks, min(config.max_turns, len(chunks)))
-            pool_prompts = [
-                ([{"role": "user", "content": f"{c}{config.joiner}{SELF_INSTRUCT_PROMPT.format(n=config.pool_size)}"}], None)
-                for c in chunks
-            ]
-            pools = generator.generate(
-                pool_prompts,
-                seeds=[rng.randrange(2**31) for _ in chunks],
-                temperature=config.instruct_temperature,
-                top_p=config.instruct_top_p,
-                max_new_tokens=config.max_new_tokens,
-            )
-            picked = [(c, rng.choice(qs)) for c, pool in zip(chunks, pools) if (qs := parse_instructions(pool[0]))]
+            pool_seeds = [rng.randrange(2**31) for _ in chunks]
+            if instructions is not None:
+                pools = instructions(chunks)
+                if len(pools) != len(chunks):
+                    raise ConfigError(f"instructions: {len(pools)} pools returned for {len(chunks)} chunks; one list per chunk")
+            else:
+                prompt = SELF_INSTRUCT_PROMPT.format(n=config.pool_size)
+                written = generator.generate(
+                    [([{"role": "user", "content": f"{c}{config.joiner}{prompt}"}], None) for c in chunks],
+                    seeds=pool_seeds,
+                    temperature=config.instruct_temperature,
+                    top_p=config.instruct_top_p,
+                    max_new_tokens=config.max_new_tokens,
+                )
+                pools = [parse_instructions(w[0]) for w in written]
+            picked = [(c, rng.choice(qs)) for c, qs in zip(chunks, pools) if qs]
             if not picked:
                 writer.drop(key, "no_instruction_pool")
                 continue

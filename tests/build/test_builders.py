@@ -13,8 +13,10 @@ training with ``llamafactory-cli``) is real.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -25,6 +27,7 @@ import yaml
 from transformers import AutoTokenizer
 
 from llamafactory_longpo.data.record import load_records
+from llamafactory_longpo.errors import ConfigError
 from llamafactory_longpo.text.scoring import extract_final_answer, sub_em
 from tests.conftest import VENV_BIN, cli_env
 
@@ -238,6 +241,52 @@ def test_longpo_builder(tmp_path: Path, tiny_model: Path) -> None:
             assert turn.chosen != turn.rejected
     info = json.loads((tmp_path / "dataset_info.json").read_text())
     assert info["longpo_selfinstruct"]["ranking"] is True
+
+
+def test_longpo_builder_with_given_instructions(tmp_path: Path, tiny_model: Path) -> None:
+    """The instruction hook replaces the self-instruct step only: the model is never asked to write questions,
+    each turn's instruction is one of its chunk's given pool, and both answers still come from the model."""
+    from llamafactory_longpo.build.longpo import LongPOBuildConfig, build_longpo
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    asked: list[str] = []
+
+    class Recording(ScriptedGenerator):
+        def generate(self, requests, **kwargs):
+            asked.extend(messages[-1]["content"] for messages, _ in requests)
+            return super().generate(requests, **kwargs)
+
+    def pools(chunks: list[str]) -> list[list[str]]:
+        return [[f"Task question {i} about {c.split()[0]}?", f"Other question {i}?"] for i, c in enumerate(chunks)]
+
+    cfg = LongPOBuildConfig(
+        input=str(_corpus(tmp_path / "corpus.jsonl")),
+        output=str(tmp_path / "longpo.jsonl"),
+        model={},
+        min_doc_tokens=200,
+        max_doc_tokens=4000,
+        chunk_min_tokens=60,
+        chunk_max_tokens=200,
+        max_turns=2,
+    )
+    summary = build_longpo(cfg, generator=Recording(tok, _documents()), log=lambda _: None, instructions=pools)
+    records = load_records(tmp_path / "longpo.jsonl")
+    assert records and summary["kept"] == len(records)
+    assert asked and not [a for a in asked if "numbered 1." in a]
+    for record in records:
+        for turn in record.turns:
+            assert re.fullmatch(
+                rf"(Task question \d+ about {re.escape(turn.short_context.split()[0])}|Other question \d+)\?", turn.instruction
+            )
+            assert turn.chosen.startswith("Reading ") and turn.chosen != turn.rejected
+
+    with pytest.raises(ConfigError, match="instructions: 0 pools returned for"):
+        build_longpo(
+            dataclasses.replace(cfg, output=str(tmp_path / "o2.jsonl")),
+            Recording(tok, _documents()),
+            lambda _: None,
+            lambda c: [],
+        )
 
 
 def test_evolution_rounds_train_and_skip_when_done(tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
