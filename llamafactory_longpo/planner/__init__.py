@@ -116,14 +116,16 @@ def train_start_line(model_args: Any, data_args: Any, training_args: Any, finetu
     """One line for the start of training: the predicted peak per rank of this run at its ``cutoff_len``.
 
     Never raises: a run is not stopped for its estimate; the line then says why there is none. Only
-    single-process runs trace here: in a distributed run the trace would touch process-wide state (accelerate's
-    shared state, DeepSpeed's configuration, the attention registry) in one rank only, so the line names the
-    ``estimate`` command instead; the other ranks return an empty line, which they do not log anyway.
+    single-process runs without DeepSpeed trace here. In a distributed run the trace would touch process-wide
+    state (accelerate's shared state, the attention registry) in one rank only; beside a DeepSpeed engine, even a
+    single rank's, it leaves accelerate's state without the engine's plugin, and the first step then runs on
+    ZeRO-3's empty partitions. So those lines name the ``estimate`` command instead; ranks other than 0 return
+    an empty line, which they do not log anyway.
     """
     if int(getattr(training_args, "process_index", 0) or 0) != 0:
         return ""
     world = int(getattr(training_args, "world_size", 1) or 1)
-    if world > 1:  # a trace in one rank of a running group would change that rank's process-wide state alone
+    if world > 1 or getattr(training_args, "deepspeed", None):
         return f"planner: for this run's per-rank estimate, run llamafactory-longpo estimate <config> --gpus {world}"
     try:
         with quiet(), _random_state_kept():

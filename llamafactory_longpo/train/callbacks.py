@@ -19,6 +19,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
@@ -95,11 +96,16 @@ class NonFiniteGuardCallback(TrainerCallback):
 
     The Trainer hides a NaN loss (``logging_nan_inf_filter`` logs the running mean instead) and steps the
     optimizer anyway, so one bad step writes NaN weights into every later checkpoint and the final model.
-    Gradients are checked after the all-reduce and clipping, before the optimizer step; engines that keep
-    gradients out of ``param.grad`` (DeepSpeed) are caught by the logged ``grad_norm`` instead, still before
-    that step's checkpoint (the Trainer logs before it saves). Under fp16 the loss scaler owns this case: an
-    overflowing step is skipped (the weights stay finite) and the scale lowered, so the guard stands aside.
+    Gradients are checked after the all-reduce and clipping, before the optimizer step. DeepSpeed keeps them
+    out of ``param.grad`` and has stepped by then (its step runs inside the backward): the trainer hands the
+    guard its engine's global gradient norm (``engine_grad_norm``), the same value on every rank, and the run
+    stops before that step's checkpoint. The logged ``loss`` and ``grad_norm`` are checked too. Under fp16
+    the loss scaler owns this case: an overflowing step is skipped (the weights stay finite) and the scale
+    lowered, so the guard stands aside.
     """
+
+    def __init__(self) -> None:
+        self.engine_grad_norm: Optional[Callable[[], Any]] = None  # set by the trainer under DeepSpeed
 
     def _stop(self, args: Any, step: int, what: str) -> None:
         raise TrainingError(
@@ -113,7 +119,12 @@ class NonFiniteGuardCallback(TrainerCallback):
         if args.fp16:
             return
         grads = [p.grad for p in model.parameters() if p.grad is not None] if model is not None else []
-        if grads and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=math.inf))):
+        if grads:
+            finite = bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=math.inf)))
+        else:
+            norm = self.engine_grad_norm() if self.engine_grad_norm is not None else None
+            finite = norm is None or math.isfinite(float(norm))
+        if not finite:
             self._stop(args, state.global_step + 1, "the gradient")
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Optional[dict[str, Any]] = None, **kw: Any) -> None:

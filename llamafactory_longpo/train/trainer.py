@@ -19,6 +19,7 @@ from llamafactory.train.dpo.trainer import CustomDPOTrainer
 
 from ..data.plan import RowPlan
 from ..losses import longpo_loss, solopo_loss
+from .callbacks import NonFiniteGuardCallback
 from .compat import accept_indexed_cpu_locations
 from .logps import plain_sequence_logps, sequence_logps
 from .reference import cached_values, compute_values, data_fingerprint, model_fingerprint
@@ -58,6 +59,16 @@ class ShortToLongTrainer(CustomDPOTrainer):
         self.add_callback(self.sampler_epoch)
         if self.args.device.type == "cpu" and self.args.device.index is not None:  # several CPU ranks: resumable
             accept_indexed_cpu_locations()
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, NonFiniteGuardCallback):
+                callback.engine_grad_norm = self._engine_grad_norm
+
+    def _engine_grad_norm(self) -> Optional[float]:
+        """DeepSpeed's global gradient norm of the last step (its gradients never reach ``param.grad``)."""
+        if not self.is_deepspeed_enabled or self.model_wrapped is self.model:
+            return None
+        norm = self.model_wrapped.get_global_grad_norm()
+        return None if norm is None else float(norm)
 
     # ------------------------------------------------------------------ data
     def _group_sampler(self, dataset: Any, batch_size: int, shuffle: bool) -> GroupBatchSampler:

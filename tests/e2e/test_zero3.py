@@ -75,3 +75,28 @@ def test_zero3_matches_data_parallel(tmp_path: Path, tiny_model: Path, name: str
     zero3 = _first_step(tmp_path, tiny_model, name, zero3=True)
     assert zero3["loss"] == pytest.approx(ddp["loss"], rel=1e-5, abs=1e-6)
     assert zero3["grad_norm"] == pytest.approx(ddp["grad_norm"], rel=1e-3)
+
+
+def test_nan_gradient_stops_a_zero3_run_before_its_checkpoint(tmp_path: Path, tiny_model: Path) -> None:
+    """DeepSpeed keeps gradients out of ``param.grad``: the guard reads the engine's global gradient norm, at
+    every step, not only at logging steps (here every 10th, after the checkpoint of step 2)."""
+    out = tmp_path / "out"
+    cfg = write_yaml(
+        tmp_path / "cfg.yaml",
+        base_config(
+            tiny_model,
+            out,
+            deepspeed=str(ROOT / "examples" / "deepspeed" / "ds_z3_config.json"),
+            learning_rate=1.0e30,  # step 1 sends the weights to ~1e30; step 2's gradients are NaN
+            max_steps=3,
+            save_steps=1,
+            logging_steps=10,
+            max_samples=8,
+            ddp_backend="gloo",
+            s2l_ref_cache_dir=str(tmp_path / "cache"),
+        ),
+    )
+    proc = run_cli(["train", str(cfg)], cwd=tmp_path, **torchrun_env(tmp_path / "grads", nproc=1))
+    assert proc.returncode == 1, proc.stdout[-4000:]
+    assert "step 2: the gradient is NaN or infinite; training stopped before saving it" in proc.stdout, proc.stdout[-4000:]
+    assert (out / "checkpoint-1").is_dir() and not (out / "checkpoint-2").exists()

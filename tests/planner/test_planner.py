@@ -129,3 +129,7 @@ def test_train_start_line(tiny_model: Path, tmp_path: Path) -> None:
     # only rank 0 traces: the random generators must be where they were, or ranks part (LoRA inits differ)
     assert torch.equal(torch.rand(4), expected)
     assert line.startswith("planner: predicted peak per rank at 1,024 tokens: "), line
+    # beside a DeepSpeed engine (one rank or many) nothing is traced: the line names the command
+    args[2].deepspeed = str(ROOT / "examples" / "deepspeed" / "ds_z3_config.json")
+    expected_line = "planner: for this run's per-rank estimate, run llamafactory-longpo estimate <config> --gpus 1"
+    assert train_start_line(*args) == expected_line
