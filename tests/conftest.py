@@ -122,6 +122,10 @@ def write_yaml(path: Path, config: dict) -> Path:
     return path
 
 
+# LongPO on the demo's multi-turn documents (their long rows need the longer cutoff)
+LONGPO_RUN = dict(stage="longpo", pref_loss="sigmoid", dataset="longpo_demo", cutoff_len=2048)
+
+
 def base_config(tiny: Path, out: Path, **overrides) -> dict:
     """A small CPU training config over the demo data (the tiny examples' settings)."""
     config = {

@@ -205,21 +205,20 @@ def _corpus(path: Path) -> Path:
     return path
 
 
+def _longpo_config(tmp_path: Path, **overrides):
+    """The builder over the demo's gazetteers, with chunks and documents sized for them."""
+    from llamafactory_longpo.build.longpo import LongPOBuildConfig
+
+    sizes = dict(min_doc_tokens=200, max_doc_tokens=4000, chunk_min_tokens=60, chunk_max_tokens=200, max_turns=2)
+    corpus, output = str(_corpus(tmp_path / "corpus.jsonl")), str(tmp_path / "longpo.jsonl")
+    return LongPOBuildConfig(input=corpus, output=output, model={}, **sizes, **overrides)
+
+
 def test_longpo_builder(tmp_path: Path, tiny_model: Path) -> None:
-    from llamafactory_longpo.build.longpo import LongPOBuildConfig, build_longpo
+    from llamafactory_longpo.build.longpo import build_longpo
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    cfg = LongPOBuildConfig(
-        input=str(_corpus(tmp_path / "corpus.jsonl")),
-        output=str(tmp_path / "longpo.jsonl"),
-        model={},
-        min_doc_tokens=200,
-        max_doc_tokens=4000,
-        chunk_min_tokens=60,
-        chunk_max_tokens=200,
-        max_turns=2,
-        dataset_info=str(tmp_path / "dataset_info.json"),
-    )
+    cfg = _longpo_config(tmp_path, dataset_info=str(tmp_path / "dataset_info.json"))
     logs: list[str] = []
     summary = build_longpo(cfg, generator=ScriptedGenerator(tok, _documents()), log=logs.append)
     assert any("line 6: invalid JSON" in line for line in logs)
@@ -246,7 +245,7 @@ def test_longpo_builder(tmp_path: Path, tiny_model: Path) -> None:
 def test_longpo_builder_with_given_instructions(tmp_path: Path, tiny_model: Path) -> None:
     """The instruction hook replaces the self-instruct step only: the model is never asked to write questions,
     each turn's instruction is one of its chunk's given pool, and both answers still come from the model."""
-    from llamafactory_longpo.build.longpo import LongPOBuildConfig, build_longpo
+    from llamafactory_longpo.build.longpo import build_longpo
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     asked: list[str] = []
@@ -259,16 +258,7 @@ def test_longpo_builder_with_given_instructions(tmp_path: Path, tiny_model: Path
     def pools(chunks: list[str]) -> list[list[str]]:
         return [[f"Task question {i} about {c.split()[0]}?", f"Other question {i}?"] for i, c in enumerate(chunks)]
 
-    cfg = LongPOBuildConfig(
-        input=str(_corpus(tmp_path / "corpus.jsonl")),
-        output=str(tmp_path / "longpo.jsonl"),
-        model={},
-        min_doc_tokens=200,
-        max_doc_tokens=4000,
-        chunk_min_tokens=60,
-        chunk_max_tokens=200,
-        max_turns=2,
-    )
+    cfg = _longpo_config(tmp_path)
     summary = build_longpo(cfg, generator=Recording(tok, _documents()), log=lambda _: None, instructions=pools)
     records = load_records(tmp_path / "longpo.jsonl")
     assert records and summary["kept"] == len(records)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import LONGPO_RUN
 from tests.tolerances import assert_within_eps32
 from tests.train.test_trainer_loss import build, in_float64
 
@@ -60,7 +61,7 @@ def test_optimized_equals_straightforward(tmp_path: Path, tiny_model: Path, name
 
 def test_reference_cache_hit_stale_and_corrupt(tmp_path: Path, tiny_model: Path) -> None:
     cache = tmp_path / "cache"
-    common = dict(stage="longpo", pref_loss="sigmoid", dataset="longpo_demo", cutoff_len=2048, s2l_ref_cache_dir=str(cache))
+    common = dict(LONGPO_RUN, s2l_ref_cache_dir=str(cache))
     first, batch1 = build(tmp_path / "a", tiny_model, **common)
     path, status = first.reference_cache["train"]
     assert status == "miss" and Path(path).exists()
@@ -97,10 +98,7 @@ def test_reference_columns_for_each_eval_dataset(tmp_path: Path, tiny_model: Pat
     trainer, batch = build(
         tmp_path,
         tiny_model,
-        stage="longpo",
-        pref_loss="sigmoid",
-        dataset="longpo_demo",
-        cutoff_len=2048,
+        **LONGPO_RUN,
         eval_dataset="longpo_demo",
         eval_on_each_dataset=True,
         eval_strategy="steps",

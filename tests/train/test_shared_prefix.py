@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import LONGPO_RUN
 from tests.tolerances import assert_within_eps32
 from tests.train.test_trainer_loss import build
 
-LONGPO = dict(stage="longpo", pref_loss="sigmoid", dataset="longpo_demo", cutoff_len=2048, per_device_train_batch_size=3)
+LONGPO = dict(LONGPO_RUN, per_device_train_batch_size=3)
 
 
 @pytest.fixture(autouse=True)

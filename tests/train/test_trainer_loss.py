@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests import spec_formulas as spec
-from tests.conftest import base_config
+from tests.conftest import LONGPO_RUN, base_config
 from tests.tolerances import EPS32
 
 IGNORE = -100
@@ -161,12 +161,9 @@ def test_longpo_trainer_loss_matches_plain_forwards(tmp_path: Path, tiny_model: 
     trainer, batch = build(
         tmp_path,
         tiny_model,
-        stage="longpo",
-        pref_loss="sigmoid",
-        dataset="longpo_demo",
+        **LONGPO_RUN,
         pref_beta=0.5,
         longpo_lambda=0.7,
-        cutoff_len=2048,
         **knobs,
     )
     fa = trainer.finetuning_args
