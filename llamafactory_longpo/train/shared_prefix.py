@@ -118,13 +118,21 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def _sdpa_piece(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: Optional[float], dropout: float) -> torch.Tensor:
+    """One piece through SDPA. The chosen piece (as many keys as queries, no mask) lets SDPA read grouped K/V
+    heads in place where transformers' own SDPA path does (``enable_gqa``); the rejected piece's bottom-right
+    causal bias is kept off that path (not every kernel takes the two together), so its K/V heads are repeated."""
     from torch.nn.attention.bias import causal_lower_right
+    from transformers.integrations.sdpa_attention import use_gqa_in_sdpa
 
     groups = q.size(1) // k.size(1)
-    k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
     if q.size(2) == k.size(2):
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
+        gqa = groups > 1 and use_gqa_in_sdpa(None, k)
+        if not gqa:
+            k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+        extra = {"enable_gqa": True} if gqa else {}
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, **extra)
     else:
+        k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
         bias = causal_lower_right(q.size(2), k.size(2))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scaling)
     return out.transpose(1, 2)
