@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import kv_hops as kv  # noqa: E402
+from llamafactory_longpo.eval import kv_hops as kv  # noqa: E402
 
 MULTS = (1, 2, 4, 8)  # evaluated lengths, in multiples of the short context
 
@@ -67,6 +67,8 @@ class Settings:
     sft_lr: float = 1.0e-3
     recall_share: float = 0.5  # share of SFT examples that are single-hop recall questions (kv_hops.recall_question)
     sft_min_facts: int = 1  # SFT paragraphs have sft_min_facts..facts_per_paragraph facts (easy ones teach the lookup)
+    recall_keys: int = 6  # a recall question asks for 1..recall_keys keys
+    recall_max_mult: int = 8  # recall questions at 1x, 2x, ... up to this multiple of the short context (1: short only)
     # preference data
     train_mult: int = 8  # long context of the training data = train_mult x the short context
     solopo_inputs: int = 600
@@ -87,7 +89,7 @@ class Settings:
 
 
 MODEL_KEYS = ("hidden", "layers", "heads", "kv_heads", "tokenizer_vocab", "facts_per_paragraph", "hops", "seed")
-SFT_KEYS = (*MODEL_KEYS, "sft_steps", "sft_batch", "sft_lr", "recall_share", "sft_min_facts")
+SFT_KEYS = (*MODEL_KEYS, "sft_steps", "sft_batch", "sft_lr", "recall_share", "sft_min_facts", "recall_keys", "recall_max_mult")
 DATA_KEYS = (*SFT_KEYS, "train_mult", "solopo_inputs", "num_samples", "temperature", "longpo_docs", "longpo_max_turns")
 DATA_KEYS = (*DATA_KEYS, "longpo_attempt_docs", "max_new_tokens")
 TRAIN_KEYS = (*DATA_KEYS, "steps", "batch", "lr")
@@ -193,7 +195,12 @@ def register(info_path: Path, name: str, entry: dict[str, Any]) -> None:
     info_path.write_text(json.dumps(info, indent=2) + "\n")
 
 
-def sft_example(s: Settings, rng: random.Random, key: str = "sft", recall_keys: int = 6) -> tuple[str, str, str]:
+def recall_mults(s: Settings) -> tuple[int, ...]:
+    """The context lengths of the SFT mix's recall questions: 1x, 2x, 4x, ... up to ``recall_max_mult``."""
+    return tuple(m for m in (1, 2, 4, 8, 16) if m <= s.recall_max_mult)
+
+
+def sft_example(s: Settings, rng: random.Random, key: str = "sft") -> tuple[str, str, str]:
     """One SFT example of these settings (also the SFT probe's, ``sft_probe.py``)."""
     return kv.sft_example(
         rng,
@@ -201,7 +208,8 @@ def sft_example(s: Settings, rng: random.Random, key: str = "sft", recall_keys: 
         max_facts=s.facts_per_paragraph,
         min_facts=s.sft_min_facts,
         recall_share=s.recall_share,
-        recall_keys=recall_keys,
+        recall_keys=s.recall_keys,
+        recall_mults=recall_mults(s),
         key=key,
     )
 
@@ -611,7 +619,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             data_dir,
             dataset,
             "sft",
-            cutoff_len=short_tokens + 128,
+            cutoff_len=s.recall_max_mult * short_tokens + 160,
             per_device_train_batch_size=s.sft_batch,
             max_steps=s.sft_steps,
             learning_rate=s.sft_lr,

@@ -33,9 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import kv_hops as kv  # noqa: E402
 from replicate_small import FULL, Settings, make_task_model, sft_example  # noqa: E402
 
+from llamafactory_longpo.eval import kv_hops as kv  # noqa: E402
 from llamafactory_longpo.text.scoring import extract_final_answer, sub_em  # noqa: E402
 
 
@@ -50,9 +50,9 @@ def encode(tokenizer: Any, context: str, question: str, answer: str | None = Non
     return ids + target, [-100] * len(ids) + target
 
 
-def sft_batch(tokenizer: Any, rng: random.Random, s: Settings, recall_keys: int) -> tuple[torch.Tensor, ...]:
+def sft_batch(tokenizer: Any, rng: random.Random, s: Settings) -> tuple[torch.Tensor, ...]:
     """One batch of the replication's SFT mix (``replicate_small.sft_example``)."""
-    rows = [encode(tokenizer, *sft_example(s, rng, recall_keys=recall_keys)) for _ in range(s.sft_batch)]
+    rows = [encode(tokenizer, *sft_example(s, rng)) for _ in range(s.sft_batch)]
     width = max(len(ids) for ids, _ in rows)
     pad = tokenizer.pad_token_id
     ids = torch.tensor([r + [pad] * (width - len(r)) for r, _ in rows])
@@ -73,6 +73,42 @@ def name_roles(tokenizer: Any, item: kv.Item) -> dict[int, str]:
             roles[index] = f"hop {hop}" if hop > 0 and name not in seen else "copy"
             seen.add(name)
     return roles
+
+
+@torch.no_grad()
+def greedy_correct(model: Any, tokenizer: Any, prompts: list[tuple[str, str]], answers: list[str], new: int = 24) -> float:
+    """Greedy accuracy (sub-EM of ``Final answer:``) on (context, question) prompts, 25 at a time, left-padded."""
+    correct = 0
+    pad = tokenizer.pad_token_id
+    for start in range(0, len(prompts), 25):
+        ids_list = [encode(tokenizer, c, q) for c, q in prompts[start : start + 25]]
+        width = max(map(len, ids_list))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in ids_list])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids_list])
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=pad)
+        for gold, row in zip(answers[start : start + 25], out[:, width:]):
+            correct += sub_em(extract_final_answer(tokenizer.decode(row, skip_special_tokens=True)), [gold])
+    return correct / len(prompts)
+
+
+@torch.no_grad()
+def probe_lengths(model: Any, tokenizer: Any, items: list[kv.Item], mults: tuple[int, ...]) -> dict[str, dict[int, float]]:
+    """Greedy accuracy by context length (paragraph-level haystacks, ``kv.long_context``) of the two-hop
+    question and of a single-hop one ("What is the key of X?", X a random key of the context)."""
+    model.eval()
+    out: dict[str, dict[int, float]] = {"single": {}, "two-hop": {}}
+    for mult in mults:
+        rng = random.Random(mult)
+        contexts = [it.short_context if mult == 1 else kv.long_context(it, mult, rng) for it in items]
+        out["two-hop"][mult] = greedy_correct(
+            model, tokenizer, [(c, it.question) for c, it in zip(contexts, items)], [it.answer for it in items]
+        )
+        picks = [rng.choice(kv.context_facts(c)) for c in contexts]
+        out["single"][mult] = greedy_correct(
+            model, tokenizer, [(c, kv.single_question(k)) for c, (k, _) in zip(contexts, picks)], [v for _, v in picks], 12
+        )
+    model.train()
+    return out
 
 
 @torch.no_grad()
@@ -119,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--facts", type=int, default=FULL.facts_per_paragraph, help="facts per paragraph (two paragraphs)")
     parser.add_argument("--min-facts", type=int, default=FULL.sft_min_facts, help="SFT paragraphs have min-facts..facts facts")
     parser.add_argument("--recall-share", type=float, default=FULL.recall_share)
-    parser.add_argument("--recall-keys", type=int, default=6)
+    parser.add_argument("--recall-keys", type=int, default=FULL.recall_keys, help="recall questions ask for 1..N keys")
+    parser.add_argument("--recall-max-mult", type=int, default=FULL.recall_max_mult, help="recall contexts up to Nx short")
+    parser.add_argument("--eval-items", type=int, default=100, help="held-out questions per length (by-length line)")
     parser.add_argument("--every", type=int, default=250)
     parser.add_argument("--seed", type=int, default=FULL.seed)
     a = parser.parse_args(argv)
@@ -136,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         facts_per_paragraph=a.facts,
         sft_min_facts=a.min_facts,
         recall_share=a.recall_share,
+        recall_keys=a.recall_keys,
+        recall_max_mult=a.recall_max_mult,
         seed=a.seed,
     )
     torch.set_num_threads(1)
@@ -149,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         model = Qwen2ForCausalLM.from_pretrained(tmp)
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.sft_lr, weight_decay=0.0)
     held_out = kv.make_items("probe", 100, 12345, hops=s.hops, facts_per_paragraph=s.facts_per_paragraph)
+    mults = (1, 2, 4, 8)
+    by_length = kv.make_items(
+        "len", a.eval_items, 54321, hops=s.hops, facts_per_paragraph=s.facts_per_paragraph, other_paragraphs=2 * (max(mults) - 1)
+    )
     rng = random.Random(s.seed + 1)
     start, recent = time.perf_counter(), []
     print(f"[probe] {vars(a)}", flush=True)
@@ -156,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         scale = min(1.0, step / a.warmup) * 0.5 * (1 + math.cos(math.pi * (step - 1) / s.sft_steps))
         for group in optimizer.param_groups:
             group["lr"] = s.sft_lr * scale
-        ids, labels, mask = sft_batch(tokenizer, rng, s, a.recall_keys)
+        ids, labels, mask = sft_batch(tokenizer, rng, s)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -172,6 +216,13 @@ def main(argv: list[str] | None = None) -> int:
                 + f", copy {roles['copy']:.2f}",
                 flush=True,
             )
+            if a.eval_items:
+                acc = probe_lengths(model, tokenizer, by_length, mults)
+                print(
+                    f"[probe] step {step} by length ({a.eval_items} questions, 1x/2x/4x/8x): "
+                    + "; ".join(f"{task} " + "/".join(f"{100 * v:.0f}" for v in accs.values()) for task, accs in acc.items()),
+                    flush=True,
+                )
     return 0
 
 

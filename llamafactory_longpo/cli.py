@@ -40,8 +40,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     evolve.add_argument("recipe")
 
     ev = sub.add_parser("eval", help="long-context evaluation")
-    ev.add_argument("suite", choices=["ruler"])
-    ev.add_argument("config", help="YAML: model (llamafactory-cli chat keys), output_dir, tasks, lengths, depths, ...")
+    ev.add_argument("suite", choices=["ruler", "kv"], help="ruler: RULER-style tasks; kv: the key-value task by length")
+    ev.add_argument(
+        "config",
+        help="YAML: ruler: model (chat keys), output_dir, tasks, lengths, ...; kv: models, output_dir, items, ...",
+    )
 
     est = sub.add_parser("estimate", help="predict each GPU's peak memory (and the step's FLOPs) of a training YAML")
     est.add_argument("config", help="the YAML given to llamafactory-cli train")
@@ -189,6 +192,10 @@ def _run(args: argparse.Namespace) -> int:
             from .build.longpo import LongPOBuildConfig, build_longpo
 
             build_longpo(_load_config(LongPOBuildConfig, args.config, args.strict))
+    elif args.command == "eval" and args.suite == "kv":
+        from .eval.kv_eval import KVEvalConfig, run_kv_eval
+
+        run_kv_eval(_load_config(KVEvalConfig, args.config, False))
     elif args.command == "eval":
         from .eval.ruler import RulerConfig, run_ruler
 

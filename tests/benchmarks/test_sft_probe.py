@@ -16,9 +16,9 @@ from tests.conftest import ROOT, run_command
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import kv_hops as kv  # noqa: E402
 import sft_probe  # noqa: E402
 
+from llamafactory_longpo.eval import kv_hops as kv  # noqa: E402
 from llamafactory_longpo.tiny import train_tokenizer  # noqa: E402
 
 

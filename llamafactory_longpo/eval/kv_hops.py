@@ -1,4 +1,5 @@
-"""A synthetic multi-hop key-value task for the small-scale replication (``replicate_small.py``).
+"""A synthetic multi-hop key-value task: the small-scale replication's (``benchmarks/replicate_small.py``)
+and the demo's (``llamafactory_longpo.eval.kv_eval``).
 
 A context is a list of facts "The key of Bako is Rilu." over made-up names. The question asks to follow
 the keys from a start name a stated number of times ("Follow the keys from Bako two times."); the answer
@@ -130,16 +131,48 @@ def make_item(
     return Item(key=key, question=question(chain[0], hops), answer=chain[-1], chain=chain, supporting=supporting, others=others)
 
 
-def recall_question(item: Item, rng: random.Random, n_keys: int = 6) -> tuple[str, str]:
-    """An auxiliary single-hop question over the item's short context: the keys of ``n_keys`` names it lists
-    ("What are the keys of Bako, Rilu and Tesa?"), answered by quoting the facts. Used in the SFT mix: each
-    answer is ``n_keys`` retrievals, so the lookup is learned much faster than from two-hop questions alone."""
-    facts = [f for p in item.supporting for f in p.split(". ") if f]
-    pairs = [f.rstrip(".").removeprefix("The key of ").split(" is ") for f in facts]
+def context_facts(context: str) -> list[tuple[str, str]]:
+    """The (key, value) pairs of every fact in a context, in order."""
+    facts = [f for p in context.split("\n\n") for f in p.split(". ") if f]
+    return [tuple(f.rstrip(".").removeprefix("The key of ").split(" is ")) for f in facts]  # type: ignore[misc]
+
+
+def single_question(key: str) -> str:
+    return f"What is the key of {key}?"
+
+
+def single_answer(key: str, value: str) -> str:
+    """The one-lookup answer, with the ``Final answer:`` line the scoring reads."""
+    return f"{fact(key, value)} Final answer: {value}"
+
+
+def recall_question(item: Item, rng: random.Random, n_keys: int = 6, context: str | None = None) -> tuple[str, str]:
+    """An auxiliary single-hop question over ``context`` (default: the item's short context): the keys of
+    ``n_keys`` names keyed in it ("What are the keys of Bako, Rilu and Tesa?"), answered by quoting the facts;
+    with one name, "What is the key of Bako?" and a ``Final answer:`` line (the task's single-hop question).
+    Used in the SFT mix: each answer is ``n_keys`` retrievals, so the lookup is learned faster than from
+    two-hop questions alone."""
+    pairs = context_facts(item.short_context if context is None else context)
     picked = rng.sample(pairs, min(n_keys, len(pairs)))
+    if len(picked) == 1:
+        return single_question(picked[0][0]), single_answer(*picked[0])
     names = [k for k, _ in picked]
-    listed = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
+    listed = ", ".join(names[:-1]) + f" and {names[-1]}"
     return f"What are the keys of {listed}?", " ".join(fact(k, v) for k, v in picked)
+
+
+def long_context(item: Item, mult: int, rng: random.Random) -> str:
+    """The item's two evidence paragraphs hidden, in order, among ``2 * (mult - 1)`` of its own distractor
+    paragraphs (about ``mult`` x the short context; paragraph-level, for training data: the evaluation uses
+    the project's token-exact haystack builder)."""
+    others = item.others[: 2 * (mult - 1)]
+    if len(others) < 2 * (mult - 1):
+        raise ValueError(f"{mult}x needs {2 * (mult - 1)} distractor paragraphs, the item has {len(item.others)}")
+    slots = sorted(rng.randrange(len(others) + 1) for _ in item.supporting)
+    paragraphs = list(others)
+    for shift, (slot, paragraph) in enumerate(zip(slots, item.supporting)):
+        paragraphs.insert(slot + shift, paragraph)
+    return "\n\n".join(paragraphs)
 
 
 def sft_example(
@@ -150,17 +183,25 @@ def sft_example(
     min_facts: int = 1,
     recall_share: float = 0.5,
     recall_keys: int = 6,
+    recall_mults: tuple[int, ...] = (1,),
     key: str = "sft",
 ) -> tuple[str, str, str]:
-    """One example of the SFT mix, as (short context, question, answer): paragraphs of ``min_facts`` to
-    ``max_facts`` facts (small ones make the lookup easy to find), and with probability ``recall_share`` a
-    recall question (:func:`recall_question`) instead of the multi-hop one."""
-    item = make_item(key, rng, hops=hops, facts_per_paragraph=rng.randint(min_facts, max_facts))
+    """One example of the SFT mix, as (context, question, answer).
+
+    With probability ``recall_share``: a recall question (:func:`recall_question`, 1 to ``recall_keys``
+    names) over a context of ``m`` x the short length, ``m`` drawn from ``recall_mults`` (the names asked
+    for are anywhere in it); this is how a start model learns to READ long inputs. Otherwise the
+    multi-hop question over a SHORT context whose paragraphs have ``min_facts`` to ``max_facts`` facts
+    (small ones make the lookup easy to find): reasoning is taught at the short length only, the
+    papers' setting of a model that reads long inputs but reasons worse over them."""
     if rng.random() < recall_share:
-        question, answer = recall_question(item, rng, n_keys=recall_keys)
-    else:
-        question, answer = item.question, item.response
-    return item.short_context, question, answer
+        mult = rng.choice(recall_mults)
+        item = make_item(key, rng, hops=hops, facts_per_paragraph=max_facts, other_paragraphs=2 * (mult - 1))
+        context = item.short_context if mult == 1 else long_context(item, mult, rng)
+        question, answer = recall_question(item, rng, n_keys=rng.randint(1, recall_keys), context=context)
+        return context, question, answer
+    item = make_item(key, rng, hops=hops, facts_per_paragraph=rng.randint(min_facts, max_facts))
+    return item.short_context, item.question, item.response
 
 
 def make_items(prefix: str, n: int, seed: int, **kwargs: Any) -> list[Item]:
@@ -180,6 +221,7 @@ def tokenizer_corpus(seed: int = 0, n: int = 400) -> list[str]:
     texts = [SYSTEM, "system\nuser\nassistant\n"]
     for it in make_items("tok", n, seed, other_paragraphs=2):
         texts += [it.short_context, *it.others, it.question, it.response, *recall_question(it, random.Random(0))]
+        texts += [*recall_question(it, random.Random(0), n_keys=1)]
     for hops in HOP_WORDS:
         texts.append(question(NAMES[0], hops))
     return texts
