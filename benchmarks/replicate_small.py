@@ -460,73 +460,61 @@ def build_longpo_data(s: Settings, work: Path, model: Path, data_dir: Path, shor
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
-def eval_set(s: Settings, tokenizer: Any, short_tokens: int, para_tokens: int) -> list[dict[str, Any]]:
-    """Held-out questions (their own seed), each at the short length and at 2x, 4x, 8x (evidence at random depths)."""
-    from llamafactory_longpo.text.haystack import build_haystack
+def eval_set(s: Settings, tokenizer: Any, short_tokens: int) -> list[dict[str, Any]]:
+    """Held-out questions (their own seed), each at the short length and at 2x, 4x, 8x (evidence at random
+    depths), two-hop and single-hop: the package's evaluation (``llamafactory_longpo.eval.kv_eval``), as the demo's."""
+    from llamafactory_longpo.eval.kv_eval import TASKS, make_samples
 
-    others = others_needed(s, short_tokens, para_tokens, max(MULTS))
-    items = kv.make_items("eval", s.eval_items, s.seed + 4, **item_kwargs(s, others))
-    samples = []
-    for i, it in enumerate(items):
-        for mult in MULTS:
-            if mult == 1:
-                context, tokens = it.short_context, len(tokenizer.encode(it.short_context, add_special_tokens=False))
-            else:
-                hay = build_haystack(tokenizer, it.supporting, it.others, mult * short_tokens, seed=1000 * s.seed + i)
-                context, tokens = hay.text, hay.tokens
-            samples.append(
-                {"id": it.key, "mult": mult, "tokens": tokens, "prompt": f"{context}\n\n{it.question}", "answer": it.answer}
-            )
-    return samples
+    return make_samples(
+        tokenizer,
+        items=s.eval_items,
+        seed=s.seed + 4,
+        mults=list(MULTS),
+        tasks=list(TASKS),
+        facts_per_paragraph=s.facts_per_paragraph,
+        hops=s.hops,
+        short_tokens=short_tokens,
+    )
 
 
-def evaluate(name: str, model: Path, samples: list[dict[str, Any]], s: Settings) -> tuple[dict[str, float], list[dict]]:
-    """Greedy answers through the toolkit's ChatModel; sub-EM of the ``Final answer:`` line, per length."""
+def evaluate(name: str, model: Path, samples: list[dict[str, Any]], s: Settings) -> tuple[dict[str, Any], list[dict]]:
+    """Greedy answers through the toolkit's engine (batched, ``Generator.greedy``); sub-EM of the
+    ``Final answer:`` line; per task and length, the accuracy and its 95% Wilson interval."""
     import contextlib
     import gc
     import io
 
+    from llamafactory_longpo.eval.kv_eval import answer, summarize
     from llamafactory_longpo.text.generate import Generator
-    from llamafactory_longpo.text.scoring import extract_final_answer, sub_em
 
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         generator = Generator(engine_args(model))
-    rows = []
-    for mult in MULTS:
-        batch = [x for x in samples if x["mult"] == mult]
-        outs = generator.generate(
-            [([{"role": "user", "content": x["prompt"]}], None) for x in batch], max_new_tokens=s.max_new_tokens
-        )
-        for x, out in zip(batch, outs):
-            pred = out[0]
-            rows.append(
-                {
-                    "method": name,
-                    "id": x["id"],
-                    "mult": mult,
-                    "tokens": x["tokens"],
-                    "answer": x["answer"],
-                    "prediction": pred,
-                    "correct": sub_em(extract_final_answer(pred), [x["answer"]]),
-                }
-            )
+    rows = [{"method": name, "model": name, **r} for r in answer(generator, samples, s.max_new_tokens, 64)]
     del generator
     gc.collect()
-    acc = {str(m): 100.0 * statistics.fmean(r["correct"] for r in rows if r["mult"] == m) for m in MULTS}
-    log(f"eval {name}: " + ", ".join(f"{m}x {acc[str(m)]:.1f}" for m in MULTS) + f" ({time.perf_counter() - start:.0f} s)")
-    return acc, rows
+    summary = summarize(rows)[name]
+    log(
+        f"eval {name}: "
+        + "; ".join(f"{t} " + ", ".join(f"{m}x {c['accuracy']:.1f}" for m, c in cells.items()) for t, cells in summary.items())
+        + f" ({time.perf_counter() - start:.0f} s)"
+    )
+    return summary, rows
 
 
 # ---------------------------------------------------------------------------------------------- report
 
 
-def table(result: dict[str, Any]) -> str:
+def table(result: dict[str, Any], task: str = "two-hop") -> str:
+    """Method | stage | accuracy [95% interval] per length | train time, for one task."""
     lengths = result["lengths"]
     head = ["method", "stage"] + [f"short ({lengths['1']} tok)"] + [f"{m}x ({lengths[str(m)]} tok)" for m in MULTS[1:]]
     lines = ["| " + " | ".join([*head, "train time"]) + " |", "|" + " --- |" * (len(head) + 1)]
     for name, r in result["methods"].items():
-        cells = [name, r["stage"]] + [f"{r['accuracy'][str(m)]:.1f}" for m in MULTS]
+        by_length = r["by_task"][task]
+        cells = [name, r["stage"]] + [
+            f"{c['accuracy']:.1f} [{c['low']:.1f}, {c['high']:.1f}]" for c in (by_length[str(m)] for m in MULTS)
+        ]
         t = r.get("train")
         cells.append(f"{t['wall_s']:.0f} s" if t else "")
         lines.append("| " + " | ".join(cells) + " |")
@@ -534,25 +522,53 @@ def table(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:
-    import matplotlib.pyplot as plt
+    """Accuracy vs length with 95% intervals: the package's plot (two-hop solid, single-hop dotted)."""
+    from llamafactory_longpo.eval.kv_eval import plot as kv_plot
 
-    plt.switch_backend("agg")
-    xs = [result["lengths"][str(m)] for m in MULTS]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, r in result["methods"].items():
-        style = {"linestyle": "--", "color": "black"} if name == START else {}
-        ax.plot(xs, [r["accuracy"][str(m)] for m in MULTS], marker="o", label=name, **style)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(xs, [f"{t}\n({m}x)" if m > 1 else f"{t}\n(short)" for t, m in zip(xs, MULTS)])
-    ax.set_ylim(-5, 105)
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("accuracy (sub-EM, %)")
-    ax.set_title(f"two-hop key-value QA, {result['eval_items']} held-out questions per length")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    summary = {name: r["by_task"] for name, r in result["methods"].items()}
+    title = f"key-value QA, {result['eval_items']} held-out questions per length and task"
+    kv_plot(summary, result["lengths"], str(path), title=title)
     return path
+
+
+def to_bf16(src: Path, dest: Path) -> dict[str, Any]:
+    """``src`` (the SFT output) saved again in bf16 with its tokenizer: the start model of every method, and
+    the demo's shipped model (half the bytes of fp32; the methods train it in fp32 on the CPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    shutil.rmtree(dest, ignore_errors=True)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    model.save_pretrained(dest)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dest)
+    size = sum(f.stat().st_size for f in dest.iterdir() if f.is_file())
+    log(f"start model: {dest} (bf16, {size / 1e6:.2f} MB)")
+    return {"bytes": size}
+
+
+def ship(s: Settings, start: Path, data_dir: Path, dest: Path, root: Path, records: int) -> dict[str, Any]:
+    """Copy what the demo runs on into the repository: the bf16 start model (with its tokenizer) to ``dest``
+    and the first ``records`` records of both preference sets to ``root/data``, registered in
+    ``root/dataset_info.json`` as ``kv_solopo_demo`` and ``kv_longpo_demo``."""
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    for f in start.iterdir():
+        if f.is_file():
+            shutil.copy2(f, dest / f.name)
+    info_path = root / "dataset_info.json"
+    info = json.loads(info_path.read_text())
+    shipped = {}
+    for kind in ("solopo", "longpo"):
+        lines = (data_dir / f"kv_{kind}.jsonl").read_text().splitlines()[:records]
+        target = root / "data" / f"kv_{kind}_demo.jsonl"
+        target.write_text("\n".join(lines) + "\n")
+        entry = json.loads((data_dir / "dataset_info.json").read_text())[f"kv_{kind}"]
+        info[f"kv_{kind}_demo"] = {**entry, "file_name": f"data/{target.name}"}
+        shipped[kind] = {"file": str(target.relative_to(root)), "records": len(lines)}
+    info_path.write_text(json.dumps(info, indent=2) + "\n")
+    size = sum(f.stat().st_size for f in dest.iterdir())
+    log(f"shipped the start model to {dest} ({size / 1e6:.2f} MB) and {shipped}")
+    return {"model": str(dest), "model_bytes": size, "data": shipped}
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -565,6 +581,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--resume", action="store_true", help="reuse the SFT start, data and models already in --out")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override a setting, e.g. steps=200")
+    parser.add_argument("--only-start", action="store_true", help="stop after the start model's check (no data, no methods)")
+    parser.add_argument(
+        "--ship",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="copy the bf16 start model to DIR (the demo's: examples/demo_model) and the demo's data to data/",
+    )
+    parser.add_argument("--ship-records", type=int, default=256, help="records of each preference set shipped for the demo")
     args = parser.parse_args(argv)
 
     s = dataclasses.replace(SMALLEST if args.smallest else FULL)
@@ -627,16 +652,29 @@ def main(argv: Optional[list[str]] = None) -> int:
         )
         state["sft"] = {**train("SFT start", cfg, work / "sft"), "key": key_of(s, SFT_KEYS)}
         save_state()
+    # the start of everything below (and the demo's shipped model): the SFT model in bf16 (half the bytes)
+    start = models / "start"
+    if not reuse(state.get("start"), key_of(s, SFT_KEYS)) or not (start / "model.safetensors").exists():
+        state["start"] = {**to_bf16(sft, start), "key": key_of(s, SFT_KEYS)}
+        save_state()
+    samples = eval_set(s, tokenizer, short_tokens)
+    if args.only_start:
+        summary, rows = evaluate(START, start, samples, s)
+        check = {"command": " ".join(sys.argv), "settings": dataclasses.asdict(s), "sft": state["sft"], "accuracy": summary}
+        (out / "start_check.json").write_text(json.dumps(check, indent=2))
+        kv.write_jsonl(str(out / "start_samples.jsonl"), rows)
+        log(f"wrote {out / 'start_check.json'}")
+        return 0
 
     # 2. preference data, built by the SFT start itself
     if not reuse(state.get("solopo_data"), key_of(s, DATA_KEYS)):
         state["solopo_data"] = {
-            **build_solopo_data(s, work, sft, data_dir, short_tokens, para_tokens),
+            **build_solopo_data(s, work, start, data_dir, short_tokens, para_tokens),
             "key": key_of(s, DATA_KEYS),
         }
         save_state()
     if not reuse(state.get("longpo_data"), key_of(s, DATA_KEYS)):
-        state["longpo_data"] = {**build_longpo_data(s, work, sft, data_dir, short_tokens), "key": key_of(s, DATA_KEYS)}
+        state["longpo_data"] = {**build_longpo_data(s, work, start, data_dir, short_tokens), "key": key_of(s, DATA_KEYS)}
         save_state()
 
     # 3. the methods, same start, same steps and batch size
@@ -647,7 +685,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             continue
         run_dir = work / name
         cfg = train_config(
-            sft,
+            start,
             models / name,
             data_dir,
             datasets[kind],
@@ -666,7 +704,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         save_state()
 
     # 4. evaluation
-    samples = eval_set(s, tokenizer, short_tokens, para_tokens)
     lengths = {str(m): int(statistics.median(x["tokens"] for x in samples if x["mult"] == m)) for m in MULTS}
     result: dict[str, Any] = {
         "command": "benchmarks/replicate_small.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -680,11 +717,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     }
     all_rows = []
     for name in [START, *args.methods]:
-        model = sft if name == START else models / name
-        acc, rows = evaluate(name, model, samples, s)
+        model = start if name == START else models / name
+        by_task, rows = evaluate(name, model, samples, s)
         all_rows += rows
         stage = "sft (short)" if name == START else METHODS[name][0]
-        result["methods"][name] = {"stage": stage, "accuracy": acc, "train": state["train"].get(name) if name != START else None}
+        result["methods"][name] = {
+            "stage": stage,
+            "accuracy": {m: c["accuracy"] for m, c in by_task["two-hop"].items()},  # two-hop, as the earlier runs
+            "by_task": by_task,
+            "train": state["train"].get(name) if name != START else None,
+        }
         if name != START:
             result["methods"][name]["config"] = {k: v for k, v in METHODS[name][2].items()}
     result["total_wall_s"] = round(time.perf_counter() - t0, 1)
@@ -692,12 +734,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     # 5. report
     kv.write_jsonl(str(out / "samples.jsonl"), all_rows)
     (out / "results.json").write_text(json.dumps(result, indent=2))
-    md = table(result)
+    md = "\n\n".join(f"{task}, accuracy % [95% interval]\n\n{table(result, task)}" for task in ("two-hop", "single"))
     (out / "results.md").write_text(md + "\n")
     plot(result, out / "accuracy_vs_length.png")
     print("\n" + md + "\n")
     log(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'accuracy_vs_length.png'}, {out / 'samples.jsonl'}")
     log(f"total wall time {result['total_wall_s']:.0f} s (this invocation)")
+    if args.ship:
+        result["shipped"] = ship(s, start, data_dir, args.ship.resolve(), ROOT, args.ship_records)
+        (out / "results.json").write_text(json.dumps(result, indent=2))
     return 0
 
 
