@@ -138,10 +138,30 @@ def _check_type(path: str, key: str, value: Any, annotation: str) -> None:
             _check_type(path, f"{key}[{i}]", v, item)
 
 
-def _load_config(cls: type, path: str, strict: bool) -> Any:
+def _apply_overrides(path: str, raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` pairs on the command line over the YAML's keys (the value read as YAML, as
+    ``llamafactory-cli train x.yaml key=value`` does); ``a.b=value`` sets key ``b`` of mapping ``a``."""
+    import yaml
+
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{item!r}: expected KEY=VALUE")
+        head, dot, sub = key.partition(".")
+        parsed = yaml.safe_load(value) if value else ""
+        if dot:
+            if not isinstance(raw.get(head, {}), dict):
+                raise ConfigError(f"{path}: {head}: not a mapping, so {key!r} cannot be set")
+            raw.setdefault(head, {})[sub] = parsed
+        else:
+            raw[key] = parsed
+    return raw
+
+
+def _load_config(cls: type, path: str, strict: bool, overrides: Sequence[str] = ()) -> Any:
     import dataclasses
 
-    raw = _read_yaml(path)
+    raw = _apply_overrides(path, _read_yaml(path), overrides)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
@@ -195,11 +215,11 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "eval" and args.suite == "kv":
         from .eval.kv_eval import KVEvalConfig, run_kv_eval
 
-        run_kv_eval(_load_config(KVEvalConfig, args.config, False))
+        run_kv_eval(_load_config(KVEvalConfig, args.config, False, args.overrides))
     elif args.command == "eval":
         from .eval.ruler import RulerConfig, run_ruler
 
-        run_ruler(_load_config(RulerConfig, args.config, False))
+        run_ruler(_load_config(RulerConfig, args.config, False, args.overrides))
     elif args.command == "estimate":
         from .planner import run_estimate
 
