@@ -49,7 +49,10 @@ def test_replicate_smallest_writes_table_json_and_plot(tmp_path):
     assert data["solopo"]["summary"]["kept"] > 0
     assert "attempt" in data["longpo"] and data["longpo"]["summary"]["kept"] > 0
     samples = (out / "samples.jsonl").read_text().splitlines()
-    assert len(samples) == 7 * 4 * result["eval_items"]
+    assert len(samples) == 7 * 4 * 2 * result["eval_items"]  # two tasks (two-hop, single-hop) at four lengths
+    for r in result["methods"].values():  # each cell with its 95% interval
+        for cells in r["by_task"].values():
+            assert all(c["low"] <= c["accuracy"] <= c["high"] and c["n"] == result["eval_items"] for c in cells.values())
 
     # the plot
     png = out / "accuracy_vs_length.png"
