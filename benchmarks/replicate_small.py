@@ -57,6 +57,7 @@ class Settings:
     layers: int = 2
     heads: int = 4
     kv_heads: int = 2
+    intermediate: int = 0  # MLP width; 0: 4 x hidden
     tokenizer_vocab: int = 1024
     # task
     facts_per_paragraph: int = 2  # 6 (86-token contexts) left the SFT start at 8-10%: see sft_probe.py
@@ -82,13 +83,13 @@ class Settings:
     batch: int = 8
     lr: float = 2.0e-4
     # evaluation
-    eval_items: int = 100
+    eval_items: int = 300
     max_new_tokens: int = 32
     seed: int = 0
     threads: int = 1  # torch threads per process (1 is faster on a small, shared CPU; not part of any result key)
 
 
-MODEL_KEYS = ("hidden", "layers", "heads", "kv_heads", "tokenizer_vocab", "facts_per_paragraph", "hops", "seed")
+MODEL_KEYS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "tokenizer_vocab", "facts_per_paragraph", "hops", "seed")
 SFT_KEYS = (*MODEL_KEYS, "sft_steps", "sft_batch", "sft_lr", "recall_share", "sft_min_facts", "recall_keys", "recall_max_mult")
 DATA_KEYS = (*SFT_KEYS, "train_mult", "solopo_inputs", "num_samples", "temperature", "longpo_docs", "longpo_max_turns")
 DATA_KEYS = (*DATA_KEYS, "longpo_attempt_docs", "max_new_tokens")
@@ -223,7 +224,7 @@ def make_task_model(path: Path, s: Settings) -> None:
         texts=kv.tokenizer_corpus(s.seed),
         tokenizer_vocab=s.tokenizer_vocab,
         hidden_size=s.hidden,
-        intermediate_size=4 * s.hidden,
+        intermediate_size=s.intermediate or 4 * s.hidden,
         num_layers=s.layers,
         num_heads=s.heads,
         num_kv_heads=s.kv_heads,

@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=FULL.hidden)
     parser.add_argument("--heads", type=int, default=FULL.heads)
     parser.add_argument("--kv-heads", type=int, default=FULL.kv_heads)
+    parser.add_argument("--intermediate", type=int, default=FULL.intermediate, help="MLP width (0: 4 x hidden)")
     parser.add_argument("--lr", type=float, default=FULL.sft_lr)
     parser.add_argument("--steps", type=int, default=FULL.sft_steps, help="cosine schedule length (and the step budget)")
     parser.add_argument("--warmup", type=int, default=100)
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         hidden=a.hidden,
         heads=a.heads,
         kv_heads=a.kv_heads,
+        intermediate=a.intermediate,
         sft_lr=a.lr,
         sft_steps=a.steps,
         sft_batch=a.batch,
