@@ -82,7 +82,8 @@ def wilson(correct: int, n: int, z: float = 1.959963984540054) -> tuple[float, f
     p = correct / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return 100.0 * max(0.0, centre - half), 100.0 * min(1.0, centre + half)
+    # the interval always holds p (rounding can put centre - half a hair above 0 when p = 0)
+    return 100.0 * max(0.0, min(p, centre - half)), 100.0 * min(1.0, max(p, centre + half))
 
 
 def others_needed(short_tokens: int, para_tokens: int, mult: int) -> int:
