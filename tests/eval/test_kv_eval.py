@@ -36,6 +36,11 @@ def test_wilson_interval_matches_the_formula_at_known_points() -> None:
     assert wilson(10, 10) == pytest.approx((72.25, 100.0), abs=0.01)
     low, high = wilson(150, 300)
     assert low == pytest.approx(44.38, abs=0.01) and high == pytest.approx(55.62, abs=0.01)
+    # the interval holds the proportion itself at every count (the plot's error bars are never negative)
+    for n in (1, 6, 300):
+        for correct in range(n + 1):
+            low, high = wilson(correct, n)
+            assert 0.0 <= low <= 100.0 * correct / n <= high <= 100.0
 
 
 def test_shipped_start_model_is_small_bf16_and_loads(tok) -> None:
