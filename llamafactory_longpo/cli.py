@@ -45,6 +45,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "config",
         help="YAML: ruler: model (chat keys), output_dir, tasks, lengths, ...; kv: models, output_dir, items, ...",
     )
+    ev.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="override a config key (a YAML value; models.NAME=PATH sets one model)"
+    )
 
     est = sub.add_parser("estimate", help="predict each GPU's peak memory (and the step's FLOPs) of a training YAML")
     est.add_argument("config", help="the YAML given to llamafactory-cli train")

@@ -11,6 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH" DISABLE_VERSION_CHECK=1 TOKENIZERS_PARALLELISM=false
+# one torch thread per process: a model this small runs no faster on two, and much slower next to other work
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export LLAMAFACTORY_VERBOSITY=${LLAMAFACTORY_VERBOSITY:-WARN} TRANSFORMERS_VERBOSITY=${TRANSFORMERS_VERBOSITY:-error}
 out=${DEMO_OUT:-saves/demo}
 mkdir -p "$out/logs"
