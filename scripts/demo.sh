@@ -21,7 +21,7 @@ for method in solo_orpo longpo; do
   cfg=examples/demo/${method}_kv.yaml
   log="$out/logs/$method.log"
   echo "[demo] llamafactory-cli train $cfg"
-  llamafactory-cli train "$cfg" "output_dir=$out/$method" "s2l_ref_cache_dir=$out/ref_cache" ${DEMO_STEPS:+"max_steps=$DEMO_STEPS"} \
+  llamafactory-cli train "$cfg" "output_dir=$out/$method" "s2l_ref_cache_dir=$out/ref_cache" ${DEMO_STEPS:+"max_steps=$DEMO_STEPS" "logging_steps=1"} \
     > "$log" 2>&1 || { tail -30 "$log"; exit 1; }
 done
 echo "[demo] llamafactory-longpo eval kv examples/eval/kv_demo.yaml"
