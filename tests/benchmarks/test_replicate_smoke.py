@@ -30,9 +30,10 @@ def test_replicate_smallest_writes_table_json_and_plot(tmp_path):
     header = "| method | stage | short ("
     assert header in proc.stdout
     table = (out / "results.md").read_text()
-    assert table.startswith(header)
+    assert table.startswith("two-hop, accuracy % [95% interval]\n\n" + header)  # two tables: two-hop, then single-hop
+    assert "single, accuracy % [95% interval]\n\n" + header in table
     for name in ["SFT start", *METHODS]:
-        assert f"| {name} |" in table
+        assert table.count(f"| {name} |") == 2
 
     # the JSON: every method evaluated at every length, trained with a recorded wall time
     result = json.loads((out / "results.json").read_text())
