@@ -63,7 +63,7 @@ def test_probe_scores_a_perfect_model_perfectly():
 
 
 def test_probe_runs_and_reports(tmp_path):
-    args = ["--steps", "2", "--every", "2", "--hidden", "32"]
+    args = ["--steps", "2", "--every", "2", "--hidden", "32", "--eval-items", "4"]
     proc = run_command([sys.executable, str(ROOT / "benchmarks" / "sft_probe.py"), *args], tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("[probe] step 2 ")]
@@ -72,3 +72,6 @@ def test_probe_runs_and_reports(tmp_path):
     vocab = (len(train_tokenizer(kv.tokenizer_corpus(0), 1024)) + 63) // 64 * 64  # the model builder's rounding
     losses = [float(x) for x in re.findall(r"(?:hop \d|copy) (\d+\.\d+)", line[0])]
     assert len(losses) == 3 and all(abs(loss - math.log(vocab)) < 0.3 for loss in losses), line[0]
+    # and the accuracy by length of both tasks (1x/2x/4x/8x), each a whole percentage of 4 questions
+    by_length = [x for x in proc.stdout.splitlines() if x.startswith("[probe] step 2 by length (4 questions")]
+    assert by_length and re.search(r"single \d+/\d+/\d+/\d+; two-hop \d+/\d+/\d+/\d+$", by_length[0]), by_length
