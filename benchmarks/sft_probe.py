@@ -10,6 +10,9 @@ setting can be tried in minutes, and every ``--every`` steps it prints what matt
   C (the value of a key among the context's facts); the COPIES are A, the second B and the last C (a name
   already in the question or the answer). Reference points: ln(160) = 5.08 (any name), ln(12) = 2.48 (any
   of the 12 names keyed in a full-size short context).
+- greedy accuracy by context length (1x, 2x, 4x, 8x; ``--eval-items`` questions, paragraph-level haystacks)
+  of the two-hop question and of a single-hop one ("What is the key of X?"): whether the start reads long
+  inputs (single-hop) and reasons worse over them (two-hop), issue 15's start-model check in minutes.
 
   .venv/bin/python benchmarks/sft_probe.py                          # the replication's own SFT settings
   .venv/bin/python benchmarks/sft_probe.py --facts 6 --steps 1500   # one setting changed
