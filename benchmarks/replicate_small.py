@@ -1,10 +1,13 @@
 """Small-scale replication of the papers' comparison, on a CPU, end to end.
 
 1. A Qwen2-shaped model is built locally with random weights and a tokenizer trained on the task's text,
-   then trained FROM SCRATCH with ``llamafactory-cli train`` (``stage: sft``) on a short-context
-   multi-hop key-value task (``kv_hops.py``): "The key of Bako is Rilu." facts, two of them evidence, the
+   then trained FROM SCRATCH with ``llamafactory-cli train`` (``stage: sft``) on a multi-hop key-value task
+   (``llamafactory_longpo/eval/kv_hops.py``): "The key of Bako is Rilu." facts, two of them evidence, the
    rest distractors; "Follow the keys from Bako two times."; answer = the two quoted facts and a
-   ``Final answer:`` line. This is the SFT start of every method below.
+   ``Final answer:`` line. The SFT mix (issue 15): single-hop recall questions over contexts of 1x to
+   ``recall_max_mult`` x the short length (reading at every length) and two-hop questions over short
+   contexts only (reasoning at the short length). Its bf16 copy is the start of every method below (and,
+   with ``--ship``, the demo's shipped model); ``--only-start`` stops after checking it.
 2. Preference data is built WITH THE MODEL ITSELF by the project's builders: ``llamafactory-longpo build
    solopo`` (the task as MuSiQue-format input; short = the evidence paragraphs, long = the same paragraphs
    hidden among distractor paragraphs at ``--train-mult`` x the short length; sampled answers scored by
@@ -15,12 +18,14 @@
 3. From the SFT start, with the same number of steps and batch size: SFT on the long view (chosen
    answers), Long-DPO (the toolkit's ``dpo`` on the long view), LongPO, SoLo-DPO, SoLo-SimPO and
    SoLo-ORPO, each a ``llamafactory-cli train`` subprocess (wall time recorded).
-4. Every model and the SFT start answer held-out questions at the short length and at 2x, 4x, 8x (greedy,
-   through the toolkit's ChatModel), scored by sub-EM on the ``Final answer:`` line.
-5. Prints the table (method | short | 2x | 4x | 8x | train time) and writes ``results.json``,
+4. Every model and the start answer 300 held-out questions at the short length and at 2x, 4x, 8x, two-hop
+   and single-hop (greedy, through the toolkit's engine; the package's ``eval/kv_eval.py``, as the demo),
+   scored by sub-EM on the ``Final answer:`` line, with 95% Wilson intervals.
+5. Prints the tables (method | short | 2x | 4x | 8x | train time) and writes ``results.json``,
    ``results.md``, ``samples.jsonl`` and ``accuracy_vs_length.png`` to ``--out``.
 
-  .venv/bin/python benchmarks/replicate_small.py              # the full configuration (CPU, ~16 min)
+  .venv/bin/python benchmarks/replicate_small.py --only-start # the SFT start and its check (CPU, ~20 min)
+  .venv/bin/python benchmarks/replicate_small.py --resume     # then the data, the methods, the tables (~10 min)
   .venv/bin/python benchmarks/replicate_small.py --smallest   # the whole pipeline, tiny step counts (~3 min)
 """
 
