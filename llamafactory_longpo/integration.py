@@ -19,6 +19,8 @@ this list:
 - ``data.collator.MultiModalDataCollatorForSeq2Seq.__call__``: the long and reference rows padded as their own
   group (:mod:`.data.collator`);
 - ``train.dpo.trainer.CustomDPOTrainer``: the plugin's trainer's base class (:mod:`.train.trainer`).
+- read, not patched: ``chat.ChatModel.engine``'s ``model``, ``tokenizer`` and ``template`` (``encode_oneturn``,
+  ``get_stop_token_ids``) for batched greedy answers on the huggingface backend (:meth:`.text.generate.Generator.greedy`).
 """
 
 from __future__ import annotations
