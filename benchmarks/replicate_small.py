@@ -46,11 +46,10 @@ from typing import Any, Optional
 
 import yaml
 
+from llamafactory_longpo.eval import kv_hops as kv
+
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from llamafactory_longpo.eval import kv_hops as kv  # noqa: E402
 
 MULTS = (1, 2, 4, 8)  # evaluated lengths, in multiples of the short context
 
@@ -96,8 +95,11 @@ class Settings:
 
 MODEL_KEYS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "tokenizer_vocab", "facts_per_paragraph", "hops", "seed")
 SFT_KEYS = (*MODEL_KEYS, "sft_steps", "sft_batch", "sft_lr", "recall_share", "sft_min_facts", "recall_keys", "recall_max_mult")
-DATA_KEYS = (*SFT_KEYS, "train_mult", "solopo_inputs", "num_samples", "temperature", "longpo_docs", "longpo_max_turns")
-DATA_KEYS = (*DATA_KEYS, "longpo_attempt_docs", "max_new_tokens")
+DATA_KEYS = (
+    *SFT_KEYS,
+    *("train_mult", "solopo_inputs", "num_samples", "temperature", "longpo_docs", "longpo_max_turns"),
+    *("longpo_attempt_docs", "max_new_tokens"),
+)
 TRAIN_KEYS = (*DATA_KEYS, "steps", "batch", "lr")
 
 
@@ -369,40 +371,21 @@ def longpo_config(s: Settings, corpus: Path, out: Path, model: Path, short_token
     }
 
 
-class TaskInstructionPool:
-    """The task model's generator for ``build_longpo``, with one step replaced: the self-instruct request for a
-    chunk ("write N questions about the text above") is answered with the task's question for that chunk, as
-    a numbered list. Every answer (chosen on the chunk, rejected on the whole document) is the model's own."""
+class TaskInstructions:
+    """The task's own question for each chunk, as ``build_longpo``'s instruction pool (its ``instructions``
+    hook): a task model cannot write questions about a text. Counts the chunks that are not exactly one item's
+    short context (they get no pool, and the builder drops them)."""
 
-    def __init__(self, generator: Any, docs: dict[str, list[kv.Item]], joiner: str, pool_size: int) -> None:
-        from llamafactory_longpo.build.longpo import SELF_INSTRUCT_PROMPT
-
-        self.generator = generator
-        self.tokenizer = generator.tokenizer
-        self.suffix = joiner + SELF_INSTRUCT_PROMPT.format(n=pool_size)
+    def __init__(self, docs: dict[str, list[kv.Item]]) -> None:
         self.pools = {it.short_context: [it.question] for items in docs.values() for it in items}
         self.pool_requests = 0
-        self.pool_misses = 0  # chunks that are not exactly one item's short context
+        self.pool_misses = 0
 
-    def generate(self, requests: list[tuple[list[dict[str, str]], Optional[str]]], *, seeds=None, **kwargs: Any):
-        out: list[Optional[list[str]]] = [None] * len(requests)
-        passed = []
-        for i, (messages, _) in enumerate(requests):
-            content = messages[-1]["content"]
-            if content.endswith(self.suffix):
-                self.pool_requests += 1
-                questions = self.pools.get(content[: -len(self.suffix)], [])
-                self.pool_misses += not questions
-                out[i] = ["\n".join(f"{j + 1}. {q}" for j, q in enumerate(questions))]
-            else:
-                passed.append(i)
-        if passed:
-            answers = self.generator.generate(
-                [requests[i] for i in passed], seeds=[seeds[i] for i in passed] if seeds else None, **kwargs
-            )
-            for i, a in zip(passed, answers):
-                out[i] = a
-        return out
+    def __call__(self, chunks: list[str]) -> list[list[str]]:
+        pools = [self.pools.get(c, []) for c in chunks]
+        self.pool_requests += len(chunks)
+        self.pool_misses += sum(not p for p in pools)
+        return pools
 
 
 def build_longpo_data(s: Settings, work: Path, model: Path, data_dir: Path, short_tokens: int) -> dict:
@@ -433,12 +416,13 @@ def build_longpo_data(s: Settings, work: Path, model: Path, data_dir: Path, shor
     log(f"build longpo (task questions as the instruction pool): build_longpo({work / 'build_longpo.yaml'})")
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):  # the engine's loading chatter
-        generator = TaskInstructionPool(Generator(cfg["model"]), docs, "\n\n", cfg["pool_size"])
-    summary = build_longpo(LongPOBuildConfig(**cfg), generator=generator, log=lambda m: None)
+        generator = Generator(cfg["model"])
+    instructions = TaskInstructions(docs)
+    summary = build_longpo(LongPOBuildConfig(**cfg), generator=generator, log=lambda m: None, instructions=instructions)
     wall = time.perf_counter() - start
     if not summary["kept"]:
         raise SystemExit("build longpo kept no record: see its summary")
-    pool_stats = {"pool_requests": generator.pool_requests, "pool_misses": generator.pool_misses}
+    pool_stats = {"pool_requests": instructions.pool_requests, "pool_misses": instructions.pool_misses}
     del generator
     log(
         f"build longpo (task questions): kept {summary['kept']} of {s.longpo_docs} documents ({summary['dropped']}), {wall:.0f} s"
@@ -452,9 +436,9 @@ def build_longpo_data(s: Settings, work: Path, model: Path, data_dir: Path, shor
             "wall_s": round(wall_attempt, 1),
         },
         "how": (
-            "llamafactory_longpo.build.longpo.build_longpo (the builder's own function) with a generator that answers "
-            "the self-instruct request of a chunk with the task's question for that chunk; chosen (answer on the "
-            "chunk) and rejected (answer on the whole document) are generated by the model"
+            "llamafactory_longpo.build.longpo.build_longpo (the builder's own function) with its instructions hook "
+            "giving each chunk the task's question for it; chosen (answer on the chunk) and rejected (answer on the "
+            "whole document) are generated by the model"
         ),
         "config": cfg,
         "summary": summary,

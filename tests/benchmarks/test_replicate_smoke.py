@@ -49,6 +49,8 @@ def test_replicate_smallest_writes_table_json_and_plot(tmp_path):
     data = result["data"]
     assert data["solopo"]["summary"]["kept"] > 0
     assert "attempt" in data["longpo"] and data["longpo"]["summary"]["kept"] > 0
+    # the task's questions reached the builder through its instructions hook, one pool per chunk
+    assert 0 <= data["longpo"]["pool_misses"] < data["longpo"]["pool_requests"]
     samples = (out / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 7 * 4 * 2 * result["eval_items"]  # two tasks (two-hop, single-hop) at four lengths
     for r in result["methods"].values():  # each cell with its 95% interval
