@@ -103,6 +103,21 @@ DATA_KEYS = (
 TRAIN_KEYS = (*DATA_KEYS, "steps", "batch", "lr")
 
 
+def apply_settings(s: Settings, pairs: list[str]) -> None:
+    """``--set KEY=VALUE`` overrides, each parsed as the setting's own type (int, float or str), so ``steps=2.5``
+    or an unknown key stops at once with one line instead of failing, or silently truncating, later."""
+    names = [f.name for f in dataclasses.fields(s)]
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or key not in names:
+            raise SystemExit(f"replicate_small.py: error: --set {pair!r}: expected KEY=VALUE, KEY one of {', '.join(names)}")
+        kind = type(getattr(s, key))
+        try:
+            setattr(s, key, kind(raw))
+        except ValueError:
+            raise SystemExit(f"replicate_small.py: error: --set {key}: {raw!r} is not a {kind.__name__}") from None
+
+
 def key_of(s: Settings, names: tuple[str, ...], **extra: Any) -> dict[str, Any]:
     """What a step's output depends on: ``--resume`` reuses a step only when this is unchanged."""
     return {**{n: getattr(s, n) for n in names}, **extra}
@@ -583,10 +598,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     s = dataclasses.replace(SMALLEST if args.smallest else FULL)
-    for kv_pair in args.set:
-        key, value = kv_pair.split("=", 1)
-        kind = type(getattr(s, key))
-        setattr(s, key, kind(value))
+    apply_settings(s, args.set)
     out = (args.out or ROOT / "saves" / ("replicate_smallest" if args.smallest else "replicate_small")).resolve()
     work, data_dir, models = out / "work", out / "data", out / "models"
     for d in (work, data_dir, models):

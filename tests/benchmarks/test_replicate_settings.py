@@ -1,0 +1,35 @@
+"""``replicate_small.py --set``: typed overrides, and one line for a bad one."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+@pytest.fixture
+def script(monkeypatch: pytest.MonkeyPatch):
+    """The script as a module (its dataclasses need it in ``sys.modules`` while it runs; removed afterwards)."""
+    spec = importlib.util.spec_from_file_location("replicate_small", ROOT / "benchmarks" / "replicate_small.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_set_keeps_each_settings_type(script) -> None:
+    s = script.Settings()
+    script.apply_settings(s, ["steps=200", "lr=1e-3", "sft_lr=0.002", "temperature=2"])
+    assert (s.steps, s.lr, s.sft_lr, s.temperature) == (200, 1e-3, 0.002, 2.0)
+    assert type(s.temperature) is float
+    for bad, message in [
+        ("steps=2.5", "--set steps: '2.5' is not a int"),
+        ("stepz=2", "--set 'stepz=2': expected KEY=VALUE, KEY one of hidden, "),
+        ("steps", "--set 'steps': expected KEY=VALUE"),
+        ("lr=fast", "--set lr: 'fast' is not a float"),
+    ]:
+        with pytest.raises(SystemExit, match=message.replace("(", r"\(")):
+            script.apply_settings(script.Settings(), [bad])
