@@ -157,6 +157,7 @@ def log(msg: str) -> None:
 # the engine's loading chatter, in this process only (the training logs keep the toolkit's own verbosity)
 QUIET = {"LLAMAFACTORY_VERBOSITY": "WARN", "TRANSFORMERS_VERBOSITY": "error"}
 _quieted: list[str] = []
+THREADS = 1  # torch threads of every subprocess (Settings.threads, set by main)
 
 
 def quiet() -> None:
@@ -174,7 +175,7 @@ def env() -> dict[str, str]:
         WANDB_DISABLED="true",
         DISABLE_VERSION_CHECK="1",
         TOKENIZERS_PARALLELISM="false",
-        OMP_NUM_THREADS=os.environ.get("REPLICATE_THREADS", "1"),
+        OMP_NUM_THREADS=str(THREADS),
     )
 
 
@@ -320,13 +321,18 @@ def train(name: str, config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- builders
 
 
+def fresh_output(out: Path) -> None:
+    """A builder's output and its progress file removed: a rebuilt step starts over instead of resuming."""
+    for p in (out, Path(f"{out}.progress.jsonl")):
+        p.unlink(missing_ok=True)
+
+
 def build_solopo_data(s: Settings, work: Path, model: Path, data_dir: Path, short_tokens: int, para_tokens: int) -> dict:
     others = others_needed(s, short_tokens, para_tokens, s.train_mult)
     items = kv.make_items("solopo", s.solopo_inputs, s.seed + 2, **item_kwargs(s, others))
     musique = kv.write_jsonl(str(work / "solopo_input.jsonl"), [it.musique() for it in items])
     out = data_dir / "kv_solopo.jsonl"
-    for p in (out, Path(f"{out}.progress.jsonl")):
-        p.unlink(missing_ok=True)
+    fresh_output(out)
     cfg = {
         "input": musique,
         "output": str(out),
@@ -365,8 +371,6 @@ def longpo_corpus(s: Settings, path: Path, n: int, seed: int) -> dict[str, list[
 
 def longpo_config(s: Settings, corpus: Path, out: Path, model: Path, short_tokens: int, data_dir: Optional[Path]) -> dict:
     doc = s.train_mult * short_tokens
-    for p in (out, Path(f"{out}.progress.jsonl")):
-        p.unlink(missing_ok=True)
     return {
         "input": str(corpus),
         "output": str(out),
@@ -411,6 +415,7 @@ def build_longpo_data(s: Settings, work: Path, model: Path, data_dir: Path, shor
     attempt_corpus = work / "longpo_attempt_input.jsonl"
     longpo_corpus(s, attempt_corpus, s.longpo_attempt_docs, s.seed + 30)
     attempt_out = work / "longpo_attempt.jsonl"
+    fresh_output(attempt_out)
     cfg = longpo_config(s, attempt_corpus, attempt_out, model, short_tokens, None)
     path = write_yaml(work / "build_longpo_attempt.yaml", cfg)
     log(f"build longpo (unchanged, self-written instructions): llamafactory-longpo build longpo {path}")
@@ -426,6 +431,7 @@ def build_longpo_data(s: Settings, work: Path, model: Path, data_dir: Path, shor
     corpus = work / "longpo_input.jsonl"
     docs = longpo_corpus(s, corpus, s.longpo_docs, s.seed + 3)
     out = data_dir / "kv_longpo.jsonl"
+    fresh_output(out)
     cfg = longpo_config(s, corpus, out, model, short_tokens, data_dir)
     write_yaml(work / "build_longpo.yaml", cfg)
     log(f"build longpo (task questions as the instruction pool): build_longpo({work / 'build_longpo.yaml'})")
@@ -614,7 +620,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         state_path.write_text(json.dumps(state, indent=2))
 
     quiet()
-    os.environ["REPLICATE_THREADS"] = str(s.threads)
+    global THREADS
+    THREADS = s.threads
     import torch
 
     torch.set_num_threads(s.threads)
