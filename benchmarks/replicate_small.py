@@ -103,19 +103,19 @@ DATA_KEYS = (
 TRAIN_KEYS = (*DATA_KEYS, "steps", "batch", "lr")
 
 
-def apply_settings(s: Settings, pairs: list[str]) -> None:
-    """``--set KEY=VALUE`` overrides, each parsed as the setting's own type (int, float or str), so ``steps=2.5``
-    or an unknown key stops at once with one line instead of failing, or silently truncating, later."""
-    names = [f.name for f in dataclasses.fields(s)]
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or key not in names:
-            raise SystemExit(f"replicate_small.py: error: --set {pair!r}: expected KEY=VALUE, KEY one of {', '.join(names)}")
-        kind = type(getattr(s, key))
-        try:
-            setattr(s, key, kind(raw))
-        except ValueError:
-            raise SystemExit(f"replicate_small.py: error: --set {key}: {raw!r} is not a {kind.__name__}") from None
+def apply_settings(s: Settings, pairs: list[str]) -> Settings:
+    """``s`` with ``--set KEY=VALUE`` overrides, read and checked as the package's own ``KEY=VALUE`` config
+    overrides are (YAML values; an unknown key or a value of the wrong type stops at once with one line,
+    instead of failing, or silently truncating, later)."""
+    from llamafactory_longpo.cli import apply_overrides, check_fields
+    from llamafactory_longpo.errors import ConfigError
+
+    try:
+        raw = check_fields(Settings, "--set", apply_overrides("--set", dataclasses.asdict(s), pairs))
+    except ConfigError as err:
+        raise SystemExit(f"replicate_small.py: error: {err}") from None
+    # a float setting given as an integer (temperature=2) is still a float: result keys compare by value and type
+    return Settings(**{f.name: float(raw[f.name]) if f.type == "float" else raw[f.name] for f in dataclasses.fields(Settings)})
 
 
 def key_of(s: Settings, names: tuple[str, ...], **extra: Any) -> dict[str, Any]:
@@ -603,8 +603,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--ship-records", type=int, default=256, help="records of each preference set shipped for the demo")
     args = parser.parse_args(argv)
 
-    s = dataclasses.replace(SMALLEST if args.smallest else FULL)
-    apply_settings(s, args.set)
+    s = apply_settings(SMALLEST if args.smallest else FULL, args.set)
     out = (args.out or ROOT / "saves" / ("replicate_smallest" if args.smallest else "replicate_small")).resolve()
     work, data_dir, models = out / "work", out / "data", out / "models"
     for d in (work, data_dir, models):

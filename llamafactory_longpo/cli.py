@@ -90,12 +90,14 @@ def _resume_note(args: argparse.Namespace) -> str:
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
-    """A YAML file that must hold a mapping of keys."""
+    """A YAML file that must hold a mapping of keys (read as the toolkit reads YAML: ``1e-5`` is a number)."""
     import yaml
+
+    from . import yamlio
 
     try:
         with open(path, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh)
+            raw = yamlio.load(fh)
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the file ({err.strerror})") from None
     except yaml.YAMLError as err:
@@ -141,17 +143,17 @@ def _check_type(path: str, key: str, value: Any, annotation: str) -> None:
             _check_type(path, f"{key}[{i}]", v, item)
 
 
-def _apply_overrides(path: str, raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+def apply_overrides(path: str, raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """``key=value`` pairs on the command line over the YAML's keys (the value read as YAML, as
     ``llamafactory-cli train x.yaml key=value`` does); ``a.b=value`` sets key ``b`` of mapping ``a``."""
-    import yaml
+    from . import yamlio
 
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"{item!r}: expected KEY=VALUE")
         head, dot, sub = key.partition(".")
-        parsed = yaml.safe_load(value) if value else ""
+        parsed = yamlio.load(value) if value else ""
         if dot:
             if not isinstance(raw.get(head, {}), dict):
                 raise ConfigError(f"{path}: {head}: not a mapping, so {key!r} cannot be set")
@@ -161,10 +163,11 @@ def _apply_overrides(path: str, raw: dict[str, Any], overrides: Sequence[str]) -
     return raw
 
 
-def _load_config(cls: type, path: str, strict: bool, overrides: Sequence[str] = ()) -> Any:
+def check_fields(cls: type, path: str, raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` as keyword arguments of dataclass ``cls``: no unknown key, each value of its field's plain
+    type, every required field present; ``path`` (a file, or the option the values came from) leads the error."""
     import dataclasses
 
-    raw = _apply_overrides(path, _read_yaml(path), overrides)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
@@ -174,6 +177,11 @@ def _load_config(cls: type, path: str, strict: bool, overrides: Sequence[str] = 
     for key in required:
         if key not in raw:
             raise ConfigError(f"{path}: {key!r} is missing")
+    return raw
+
+
+def _load_config(cls: type, path: str, strict: bool, overrides: Sequence[str] = ()) -> Any:
+    raw = check_fields(cls, path, apply_overrides(path, _read_yaml(path), overrides))
     if strict:
         raw["strict"] = True  # only the builders have it
     return cls(**raw)

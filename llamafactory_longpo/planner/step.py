@@ -121,9 +121,11 @@ def load_run_config(path: str, overrides: Optional[dict[str, Any]] = None) -> Ru
     """Parse a ``llamafactory-cli train`` YAML as training does; ``deepspeed`` is read, not initialised."""
     import yaml
 
+    from .. import yamlio
+
     try:
         with open(path, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh) or {}
+            raw = yamlio.load(fh) or {}
     except OSError as err:
         raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
     except yaml.YAMLError as err:

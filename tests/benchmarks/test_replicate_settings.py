@@ -21,15 +21,15 @@ def script(monkeypatch: pytest.MonkeyPatch):
 
 
 def test_set_keeps_each_settings_type(script) -> None:
-    s = script.Settings()
-    script.apply_settings(s, ["steps=200", "lr=1e-3", "sft_lr=0.002", "temperature=2"])
+    s = script.apply_settings(script.Settings(), ["steps=200", "lr=1e-3", "sft_lr=0.002", "temperature=2"])
     assert (s.steps, s.lr, s.sft_lr, s.temperature) == (200, 1e-3, 0.002, 2.0)
     assert type(s.temperature) is float
+    assert script.Settings().steps != 200  # the defaults are not changed
     for bad, message in [
-        ("steps=2.5", "--set steps: '2.5' is not a int"),
-        ("stepz=2", "--set 'stepz=2': expected KEY=VALUE, KEY one of hidden, "),
-        ("steps", "--set 'steps': expected KEY=VALUE"),
-        ("lr=fast", "--set lr: 'fast' is not a float"),
+        ("steps=2.5", "--set: steps: 2.5 is not an integer"),
+        ("stepz=2", "--set: unknown key 'stepz'; allowed: batch, "),
+        ("steps", "'steps': expected KEY=VALUE"),
+        ("lr=fast", "--set: lr: 'fast' is not a finite number"),
     ]:
-        with pytest.raises(SystemExit, match=message.replace("(", r"\(")):
+        with pytest.raises(SystemExit, match="^replicate_small.py: error: " + message.replace("(", r"\(")):
             script.apply_settings(script.Settings(), [bad])
