@@ -24,22 +24,16 @@ import argparse
 import dataclasses
 import math
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from replicate_small import FULL, Settings, make_task_model, sft_example  # this script's folder is on sys.path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from replicate_small import FULL, Settings, make_task_model, sft_example  # noqa: E402
-
-from llamafactory_longpo.eval import kv_hops as kv  # noqa: E402
-from llamafactory_longpo.text.scoring import extract_final_answer, sub_em  # noqa: E402
+from llamafactory_longpo.eval import kv_hops as kv
+from llamafactory_longpo.text.scoring import extract_final_answer, sub_em
 
 
 def encode(tokenizer: Any, context: str, question: str, answer: str | None = None) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
@@ -60,6 +61,18 @@ def train_in_process(
     # every record: pytest's artefact, not the run's
     text = re.sub(r"--- Logging error ---\n.*?\nArguments: .*?\n", "", out.out + out.err, flags=re.S)
     return code, text + logs.text
+
+
+def benchmark_module(monkeypatch: pytest.MonkeyPatch, name: str) -> Any:
+    """``benchmarks/<name>.py`` imported as running it by path would (its folder first on ``sys.path``, so it
+    finds its siblings); the path and the benchmark modules it imported are removed when the test ends."""
+    folder = str(ROOT / "benchmarks")
+    monkeypatch.syspath_prepend(folder)
+    module = importlib.import_module(name)
+    for key, loaded in list(sys.modules.items()):
+        if str(getattr(loaded, "__file__", None) or "").startswith(folder):
+            monkeypatch.setitem(sys.modules, key, sys.modules.pop(key))  # absent before: dropped at teardown
+    return module
 
 
 def cli_env(**extra: str) -> dict[str, str]:

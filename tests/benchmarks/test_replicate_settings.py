@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import benchmark_module
 
 
 @pytest.fixture
 def script(monkeypatch: pytest.MonkeyPatch):
-    """The script as a module (its dataclasses need it in ``sys.modules`` while it runs; removed afterwards)."""
-    spec = importlib.util.spec_from_file_location("replicate_small", ROOT / "benchmarks" / "replicate_small.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module(monkeypatch, "replicate_small")
 
 
 def test_set_keeps_each_settings_type(script) -> None:

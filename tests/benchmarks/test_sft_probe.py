@@ -10,19 +10,20 @@ import re
 import sys
 from types import SimpleNamespace
 
+import pytest
 import torch
 
-from tests.conftest import ROOT, run_command
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import sft_probe  # noqa: E402
-
-from llamafactory_longpo.eval import kv_hops as kv  # noqa: E402
-from llamafactory_longpo.tiny import train_tokenizer  # noqa: E402
+from llamafactory_longpo.eval import kv_hops as kv
+from llamafactory_longpo.tiny import train_tokenizer
+from tests.conftest import ROOT, benchmark_module, run_command
 
 
-def test_name_roles_mark_the_two_lookups_and_the_copies():
+@pytest.fixture
+def sft_probe(monkeypatch: pytest.MonkeyPatch):
+    return benchmark_module(monkeypatch, "sft_probe")
+
+
+def test_name_roles_mark_the_two_lookups_and_the_copies(sft_probe):
     tokenizer = train_tokenizer(kv.tokenizer_corpus(0), 1024)
     item = kv.make_item("t", random.Random(3))
     roles = sft_probe.name_roles(tokenizer, item)
@@ -54,7 +55,7 @@ class _Oracle(torch.nn.Module):
         return torch.cat([input_ids, tail], dim=1)
 
 
-def test_probe_scores_a_perfect_model_perfectly():
+def test_probe_scores_a_perfect_model_perfectly(sft_probe):
     tokenizer = train_tokenizer(kv.tokenizer_corpus(0), 1024)
     items = kv.make_items("t", 30, 5, facts_per_paragraph=2)
     accuracy, roles = sft_probe.probe(_Oracle(tokenizer, items), tokenizer, items)
