@@ -21,6 +21,7 @@ WATCHED = {
     "llamafactory.data.parser": "patch_dataset_attr",
     "llamafactory.data.loader": "patch_loader",
     "llamafactory.train.tuner": "patch_tuner",
+    "llamafactory.launcher": "patch_launcher",
     "llamafactory.webui.runner": "patch_runner",
     "llamafactory.webui.components.train": "patch_webui_train",
 }

@@ -296,6 +296,19 @@ def lock_output_dir(output_dir: str) -> Iterator[None]:
         os.close(fd)
 
 
+def check_kernels(flash_attn: Any, half_precision: bool, finetuning_args: Any) -> None:
+    """The attention-kernel checks of a plugin-stage run (:func:`hparams.check_attention_kernels`)."""
+    from .hparams import check_attention_kernels
+
+    check_attention_kernels(
+        stage=finetuning_args.stage,
+        flash_attn=str(flash_attn),
+        half_precision=half_precision or bool(finetuning_args.pure_bf16),
+        sequence_parallel_size=finetuning_args.sequence_parallel_size,
+        shared_prefix=finetuning_args.s2l_shared_prefix and finetuning_args.s2l_response_logits,
+    )
+
+
 def _run_plugin_stage(tuner: Any, config: dict[str, Any]) -> None:
     """The toolkit's ``_training_function`` for a plugin stage: same callbacks, the plugin's workflow.
 
@@ -305,7 +318,6 @@ def _run_plugin_stage(tuner: Any, config: dict[str, Any]) -> None:
     the dispatch, so a plugin stage could only pass through it disguised as one of the toolkit's stages.
     The repeated part is the list of callbacks, with the toolkit's own classes taken from its module.
     """
-    from .hparams import check_attention_kernels
     from .train.callbacks import NonFiniteGuardCallback, ShortToLongLogCallback, last_checkpoint_note
     from .train.compat import shutdown_distributed
     from .train.workflow import run_short_to_long
@@ -314,13 +326,7 @@ def _run_plugin_stage(tuner: Any, config: dict[str, Any]) -> None:
     model_args, data_args, training_args, finetuning_args, generating_args = tuner.get_train_args(config.get("args"))
     # two forwards per step with reentrant checkpointing desync DDP's gradient reduction: gradients go silently wrong
     model_args.use_reentrant_gc = False
-    check_attention_kernels(
-        stage=finetuning_args.stage,
-        flash_attn=model_args.flash_attn,
-        half_precision=bool(training_args.bf16 or training_args.fp16 or finetuning_args.pure_bf16),
-        sequence_parallel_size=finetuning_args.sequence_parallel_size,
-        shared_prefix=finetuning_args.s2l_shared_prefix and finetuning_args.s2l_response_logits,
-    )
+    check_kernels(model_args.flash_attn, bool(training_args.bf16 or training_args.fp16), finetuning_args)
 
     callbacks.append(NonFiniteGuardCallback())  # first: a NaN step stops before any other callback saves or logs it
     callbacks.append(ShortToLongLogCallback())  # the toolkit's LogCallback + the plugin's metrics
@@ -363,47 +369,120 @@ def patch_tuner(module: Any) -> None:
 
     @functools.wraps(original)
     def _training_function(config: dict[str, Any]) -> None:
-        plugin_stage = False
-        try:
-            from .train.callbacks import diagnostic_callbacks  # opt-in, by environment variable, any stage
+        from .train.callbacks import diagnostic_callbacks  # opt-in, by environment variable, any stage
 
-            config["callbacks"] = list(config.get("callbacks") or []) + diagnostic_callbacks()
-            plugin_stage = peek_stage(config.get("args")) in PLUGIN_STAGES
+        config["callbacks"] = list(config.get("callbacks") or []) + diagnostic_callbacks()
+        plugin_stage = peek_stage(config.get("args")) in PLUGIN_STAGES
+        with one_line_errors(plugin_stage):
             if plugin_stage:
                 _run_plugin_stage(module, config)
             else:
                 original(config)
-        except ShortToLongError as err:  # bad input: one clear line, no traceback
-            print(f"[llamafactory-longpo] error: {err}", file=sys.stderr)
-            raise SystemExit(getattr(err, "exit_code", 1)) from None
-        except Exception as err:  # the toolkit's own errors inside a plugin stage: the same one-line form
-            if not plugin_stage or os.environ.get(TRACEBACK_ENV) == "1":
-                raise
-            text = describe_error(err)
-            hint = "" if text.startswith("unknown key") else f" (set {TRACEBACK_ENV}=1 for the traceback)"  # a typo, not a bug
-            print(f"[llamafactory-longpo] error: {text}{hint}", file=sys.stderr)
-            raise SystemExit(1) from None
 
     module._training_function = _training_function
 
 
+@contextlib.contextmanager
+def one_line_errors(plugin_stage: bool) -> Iterator[None]:
+    """Bad input stops with one clear line and exit status 1, no traceback: the plugin's own errors in any stage,
+    and the toolkit's errors inside a plugin stage (``LLAMAFACTORY_LONGPO_TRACEBACK=1`` shows the traceback)."""
+    try:
+        yield
+    except ShortToLongError as err:
+        print(f"[llamafactory-longpo] error: {err}", file=sys.stderr)
+        raise SystemExit(getattr(err, "exit_code", 1)) from None
+    except Exception as err:
+        if not plugin_stage or os.environ.get(TRACEBACK_ENV) == "1":
+            raise
+        text = describe_error(err)
+        hint = "" if text.startswith("unknown key") else f" (set {TRACEBACK_ENV}=1 for the traceback)"  # a typo, not a bug
+        print(f"[llamafactory-longpo] error: {text}{hint}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _train_arg_classes() -> list[type]:
+    from llamafactory.hparams import parser
+
+    return list(parser._TRAIN_ARGS)
+
+
+def unknown_keys_line(keys: list[str]) -> str:
+    """``unknown key 'lerning_rate' (did you mean 'learning_rate'?)`` for keys no training argument class has."""
+    import difflib
+
+    known = sorted({f for cls in _train_arg_classes() for f in getattr(cls, "__dataclass_fields__", {})})
+    parts = []
+    for key in keys:
+        close = difflib.get_close_matches(key, known, n=1)
+        parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return f"unknown key {', '.join(parts)}"
+
+
 def describe_error(err: BaseException) -> str:
     """One line for a toolkit error (see :func:`errors.one_line`), with the nearest known key for a typo'd one."""
-    import difflib
     import re
 
-    text = one_line(err)
     unused = re.match(r"Some keys are not used by the HfArgumentParser: \[(.*)\]", str(err))
     if unused:
-        from llamafactory.hparams import parser
+        return unknown_keys_line(re.findall(r"'([^']+)'", unused.group(1)))
+    return one_line(err)
 
-        known = {f for cls in parser._TRAIN_ARGS for f in getattr(cls, "__dataclass_fields__", {})}
-        parts = []
-        for key in re.findall(r"'([^']+)'", unused.group(1)):
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        text = f"unknown key {', '.join(parts)}"
-    return text
+
+# --------------------------------------------------------------------------------- distributed launch
+def preflight(raw: dict[str, Any]) -> None:
+    """The checks a plugin-stage run would fail on in every worker, run once in the launching process.
+
+    ``llamafactory-cli train`` on several GPUs (or with ``FORCE_TORCHRUN=1``) starts torchrun, whose workers each
+    parse the arguments: a bad key then printed its line once per worker, then torchrun's failure report and the
+    launcher's ``CalledProcessError`` traceback. Here the keys are checked first: unknown keys, then every argument
+    class but ``TrainingArguments`` (whose set-up initialises DeepSpeed and the process group, so it can only be
+    parsed in a worker) with their own checks, then the attention kernel.
+    """
+    from transformers import HfArgumentParser, TrainingArguments
+
+    classes = _train_arg_classes()
+    known = {f for cls in classes for f in getattr(cls, "__dataclass_fields__", {})}
+    unknown = [key for key in raw if key not in known]
+    if unknown:
+        raise ConfigError(unknown_keys_line(unknown))
+    parsed = HfArgumentParser([c for c in classes if not issubclass(c, TrainingArguments)]).parse_dict(raw, allow_extra_keys=True)
+    finetuning_cls, _ = plugin_argument_classes()
+    finetuning = next(p for p in parsed if isinstance(p, finetuning_cls))
+    model_args = next(p for p in parsed if hasattr(p, "flash_attn"))
+    check_kernels(model_args.flash_attn, bool(raw.get("bf16") or raw.get("fp16")), finetuning)
+
+
+class _CheckedSubprocess:
+    """Stands in for the ``subprocess`` module inside ``llamafactory.launcher``, whose only use of it is to run
+    torchrun: :func:`preflight` first, and a failed plugin-stage run ends with the workers' exit status instead of
+    the launcher's ``CalledProcessError`` traceback (the workers have printed the cause)."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        from llamafactory.hparams import read_args
+
+        raw = read_args()  # the launcher has taken "train" off sys.argv: the config and its overrides remain
+        plugin_stage = isinstance(raw, dict) and raw.get("stage") in PLUGIN_STAGES
+        with one_line_errors(plugin_stage):
+            if plugin_stage:
+                preflight(raw)
+            try:
+                return self._real.run(*args, **kwargs)
+            except self._real.CalledProcessError as err:
+                if not plugin_stage:
+                    raise
+                raise SystemExit(err.returncode) from None
+
+
+def patch_launcher(module: Any) -> None:
+    """Distributed ``llamafactory-cli train`` of a plugin stage: keys checked before torchrun starts."""
+    if _once(module, "launcher"):
+        module.subprocess = _CheckedSubprocess(module.subprocess)
 
 
 # --------------------------------------------------------------------------------- web UI

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, base_config, run_cli, train_in_process, write_yaml
+from tests.conftest import ROOT, base_config, run_cli, torchrun_env, train_in_process, write_yaml
 
 GOOD = [json.loads(line) for line in (ROOT / "data" / "solopo_demo.jsonl").read_text(encoding="utf-8").splitlines()[:3]]
 
@@ -97,3 +97,38 @@ def test_plugin_stage_rejects_other_formats(tmp_path: Path, tiny_model: Path, ca
     out = tmp_path / "out"
     code, text = train_in_process(base_config(tiny_model, out, dataset="d", dataset_dir=str(tmp_path)), capfd, logs)
     _check(code, text, 'dataset \'d\' (d.jsonl): stage solopo needs "formatting": "short_to_long"', out)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"solopo_alpha": -1.0}, "solopo_alpha: -1.0 must be"),
+        ({"pref_betta": 0.1}, "unknown key 'pref_betta' (did you mean 'pref_beta'?)"),
+    ],
+    ids=["bad-knob", "typo"],
+)
+def test_distributed_bad_key_stops_before_torchrun(tmp_path: Path, tiny_model: Path, overrides: dict, expected: str) -> None:
+    """Two ranks through torchrun (``FORCE_TORCHRUN=1``, as every multi-GPU run): a bad key is one line, printed
+    once, by the launching process; no worker starts, so no torchrun failure report and no launcher traceback."""
+    _dataset(tmp_path, GOOD)
+    out = tmp_path / "out"
+    cfg = write_yaml(tmp_path / "cfg.yaml", base_config(tiny_model, out, dataset="d", dataset_dir=str(tmp_path), **overrides))
+    proc = run_cli(["train", str(cfg)], cwd=tmp_path, **torchrun_env(tmp_path / "norms.jsonl"))
+    _check(proc.returncode, proc.stdout, expected, out)
+    assert "ChildFailedError" not in proc.stdout and "torchrun" not in proc.stdout, proc.stdout[-3000:]
+
+
+def test_distributed_bad_record_ends_without_launcher_traceback(tmp_path: Path, tiny_model: Path) -> None:
+    """A bad record is found by the workers (the data are read there): each rank's line, then the workers'
+    exit status, without the launcher's ``CalledProcessError`` traceback on top of torchrun's report."""
+    rows, overrides, expected = CASES["missing-field"]
+    _dataset(tmp_path, rows)
+    out = tmp_path / "out"
+    cfg = write_yaml(tmp_path / "cfg.yaml", base_config(tiny_model, out, dataset="d", dataset_dir=str(tmp_path), **overrides))
+    proc = run_cli(["train", str(cfg)], cwd=tmp_path, **torchrun_env(tmp_path / "norms.jsonl"))
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    errors = [line for line in proc.stdout.splitlines() if "[llamafactory-longpo] error:" in line]
+    assert errors and all(expected in line for line in errors), proc.stdout[-3000:]
+    assert "CalledProcessError" not in proc.stdout, proc.stdout[-3000:]
+    assert proc.stdout.rstrip().endswith("=" * 60), proc.stdout[-3000:]  # torchrun's failure report is the last thing
+    assert not any((out / name).exists() for name in ("checkpoint-1", "model.safetensors"))
