@@ -12,6 +12,8 @@ this list:
   ``_get_preprocessed_dataset``, ``load_dataset``: short-to-long data validated, loaded, processed
   (:func:`patch_loader`);
 - ``train.tuner._training_function``: the plugin's stages dispatched (:func:`patch_tuner`);
+- ``launcher.subprocess`` (its torchrun call): a plugin-stage run's keys checked before the workers start
+  (:func:`patch_launcher`);
 - ``webui.runner.Runner._parse_train_args``: the plugin's controls reach a board run (:func:`patch_runner`);
 - ``webui.components.train`` ``create_train_tab`` and ``list_datasets``, ``webui.manager.Manager.get_base_elems``:
   the plugin's controls and dataset filter (:mod:`.webui`, installed by :func:`patch_webui_train`);
