@@ -47,6 +47,7 @@ from typing import Any, Optional
 import yaml
 
 from llamafactory_longpo.eval import kv_hops as kv
+from llamafactory_longpo.eval.kv_eval import others_needed, short_length
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -208,11 +209,6 @@ def item_kwargs(s: Settings, others: int = 0) -> dict[str, Any]:
     return {"hops": s.hops, "facts_per_paragraph": s.facts_per_paragraph, "other_paragraphs": others}
 
 
-def others_needed(s: Settings, short_tokens: int, para_tokens: int, mult: int) -> int:
-    """Distractor paragraphs an item needs for a long context of ``mult`` x the short one (with a margin)."""
-    return int((mult - 1) * short_tokens / para_tokens) + 3
-
-
 def register(info_path: Path, name: str, entry: dict[str, Any]) -> None:
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     info[name] = entry
@@ -328,7 +324,7 @@ def fresh_output(out: Path) -> None:
 
 
 def build_solopo_data(s: Settings, work: Path, model: Path, data_dir: Path, short_tokens: int, para_tokens: int) -> dict:
-    others = others_needed(s, short_tokens, para_tokens, s.train_mult)
+    others = others_needed(short_tokens, para_tokens, s.train_mult)
     items = kv.make_items("solopo", s.solopo_inputs, s.seed + 2, **item_kwargs(s, others))
     musique = kv.write_jsonl(str(work / "solopo_input.jsonl"), [it.musique() for it in items])
     out = data_dir / "kv_solopo.jsonl"
@@ -637,9 +633,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         make_task_model(init, s)
         state["init"] = {"key": key_of(s, MODEL_KEYS)}
     tokenizer = AutoTokenizer.from_pretrained(init)
-    probe = kv.make_items("probe", 50, s.seed + 9, **item_kwargs(s, 1))
-    short_tokens = int(statistics.median(len(tokenizer.encode(it.short_context, add_special_tokens=False)) for it in probe))
-    para_tokens = int(statistics.median(len(tokenizer.encode(it.others[0], add_special_tokens=False)) for it in probe))
+    short_tokens, para_tokens = short_length(tokenizer, s.facts_per_paragraph, s.hops, s.seed + 9)
     n_params = sum(p.numel() for p in __import__("safetensors.torch").torch.load_file(str(init / "model.safetensors")).values())
     log(f"model: {n_params:,} parameters, vocabulary {len(tokenizer)}; short context {short_tokens} tokens")
 
