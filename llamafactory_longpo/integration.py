@@ -468,7 +468,10 @@ class _CheckedSubprocess:
     def run(self, *args: Any, **kwargs: Any) -> Any:
         from llamafactory.hparams import read_args
 
-        raw = read_args()  # the launcher has taken "train" off sys.argv: the config and its overrides remain
+        try:
+            raw = read_args()  # the launcher has taken "train" off sys.argv: the config and its overrides remain
+        except Exception:  # an unreadable config: the workers report it, as without the plugin
+            raw = None
         plugin_stage = isinstance(raw, dict) and raw.get("stage") in PLUGIN_STAGES
         with one_line_errors(plugin_stage):
             if plugin_stage:
