@@ -408,11 +408,16 @@ def _train_arg_classes() -> list[type]:
     return list(parser._TRAIN_ARGS)
 
 
+def _known_keys() -> list[str]:
+    """Every key a training run accepts: the fields of the toolkit's (patched) argument classes."""
+    return sorted({f for cls in _train_arg_classes() for f in getattr(cls, "__dataclass_fields__", {})})
+
+
 def unknown_keys_line(keys: list[str]) -> str:
     """``unknown key 'lerning_rate' (did you mean 'learning_rate'?)`` for keys no training argument class has."""
     import difflib
 
-    known = sorted({f for cls in _train_arg_classes() for f in getattr(cls, "__dataclass_fields__", {})})
+    known = _known_keys()
     parts = []
     for key in keys:
         close = difflib.get_close_matches(key, known, n=1)
@@ -440,17 +445,18 @@ def preflight(raw: dict[str, Any]) -> None:
     class but ``TrainingArguments`` (whose set-up initialises DeepSpeed and the process group, so it can only be
     parsed in a worker) with their own checks, then the attention kernel.
     """
+    from llamafactory.hparams import ModelArguments
     from transformers import HfArgumentParser, TrainingArguments
 
-    classes = _train_arg_classes()
-    known = {f for cls in classes for f in getattr(cls, "__dataclass_fields__", {})}
+    known = set(_known_keys())
     unknown = [key for key in raw if key not in known]
     if unknown:
         raise ConfigError(unknown_keys_line(unknown))
-    parsed = HfArgumentParser([c for c in classes if not issubclass(c, TrainingArguments)]).parse_dict(raw, allow_extra_keys=True)
+    classes = [c for c in _train_arg_classes() if not issubclass(c, TrainingArguments)]
+    parsed = HfArgumentParser(classes).parse_dict(raw, allow_extra_keys=True)
     finetuning_cls, _ = plugin_argument_classes()
     finetuning = next(p for p in parsed if isinstance(p, finetuning_cls))
-    model_args = next(p for p in parsed if hasattr(p, "flash_attn"))
+    model_args = next(p for p in parsed if isinstance(p, ModelArguments))
     check_kernels(model_args.flash_attn, bool(raw.get("bf16") or raw.get("fp16")), finetuning)
 
 
@@ -472,9 +478,9 @@ class _CheckedSubprocess:
             raw = read_args()  # the launcher has taken "train" off sys.argv: the config and its overrides remain
         except Exception:  # an unreadable config: the workers report it, as without the plugin
             raw = None
-        plugin_stage = isinstance(raw, dict) and raw.get("stage") in PLUGIN_STAGES
+        plugin_stage = raw is not None and peek_stage(raw) in PLUGIN_STAGES
         with one_line_errors(plugin_stage):
-            if plugin_stage:
+            if plugin_stage and isinstance(raw, dict):  # command-line arguments (no YAML) are checked by the workers
                 preflight(raw)
             try:
                 return self._real.run(*args, **kwargs)

@@ -66,11 +66,11 @@ def train_in_process(
 def benchmark_module(monkeypatch: pytest.MonkeyPatch, name: str) -> Any:
     """``benchmarks/<name>.py`` imported as running it by path would (its folder first on ``sys.path``, so it
     finds its siblings); the path and the benchmark modules it imported are removed when the test ends."""
-    folder = str(ROOT / "benchmarks")
-    monkeypatch.syspath_prepend(folder)
+    folder = ROOT / "benchmarks"
+    monkeypatch.syspath_prepend(str(folder))
     module = importlib.import_module(name)
     for key, loaded in list(sys.modules.items()):
-        if str(getattr(loaded, "__file__", None) or "").startswith(folder):
+        if Path(getattr(loaded, "__file__", None) or "/").parent == folder:
             monkeypatch.setitem(sys.modules, key, sys.modules.pop(key))  # absent before: dropped at teardown
     return module
 
