@@ -14,6 +14,8 @@ more pieces of that set-up, then runs the probe with the remaining arguments, un
   always in the second paragraph, a position the model can learn instead of the lookup);
 - ``--repeat SHARE`` / ``--drill SHARE``: that share of the SFT mix restates every fact of a context, in the
   context's order ("Repeat the facts.") or shuffled ("Quote every key.": one lookup per fact);
+- ``--previous-token MARGIN``: layer 0's first head group attends to the previous token at initialisation (with
+  ``--mimetic``, the two halves of an induction head; see :func:`use_previous_token_init`);
 - ``--mimetic SCALE``: mimetic initialisation of attention (Trockman and Kolter, "Mimetic Initialization of
   Self-Attention Layers", ICML 2023): each key/value head's key weights are its first query head's, scaled,
   and that head's output weights are its value weights transposed, so at initialisation the head attends to
@@ -22,7 +24,7 @@ more pieces of that set-up, then runs the probe with the remaining arguments, un
   .venv/bin/python benchmarks/sft_probe_variants.py --others filler --names 48 --steps 3000 --every 1000
 
 The variants replace ``kv_hops`` functions in this process only (``make_item``, ``fact``, ``context_facts``;
-``sft_probe`` and ``replicate_small`` look them up at call time), and wrap the model loader for ``--mimetic``.
+``sft_probe`` and ``replicate_small`` look them up at call time), and wrap the model loader for ``--mimetic`` and ``--previous-token``.
 """
 
 from __future__ import annotations
@@ -127,6 +129,46 @@ def use_mimetic_init(scale: float) -> None:
     Qwen2ForCausalLM.from_pretrained = classmethod(from_pretrained)
 
 
+def use_previous_token_init(margin: float) -> None:
+    """Wrap the model loader: layer 0's first key/value head (and its query heads) attends to the previous token
+    at initialisation, and its output writes the value it reads back into the residual stream. With the second
+    layer's heads matching like tokens (``--mimetic``), this is the induction circuit of Olsson et al. ("In-context
+    Learning and Induction Heads", 2022) laid out at initialisation: at the answer's key, a head finds the
+    context's token preceded by the same name and copies it, the lookup of a pair fact "Pair Bako Rilu.".
+
+    The query and key are constant (weights zero, biases set), so the score depends only on the distance: for
+    rotary pair f with frequency t_f, the query is a*(cos t_f, -sin t_f) and the key (a, 0), which scores
+    a**2 * cos((distance - 1) * t_f), highest at distance 1 for every f; ``a`` is chosen so the previous token
+    beats every other distance up to 8,192 by ``margin`` (in logits)."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    load = Qwen2ForCausalLM.from_pretrained.__func__
+
+    def from_pretrained(cls: type, *args: Any, **kwargs: Any) -> Any:
+        model = load(cls, *args, **kwargs)
+        config = model.config
+        dim = config.hidden_size // config.num_attention_heads
+        group = config.num_attention_heads // config.num_key_value_heads
+        freqs = model.model.rotary_emb.inv_freq.double()
+        distance = torch.arange(0, config.max_position_embeddings, dtype=torch.float64)
+        score = torch.cos((distance[:, None] - 1) * freqs[None]).sum(-1) / dim**0.5
+        gap = float(score[1] - torch.cat([score[:1], score[2:]]).max())
+        a = (margin / gap) ** 0.5
+        attn = model.model.layers[0].self_attn
+        with torch.no_grad():
+            attn.k_proj.weight[:dim] = 0
+            attn.k_proj.bias[:dim] = torch.cat([torch.full_like(freqs, a), torch.zeros_like(freqs)])
+            for head in range(group):
+                rows = slice(head * dim, (head + 1) * dim)
+                attn.q_proj.weight[rows] = 0
+                attn.q_proj.bias[rows] = torch.cat([a * torch.cos(freqs), -a * torch.sin(freqs)])
+                attn.o_proj.weight[:, rows] = attn.v_proj.weight[:dim].T / group
+        return model
+
+    Qwen2ForCausalLM.from_pretrained = classmethod(from_pretrained)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--fact-form", choices=("key", "pair"), default="key")
@@ -136,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=float, default=0.0, metavar="SHARE")
     parser.add_argument("--drill", type=float, default=0.0, metavar="SHARE")
     parser.add_argument("--mimetic", type=float, default=0.0, metavar="SCALE")
+    parser.add_argument("--previous-token", type=float, default=0.0, metavar="MARGIN")
     variants, probe_args = parser.parse_known_args(argv)
     if variants.repeat and variants.drill:
         parser.error("--repeat and --drill are alternatives")
@@ -144,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     use_items(variants.others, variants.names, variants.shuffle_evidence, variants.fact_form == "pair")
     if variants.mimetic:
         use_mimetic_init(variants.mimetic)
+    if variants.previous_token:
+        use_previous_token_init(variants.previous_token)  # after --mimetic: it replaces layer 0's first head group
     import sft_probe  # this script's folder is on sys.path
 
     if variants.repeat or variants.drill:
