@@ -2,9 +2,11 @@
 
 1. A Qwen2-shaped model is built locally with random weights and a tokenizer trained on the task's text,
    then trained FROM SCRATCH with ``llamafactory-cli train`` (``stage: sft``) on a multi-hop key-value task
-   (``llamafactory_longpo/eval/kv_hops.py``): "The key of Bako is Rilu." facts, two of them evidence, the
-   rest distractors; "Follow the keys from Bako two times."; answer = the two quoted facts and a
-   ``Final answer:`` line. The SFT mix (issue 15): single-hop recall questions over contexts of 1x to
+   (``llamafactory_longpo/eval/kv_hops.py``): "Pair Bako Rilu." facts (the key of Bako is Rilu), two of them
+   evidence, the rest distractors; long contexts hide the evidence among filler prose; "Follow the keys
+   from Bako two times."; answer = the two quoted facts and a ``Final answer:`` line. Its first layer
+   starts with a previous-token head and its attention with mimetic weights (:func:`induction_init`), so the
+   lookup is learned in about a thousand steps. The SFT mix (issue 15): single-hop recall questions over contexts of 1x to
    ``recall_max_mult`` x the short length (reading at every length) and two-hop questions over short
    contexts only (reasoning at the short length). Its bf16 copy is the start of every method below (and,
    with ``--ship``, the demo's shipped model); ``--only-start`` stops after checking it.
@@ -16,16 +18,17 @@
    runs the same builder (``build_longpo``) with the task's questions as each chunk's instruction pool:
    the chosen (chunk) and rejected (whole document) answers are still the model's own.
 3. From the SFT start, with the same number of steps and batch size: SFT on the long view (chosen
-   answers), Long-DPO (the toolkit's ``dpo`` on the long view), LongPO, SoLo-DPO, SoLo-SimPO and
-   SoLo-ORPO, each a ``llamafactory-cli train`` subprocess (wall time recorded).
+   answers), Long-DPO (the toolkit's ``dpo`` on the long view), LongPO (as published, and with its NLL on
+   the answers only), SoLo-DPO, SoLo-SimPO and SoLo-ORPO, each a ``llamafactory-cli train`` subprocess
+   (wall time recorded).
 4. Every model and the start answer 300 held-out questions at the short length and at 2x, 4x, 8x, two-hop
    and single-hop (greedy, through the toolkit's engine; the package's ``eval/kv_eval.py``, as the demo),
    scored by sub-EM on the ``Final answer:`` line, with 95% Wilson intervals.
 5. Prints the tables (method | short | 2x | 4x | 8x | train time) and writes ``results.json``,
    ``results.md``, ``samples.jsonl`` and ``accuracy_vs_length.png`` to ``--out``.
 
-  .venv/bin/python benchmarks/replicate_small.py --only-start # the SFT start and its check (CPU, ~20 min)
-  .venv/bin/python benchmarks/replicate_small.py --resume     # then the data, the methods, the tables (~10 min)
+  .venv/bin/python benchmarks/replicate_small.py --only-start # the SFT start and its check (CPU, ~9 min)
+  .venv/bin/python benchmarks/replicate_small.py --resume     # then the data, the methods, the tables (~15 min)
   .venv/bin/python benchmarks/replicate_small.py --smallest   # the whole pipeline, tiny step counts (~3 min)
 """
 
@@ -64,11 +67,13 @@ class Settings:
     kv_heads: int = 2
     intermediate: int = 0  # MLP width; 0: 4 x hidden
     tokenizer_vocab: int = 1024
+    mimetic_init: float = 3.0  # induction_init: mimetic attention scale (0: off)
+    previous_token_init: float = 10.0  # induction_init: previous-token head margin in logits (0: off)
     # task
     facts_per_paragraph: int = 2  # 6 (86-token contexts) left the SFT start at 8-10%: see sft_probe.py
     hops: int = 2
     # SFT from scratch (short contexts only)
-    sft_steps: int = 3000
+    sft_steps: int = 1500  # the lookup is learned by step 1,000 (BENCHMARKS.md, issue 15)
     sft_batch: int = 16
     sft_lr: float = 1.0e-3
     recall_share: float = 0.5  # share of SFT examples that are single-hop recall questions (kv_hops.recall_question)
@@ -94,7 +99,10 @@ class Settings:
     threads: int = 1  # torch threads per process (1 is faster on a small, shared CPU; not part of any result key)
 
 
-MODEL_KEYS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "tokenizer_vocab", "facts_per_paragraph", "hops", "seed")
+MODEL_KEYS = (
+    *("hidden", "layers", "heads", "kv_heads", "intermediate", "tokenizer_vocab", "mimetic_init", "previous_token_init"),
+    *("facts_per_paragraph", "hops", "seed"),
+)
 SFT_KEYS = (*MODEL_KEYS, "sft_steps", "sft_batch", "sft_lr", "recall_share", "sft_min_facts", "recall_keys", "recall_max_mult")
 DATA_KEYS = (
     *SFT_KEYS,
@@ -128,7 +136,7 @@ FULL = Settings()
 SMALLEST = Settings(
     hidden=64,
     layers=2,
-    sft_steps=30,
+    sft_steps=120,  # fewer leave greedy answers one word long ("Pair..."), which the LongPO builder drops
     sft_batch=8,
     solopo_inputs=32,
     num_samples=8,
@@ -144,6 +152,12 @@ METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "SFT-long": ("sft", "solopo", {"s2l_view": "long"}),
     "Long-DPO": ("dpo", "solopo", {"s2l_view": "long", "pref_loss": "sigmoid", "pref_beta": 0.1}),
     "LongPO": ("longpo", "longpo", {"pref_loss": "sigmoid", "pref_beta": 0.1, "longpo_lambda": 0.01}),
+    # the published NLL covers the whole long chosen sequence, document included: here random names and filler
+    "LongPO (NLL on answers)": (
+        "longpo",
+        "longpo",
+        {"pref_loss": "sigmoid", "pref_beta": 0.1, "longpo_lambda": 0.01, "longpo_nll_scope": "response"},
+    ),
     "SoLo-DPO": ("solopo", "solopo", {"pref_loss": "sigmoid", "pref_beta": 0.1, "solopo_alpha": 3.0}),
     "SoLo-SimPO": ("solopo", "solopo", {"pref_loss": "simpo", "pref_beta": 2.0, "simpo_gamma": 1.0, "solopo_alpha": 1.0}),
     "SoLo-ORPO": ("solopo", "solopo", {"pref_loss": "orpo", "pref_beta": 0.1, "solopo_alpha": 1.0}),
@@ -234,8 +248,57 @@ def sft_example(s: Settings, rng: random.Random, key: str = "sft") -> tuple[str,
     )
 
 
+def induction_init(model: Any, mimetic: float, margin: float) -> None:
+    """Lay out an induction head at initialisation (Olsson et al., "In-context Learning and Induction Heads",
+    2022): the circuit that finds the earlier occurrence of the current token and copies the token after it,
+    which is the task's lookup ("Pair Bako Rilu.": at the answer's "Bako", copy what followed "Bako").
+
+    - ``mimetic`` > 0, every layer: mimetic initialisation (Trockman and Kolter, "Mimetic Initialization of
+      Self-Attention Layers", ICML 2023): each key/value head's key weights are its first query head's (the
+      query weights scaled by ``mimetic``), and its query heads' output weights are its value weights
+      transposed, so a head attends to tokens like the query and copies what it reads.
+    - ``margin`` > 0: layer 0's first key/value head group attends to the previous token. Its query and key
+      are constant (weights zero, biases set), so the score depends only on the distance; for the rotary pair
+      of frequency t, the query is a*(cos t, -sin t) and the key (a, 0), which scores a**2 * cos((distance -
+      1) * t), highest at distance 1 for every pair; ``a`` makes the previous token beat every other distance
+      up to the model's maximum length by ``margin`` logits. Its output writes the previous token's value into
+      the residual stream, where layer 1's matching heads can find it.
+
+    Measured (BENCHMARKS.md, issue 15): without it the 2-layer start never learned the lookup in 6,000 steps;
+    with it, single-hop accuracy passed 90% at every length within 1,000."""
+    import torch
+
+    config = model.config
+    dim = config.hidden_size // config.num_attention_heads
+    group = config.num_attention_heads // config.num_key_value_heads
+    with torch.no_grad():
+        if mimetic:
+            for layer in model.model.layers:
+                attn = layer.self_attn
+                for kv_head in range(config.num_key_value_heads):
+                    q = slice(kv_head * group * dim, (kv_head * group + 1) * dim)
+                    k = slice(kv_head * dim, (kv_head + 1) * dim)
+                    attn.q_proj.weight[q] *= mimetic
+                    attn.k_proj.weight[k] = attn.q_proj.weight[q]
+                    attn.v_proj.weight[k] *= mimetic
+                    attn.o_proj.weight[:, q] = attn.v_proj.weight[k].T
+        if margin:
+            freqs = model.model.rotary_emb.inv_freq.double()
+            distance = torch.arange(config.max_position_embeddings, dtype=torch.float64)
+            score = torch.cos((distance[:, None] - 1) * freqs[None]).sum(-1) / dim**0.5
+            a = (margin / float(score[1] - torch.cat([score[:1], score[2:]]).max())) ** 0.5
+            attn = model.model.layers[0].self_attn
+            attn.k_proj.weight[:dim] = 0
+            attn.k_proj.bias[:dim] = torch.cat([torch.full_like(freqs, a), torch.zeros_like(freqs)])
+            for head in range(group):
+                rows = slice(head * dim, (head + 1) * dim)
+                attn.q_proj.weight[rows] = 0
+                attn.q_proj.bias[rows] = torch.cat([a * torch.cos(freqs), -a * torch.sin(freqs)])
+                attn.o_proj.weight[:, rows] = attn.v_proj.weight[:dim].T / group
+
+
 def make_task_model(path: Path, s: Settings) -> None:
-    """The random-init model of these settings and its tokenizer trained on the task's text."""
+    """The model of these settings (random weights, :func:`induction_init`) and its tokenizer trained on the task's text."""
     from llamafactory_longpo.tiny import make_tiny_model
 
     make_tiny_model(
@@ -250,6 +313,12 @@ def make_task_model(path: Path, s: Settings) -> None:
         max_position_embeddings=8192,
         seed=s.seed,
     )
+    if s.mimetic_init or s.previous_token_init:
+        from transformers import Qwen2ForCausalLM
+
+        model = Qwen2ForCausalLM.from_pretrained(str(path))
+        induction_init(model, s.mimetic_init, s.previous_token_init)
+        model.save_pretrained(str(path))
 
 
 def write_sft_data(data_dir: Path, s: Settings) -> str:
@@ -353,12 +422,16 @@ def build_solopo_data(s: Settings, work: Path, model: Path, data_dir: Path, shor
 
 
 def longpo_corpus(s: Settings, path: Path, n: int, seed: int) -> dict[str, list[kv.Item]]:
-    """``n`` documents of ``train_mult`` chunks; each chunk is one item's short context (keys unique per document)."""
+    """``n`` documents of ``train_mult // 2`` items, each item's evidence followed by a paragraph of 2 filler
+    sentences (about ``train_mult`` x the short length; keys unique per document). The builder's chunker (0.75
+    to 1.25 x the short length, on paragraph boundaries) then cuts each item's evidence out as a whole chunk,
+    which gets the task's question (:class:`TaskInstructions`); filler paragraphs, longer than a chunk, stand
+    alone and get none."""
     rng = random.Random(seed)
     docs: dict[str, list[kv.Item]] = {}
     rows = []
     for i in range(n):
-        text, items = kv.make_document(f"doc{seed}-{i}", rng, s.train_mult, **item_kwargs(s))
+        text, items = kv.make_document(f"doc{seed}-{i}", rng, s.train_mult // 2, **item_kwargs(s, 2))
         docs[f"doc{seed}-{i}"] = items
         rows.append({"id": f"doc{seed}-{i}", "text": text})
     kv.write_jsonl(str(path), rows)

@@ -1,4 +1,4 @@
-"""Why the replication's SFT start stays low: a fast probe of what the task model learns, and where it fails.
+"""What the replication's SFT start learns, and when: a fast probe of the task model (issue 15's start check).
 
 ``replicate_small.py`` trains its SFT start through ``llamafactory-cli train``; this probe trains the same
 model (same tokenizer, same Qwen2 shape, same SFT mix from ``kv_hops``) in a plain torch loop, so a
@@ -6,16 +6,16 @@ setting can be tried in minutes, and every ``--every`` steps it prints what matt
 
 - greedy accuracy on 100 held-out short questions (the replication's scoring: sub-EM of ``Final answer:``);
 - the teacher-forced loss of the two-hop answer's names (50 held-out questions), by role. The answer is
-  ``The key of A is B. The key of B is C. Final answer: C``: the two LOOKUPS are the first B and the first
-  C (the value of a key among the context's facts); the COPIES are A, the second B and the last C (a name
-  already in the question or the answer). Reference points: ln(160) = 5.08 (any name), ln(12) = 2.48 (any
-  of the 12 names keyed in a full-size short context).
+  ``Pair A B. Pair B C. Final answer: C``: the two LOOKUPS are the first B and the first C (the value of a
+  key among the context's facts); the COPIES are A, the second B and the last C (a name already in the
+  question or the answer). Reference points: ln(48) = 3.87 (any name), ln(4) = 1.39 (any of the 4 values of
+  a short context's facts).
 - greedy accuracy by context length (1x, 2x, 4x, 8x; ``--eval-items`` questions, paragraph-level haystacks)
   of the two-hop question and of a single-hop one ("What is the key of X?"): whether the start reads long
   inputs (single-hop) and reasons worse over them (two-hop), issue 15's start-model check in minutes.
 
   .venv/bin/python benchmarks/sft_probe.py                          # the replication's own SFT settings
-  .venv/bin/python benchmarks/sft_probe.py --facts 6 --steps 1500   # one setting changed
+  .venv/bin/python benchmarks/sft_probe.py --previous-token 0 --mimetic 0   # without induction_init
 """
 
 from __future__ import annotations
@@ -145,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=FULL.heads)
     parser.add_argument("--kv-heads", type=int, default=FULL.kv_heads)
     parser.add_argument("--intermediate", type=int, default=FULL.intermediate, help="MLP width (0: 4 x hidden)")
+    parser.add_argument("--mimetic", type=float, default=FULL.mimetic_init, help="induction_init's mimetic scale (0: off)")
+    parser.add_argument(
+        "--previous-token", type=float, default=FULL.previous_token_init, help="induction_init's previous-token margin (0: off)"
+    )
     parser.add_argument("--lr", type=float, default=FULL.sft_lr)
     parser.add_argument("--steps", type=int, default=FULL.sft_steps, help="cosine schedule length (and the step budget)")
     parser.add_argument("--warmup", type=int, default=100)
@@ -166,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         heads=a.heads,
         kv_heads=a.kv_heads,
         intermediate=a.intermediate,
+        mimetic_init=a.mimetic,
+        previous_token_init=a.previous_token,
         sft_lr=a.lr,
         sft_steps=a.steps,
         sft_batch=a.batch,

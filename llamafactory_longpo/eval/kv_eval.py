@@ -3,7 +3,7 @@
 
 Why this exists: the short-to-long methods claim to carry a skill the model has on SHORT inputs over to
 LONG ones. This evaluation measures exactly that, per length: each held-out question is asked over its
-short context (the two evidence paragraphs) and over the same evidence hidden among distractor
+short context (the two evidence paragraphs) and over the same evidence hidden among filler
 paragraphs (the project's token-exact haystack, :func:`llamafactory_longpo.text.haystack.build_haystack`)
 at 2x, 4x, 8x the short length. Two tasks: ``two-hop`` (follow the keys twice: the reasoning) and
 ``single`` (one key's value: reading). A model that reads long inputs but reasons worse over them scores
@@ -92,7 +92,7 @@ def others_needed(short_tokens: int, para_tokens: int, mult: int) -> int:
 
 
 def short_length(tokenizer: Any, facts_per_paragraph: int, hops: int, seed: int) -> tuple[int, int]:
-    """Median tokens of a short context and of one distractor paragraph (the unit every length is a multiple of)."""
+    """Median tokens of a short context and of one filler paragraph (the unit every length is a multiple of)."""
     items = kv.make_items("probe", 50, seed, hops=hops, facts_per_paragraph=facts_per_paragraph, other_paragraphs=1)
     count = lambda text: len(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
     return int(statistics.median(count(it.short_context) for it in items)), int(
@@ -112,7 +112,7 @@ def make_samples(
     short_tokens: Optional[int] = None,
 ) -> list[dict[str, Any]]:
     """Held-out questions, each asked at every length: the same evidence at 1x (short) and hidden among the
-    item's own distractor paragraphs at ``m`` x the short length (evidence at random depths). The single-hop
+    item's own filler paragraphs at ``m`` x the short length (evidence at random depths). The single-hop
     question asks for the key of one evidence fact, the same one at every length, so the lengths compare the
     same questions."""
     from ..text.haystack import build_haystack

@@ -1,18 +1,26 @@
 """A synthetic multi-hop key-value task: the small-scale replication's (``benchmarks/replicate_small.py``)
 and the demo's (``llamafactory_longpo.eval.kv_eval``).
 
-A context is a list of facts "The key of Bako is Rilu." over made-up names. The question asks to follow
-the keys from a start name a stated number of times ("Follow the keys from Bako two times."); the answer
-is a short chain of thought that quotes the facts it follows, then the answer line: ``The key of Bako is
-Rilu. The key of Rilu is Tesa. Final answer: Tesa`` (so the builders' and the evaluation's ``Final answer:``
-parsing applies). Every name is a key at most once in a whole context (short
-or long), so the chain is unambiguous; facts are random per item, so the task can only be solved by
-reading the context.
+A context holds pair facts "Pair Bako Rilu." (the key of Bako is Rilu) over 48 made-up names. The question
+asks to follow the keys from a start name a stated number of times ("Follow the keys from Bako two times.");
+the answer is a short chain of thought that quotes the facts it follows, then the answer line: ``Pair Bako
+Rilu. Pair Rilu Tesa. Final answer: Tesa`` (so the builders' and the evaluation's ``Final answer:`` parsing
+applies). Every name is a key at most once in a context, so the chain is unambiguous; facts are random per
+item, so the task can only be solved by reading the context.
 
-An item's evidence is two paragraphs of ``facts_per_paragraph`` facts each (one hop fact per paragraph, the
-rest distractor facts): that is the SHORT context. Its ``others`` are more paragraphs of distractor facts
-with keys disjoint from every key of the item; a long context is the evidence paragraphs hidden among them
-(the project's haystack builder), so an item's own ``others`` never contradict its evidence.
+An item's evidence is two paragraphs of ``facts_per_paragraph`` facts each (one hop fact per paragraph, in
+random order, the rest distractor facts): that is the SHORT context. Its ``others`` are filler paragraphs,
+one sentence of needle-free prose each (:data:`llamafactory_longpo.text.world.FILLER`); a long context is the
+evidence hidden among them (the project's haystack builder), as in passkey and needle-in-a-haystack
+retrieval. So a long context holds the same facts as the short one, farther apart and farther from the
+question: what changes with length is only the distance the model must read over, the setting in which the
+LongPO and SoLoPO papers' base models retrieve well but reason worse.
+
+Why this form, measured on a 2-layer model trained from scratch (BENCHMARKS.md, issue 15): with the value
+right after its key, looking a key up is what an induction head does (find the earlier occurrence of the
+current token, copy the token after it; Olsson et al. 2022), which a 2-layer model can learn; with "The key
+of Bako is Rilu." it never learned the lookup. With the hop facts always in the same evidence paragraph, or
+with long contexts made of more facts, it learned positional shortcuts instead.
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ import json
 import random
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..text.world import FILLER
 
 SYSTEM = "Answer from the facts."
 HOP_WORDS = {1: "one time", 2: "two times", 3: "three times", 4: "four times"}
@@ -36,11 +46,11 @@ def make_names(n: int = 160, seed: int = 0) -> list[str]:
     return sorted(pairs[:n])
 
 
-NAMES = make_names()
+NAMES = make_names(48)  # fewer names than 160 halve the steps the start model needs to learn them
 
 
 def fact(key: str, value: str) -> str:
-    return f"The key of {key} is {value}."
+    return f"Pair {key} {value}."
 
 
 def question(start: str, hops: int) -> str:
@@ -60,7 +70,7 @@ class Item:
     answer: str
     chain: list[str]
     supporting: list[str]  # the short context's paragraphs (the evidence)
-    others: list[str] = field(default_factory=list)  # distractor paragraphs for long contexts
+    others: list[str] = field(default_factory=list)  # filler paragraphs for long contexts
 
     @property
     def short_context(self) -> str:
@@ -110,13 +120,14 @@ def make_item(
     keys = set(chain[:-1])  # the chain's keys; its last name may also be a distractor key (it is never followed)
     hop_facts = [fact(chain[i], chain[i + 1]) for i in range(hops)]
     n_paragraphs = max(2, hops)
-    n_distract = n_paragraphs * facts_per_paragraph - hops + other_paragraphs * facts_per_paragraph
+    n_distract = n_paragraphs * facts_per_paragraph - hops
     pool = [n for n in free if n not in keys]
     if n_distract > len(pool):
         raise ValueError(f"{n_distract} distractor keys needed, {len(pool)} names free: use more names or shorter contexts")
     distract_keys = rng.sample(pool, n_distract)
     distract = [fact(k, rng.choice(names)) for k in distract_keys]
-    # hop fact i goes to evidence paragraph i (two hops: one per paragraph, as MuSiQue's two supporting paragraphs)
+    # one hop fact per evidence paragraph (as MuSiQue's two supporting paragraphs), the paragraphs in random
+    # order: the second hop's fact is not always in the second one, a position a model can learn instead
     groups: list[list[str]] = [[] for _ in range(n_paragraphs)]
     for i, f in enumerate(hop_facts):
         groups[i % n_paragraphs].append(f)
@@ -124,17 +135,18 @@ def make_item(
     for g in groups:
         while len(g) < facts_per_paragraph:
             g.append(next(it))
+    rng.shuffle(groups)
     supporting = [_paragraph(g, rng) for g in groups]
-    others = [" ".join(next(it) for _ in range(facts_per_paragraph)) for _ in range(other_paragraphs)]
+    others = [rng.choice(FILLER) for _ in range(other_paragraphs)]
     if used_keys is not None:
         used_keys.update(keys | set(distract_keys))
     return Item(key=key, question=question(chain[0], hops), answer=chain[-1], chain=chain, supporting=supporting, others=others)
 
 
 def context_facts(context: str) -> list[tuple[str, str]]:
-    """The (key, value) pairs of every fact in a context, in order."""
-    facts = [f for p in context.split("\n\n") for f in p.split(". ") if f]
-    return [tuple(f.rstrip(".").removeprefix("The key of ").split(" is ")) for f in facts]  # type: ignore[misc]
+    """The (key, value) pairs of every fact in a context, in order (filler sentences are skipped)."""
+    sentences = [f for p in context.split("\n\n") for f in p.split(". ") if f]
+    return [tuple(f.rstrip(".").split(" ")[1:]) for f in sentences if f.startswith("Pair ")]  # type: ignore[misc]
 
 
 def single_question(key: str) -> str:
@@ -162,12 +174,12 @@ def recall_question(item: Item, rng: random.Random, n_keys: int = 6, context: st
 
 
 def long_context(item: Item, mult: int, rng: random.Random) -> str:
-    """The item's two evidence paragraphs hidden, in order, among ``2 * (mult - 1)`` of its own distractor
+    """The item's two evidence paragraphs hidden, in order, among ``2 * (mult - 1)`` of its own filler
     paragraphs (about ``mult`` x the short context; paragraph-level, for training data: the evaluation uses
     the project's token-exact haystack builder)."""
     others = item.others[: 2 * (mult - 1)]
     if len(others) < 2 * (mult - 1):
-        raise ValueError(f"{mult}x needs {2 * (mult - 1)} distractor paragraphs, the item has {len(item.others)}")
+        raise ValueError(f"{mult}x needs {2 * (mult - 1)} filler paragraphs, the item has {len(item.others)}")
     slots = sorted(rng.randrange(len(others) + 1) for _ in item.supporting)
     paragraphs = list(others)
     for shift, (slot, paragraph) in enumerate(zip(slots, item.supporting)):
@@ -210,10 +222,13 @@ def make_items(prefix: str, n: int, seed: int, **kwargs: Any) -> list[Item]:
 
 
 def make_document(key: str, rng: random.Random, chunks: int, **kwargs: Any) -> tuple[str, list[Item]]:
-    """A long document of ``chunks`` short contexts (keys unique over the whole document), and their items."""
+    """A long document of ``chunks`` items (keys unique over the whole document), and the items. Each item's
+    two evidence paragraphs are followed by one paragraph of its filler sentences (``other_paragraphs`` of
+    ``kwargs``, joined): longer than a short context, so a chunker that groups paragraphs into about one short
+    context's length cuts each item's evidence out whole (the LongPO builder's chunks)."""
     used: set[str] = set()
     items = [make_item(f"{key}-{i}", rng, used_keys=used, **kwargs) for i in range(chunks)]
-    return "\n\n".join(it.short_context for it in items), items
+    return "\n\n".join(f"{it.short_context}\n\n{' '.join(it.others)}" for it in items), items
 
 
 def tokenizer_corpus(seed: int = 0, n: int = 400) -> list[str]:

@@ -1,5 +1,5 @@
 """The replication benchmark (benchmarks/replicate_small.py) end to end in its smallest configuration, as a
-real subprocess: SFT from scratch, both builders, the six methods through ``llamafactory-cli train``, the
+real subprocess: SFT from scratch, both builders, the seven methods through ``llamafactory-cli train``, the
 evaluation and the report. No accuracy is asserted (a few steps teach the model nothing)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from tests.conftest import ROOT, run_command
 
 pytestmark = pytest.mark.slow  # multi-minute end-to-end runs (CI runs them; -m 'not slow' skips them)
 
-METHODS = ["SFT-long", "Long-DPO", "LongPO", "SoLo-DPO", "SoLo-SimPO", "SoLo-ORPO"]
+METHODS = ["SFT-long", "Long-DPO", "LongPO", "LongPO (NLL on answers)", "SoLo-DPO", "SoLo-SimPO", "SoLo-ORPO"]
 
 
 def test_replicate_smallest_writes_table_json_and_plot(tmp_path):
@@ -52,7 +52,7 @@ def test_replicate_smallest_writes_table_json_and_plot(tmp_path):
     # the task's questions reached the builder through its instructions hook, one pool per chunk
     assert 0 <= data["longpo"]["pool_misses"] < data["longpo"]["pool_requests"]
     samples = (out / "samples.jsonl").read_text().splitlines()
-    assert len(samples) == 7 * 4 * 2 * result["eval_items"]  # two tasks (two-hop, single-hop) at four lengths
+    assert len(samples) == (1 + len(METHODS)) * 4 * 2 * result["eval_items"]  # two tasks (two-hop, single-hop) at four lengths
     for r in result["methods"].values():  # each cell with its 95% interval
         for cells in r["by_task"].values():
             assert all(c["low"] <= c["accuracy"] <= c["high"] and c["n"] == result["eval_items"] for c in cells.values())

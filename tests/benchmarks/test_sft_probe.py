@@ -29,7 +29,7 @@ def test_name_roles_mark_the_two_lookups_and_the_copies(sft_probe):
     roles = sft_probe.name_roles(tokenizer, item)
     tokens = tokenizer(item.response, add_special_tokens=False)["input_ids"]
     names = {i: tokenizer.decode([tokens[i]]).strip() for i in roles}
-    # "The key of A is B. The key of B is C. Final answer: C": A copy, B hop 1, B copy, C hop 2, C copy
+    # "Pair A B. Pair B C. Final answer: C": A copy, B hop 1, B copy, C hop 2, C copy
     assert [roles[i] for i in sorted(roles)] == ["copy", "hop 1", "copy", "hop 2", "copy"]
     assert [names[i] for i in sorted(names)] == [item.chain[0], item.chain[1], item.chain[1], item.chain[2], item.chain[2]]
 
