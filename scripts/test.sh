@@ -5,5 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SETUP_BROWSER=1 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
-.venv/bin/python -m pytest -q tests "$@"
+# two workers: most tests wait on one single-threaded subprocess; the port-opening ones share a worker (conftest)
+.venv/bin/python -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadgroup tests "$@"
 bash scripts/compat.sh

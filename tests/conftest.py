@@ -17,6 +17,25 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
 
+# Test files whose runs open TCP ports: torchrun's rendezvous (a port from ``free_port``), DeepSpeed's process
+# group (its default port, even for one process) and LlamaBoard's server. Under ``pytest -n 2`` (scripts/test.sh)
+# they all run on one worker, one after another, so two of them never race for a port.
+PORT_FILES = {
+    "tests/e2e/test_bad_input.py",
+    "tests/e2e/test_sequence_parallel.py",
+    "tests/e2e/test_webui_browser.py",
+    "tests/e2e/test_zero3.py",
+    "tests/planner/test_planner.py",
+    "tests/test_bootstrap.py",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if Path(item.path).relative_to(ROOT).as_posix() in PORT_FILES:
+            item.add_marker(pytest.mark.xdist_group("ports"))
+
+
 def tiny_model_dir() -> Path:
     """The offline tiny model (built once, like scripts/setup.sh does)."""
     path = ROOT / ".cache" / "tiny"
