@@ -6,13 +6,13 @@
    evidence, the rest distractors; long contexts hide the evidence among filler prose; "Follow the keys
    from Bako two times."; answer = the two quoted facts and a ``Final answer:`` line. Its first layer
    starts with a previous-token head and its attention with mimetic weights (:func:`induction_init`), so the
-   lookup is learned in about a thousand steps. The SFT mix (issue 15): single-hop recall questions over contexts of 1x to
-   ``recall_max_mult`` x the short length (reading at every length) and two-hop questions over short
-   contexts only (reasoning at the short length). Its bf16 copy is the start of every method below (and,
+   lookup can be learned in about a thousand steps. The SFT mix (issue 15): single-hop recall questions over
+   contexts of 1x to ``recall_max_mult`` x the short length (reading at every length) and two-hop questions
+   over short contexts only (reasoning at the short length). Its bf16 copy is the start of every method below (and,
    with ``--ship``, the demo's shipped model); ``--only-start`` stops after checking it.
 2. Preference data is built WITH THE MODEL ITSELF by the project's builders: ``llamafactory-longpo build
    solopo`` (the task as MuSiQue-format input; short = the evidence paragraphs, long = the same paragraphs
-   hidden among distractor paragraphs at ``--train-mult`` x the short length; sampled answers scored by
+   hidden among filler paragraphs at ``train_mult`` x the short length; sampled answers scored by
    sub-EM). For LongPO the script first runs ``llamafactory-longpo build longpo`` unchanged (the model must
    write the instructions: a task model cannot, and the summary says how many records that gave), then
    runs the same builder (``build_longpo``) with the task's questions as each chunk's instruction pool:
@@ -264,8 +264,9 @@ def induction_init(model: Any, mimetic: float, margin: float) -> None:
       up to the model's maximum length by ``margin`` logits. Its output writes the previous token's value into
       the residual stream, where layer 1's matching heads can find it.
 
-    Measured (BENCHMARKS.md, issue 15): without it the 2-layer start never learned the lookup in 6,000 steps;
-    with it, single-hop accuracy passed 90% at every length within 1,000."""
+    Measured (BENCHMARKS.md, issue 15): without it, no start design learned the lookup by name in the 1,000 to
+    6,000 steps each was run (single-hop accuracy near chance); with it, single-hop accuracy passed 90% at every
+    length within 1,000 steps in two probe runs and two of three seeds through the pipeline."""
     import torch
 
     config = model.config
