@@ -28,7 +28,6 @@ if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
 fi
 "$VENV/bin/python" -c 'import importlib.metadata as m; print("[compat] llamafactory", m.version("llamafactory"), "transformers", m.version("transformers"))'
 export PATH="$PWD/$VENV/bin:$PATH"
-# two workers, as scripts/test.sh (the port-opening files share one: conftest)
-exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-2}" --dist loadgroup \
+exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-2}" \
   tests/e2e/test_train_cli.py tests/e2e/test_bad_input.py tests/train/test_exactness.py tests/train/test_shared_prefix.py \
   tests/test_attention_kernels.py "tests/e2e/test_sequence_parallel.py::test_sequence_parallel_equals_one_process[longpo]" "$@"

@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SETUP_BROWSER=1 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
-# two workers: most tests wait on one single-threaded subprocess; the port-opening ones share a worker (conftest)
-.venv/bin/python -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadgroup tests "$@"
+# two workers: most tests wait on one single-threaded subprocess (each worker draws its own ports: conftest.free_port)
+.venv/bin/python -m pytest -q -n "${TEST_WORKERS:-2}" tests "$@"
 bash scripts/compat.sh

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import itertools
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,45 +17,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-
-
-# Test files whose runs open TCP ports: torchrun's rendezvous (a port from ``free_port``), DeepSpeed's process
-# group (its default port, even for one process) and LlamaBoard's server. Under ``pytest -n 2`` (scripts/test.sh)
-# they all run on one worker, one after another, so two of them never race for a port.
-PORT_FILES = {
-    "tests/e2e/test_bad_input.py",
-    "tests/e2e/test_sequence_parallel.py",
-    "tests/e2e/test_webui_browser.py",
-    "tests/e2e/test_zero3.py",
-    "tests/planner/test_planner.py",
-    "tests/test_bootstrap.py",
-}
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the mark into the test id's suffix
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if Path(item.path).relative_to(ROOT).as_posix() in PORT_FILES:
-            item.add_marker(pytest.mark.xdist_group("ports"))
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_node_collection_finished(node: Any, ids: list[str]) -> None:
-    """Stop an xdist run whose port-opening tests would not share a worker, rather than let them race.
-
-    ``--dist loadgroup`` tells xdist's scheduler a test's group by a ``@group`` suffix on the test ids the workers
-    report here; pytest 9.2 drops that suffix (pytest-xdist issue #1386), so the tests would silently spread
-    over the workers.
-    """
-    if node.config.getoption("dist") != "loadgroup":
-        return
-    lost = [i for i in ids if i.split("::")[0] in PORT_FILES and not i.endswith("@ports")]
-    if lost:
-        pytest.exit(
-            f"xdist did not group {lost[0]} with the other port-opening tests (no @ports on its id; pytest "
-            f"{pytest.__version__}, and 9.2 drops it: pytest-xdist issue #1386): install pytest<9.2 or run with -n 0",
-            returncode=pytest.ExitCode.USAGE_ERROR,
-        )
 
 
 def tiny_model_dir() -> Path:
@@ -128,13 +91,29 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def free_port() -> int:
-    """A free TCP port on the loopback interface."""
-    import socket
+_PORT_CALLS = itertools.count()
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, from a block of 1,000 that only this test process draws from.
+
+    The suite runs in two xdist workers (scripts/test.sh), each starting torchrun rendezvous, DeepSpeed process
+    groups and LlamaBoard servers on the ports it draws here. A kernel-chosen port (bind to 0) is free when asked
+    but not reserved: the other worker could be handed the same one before the server binds it. Blocks per
+    worker (``PYTEST_XDIST_WORKER`` gw0, gw1, ...; the controller or a plain run takes the first) never overlap,
+    and they lie below Linux's ephemeral range (32768 up), where the kernel numbers its own sockets.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    first = 20_000 + 1_000 * (int(worker.removeprefix("gw")) + 1 if worker else 0)
+    for _ in range(1_000):
+        port = first + next(_PORT_CALLS) % 1_000  # a new port each call: the last run's may still be closing
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port in {first}-{first + 999}")
 
 
 def torchrun_env(grad_norm_file: Path, nproc: int = 2) -> dict[str, str]:
