@@ -94,26 +94,33 @@ def cli_env(**extra: str) -> dict[str, str]:
 _PORT_CALLS = itertools.count()
 
 
-def free_port() -> int:
-    """A free TCP port on the loopback interface, from a block of 1,000 that only this test process draws from.
+def port_block(worker: str, workers: int) -> range:
+    """The ports test process ``worker`` (xdist's ``gw0``, ``gw1``...; "" for a plain run) draws from, one of
+    ``workers`` + 1 equal blocks of 20000-31999, so no two processes of one run share a port.
 
-    The suite runs in two xdist workers (scripts/test.sh), each starting torchrun rendezvous, DeepSpeed process
-    groups and LlamaBoard servers on the ports it draws here. A kernel-chosen port (bind to 0) is free when asked
-    but not reserved: the other worker could be handed the same one before the server binds it. Blocks per
-    worker (``PYTEST_XDIST_WORKER`` gw0, gw1, ...; the controller or a plain run takes the first) never overlap,
-    and they lie below Linux's ephemeral range (32768 up), where the kernel numbers its own sockets.
+    The suite runs in xdist workers (scripts/test.sh), each starting torchrun rendezvous, DeepSpeed process
+    groups and LlamaBoard servers. A kernel-chosen port (bind to 0) is free when asked but not reserved: another
+    worker could be handed the same one before the server binds it. The blocks never overlap, and they lie
+    below Linux's ephemeral range (32768 up), where the kernel numbers its own sockets.
     """
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    first = 20_000 + 1_000 * (int(worker.removeprefix("gw")) + 1 if worker else 0)
-    for _ in range(1_000):
-        port = first + next(_PORT_CALLS) % 1_000  # a new port each call: the last run's may still be closing
+    size = 12_000 // (workers + 1)
+    first = 20_000 + size * (int(worker.removeprefix("gw")) + 1 if worker else 0)
+    return range(first, first + size)
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface from this process's ``port_block``, a new one each call (the
+    last run's may still be closing)."""
+    block = port_block(os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    for _ in range(len(block)):
+        port = block[next(_PORT_CALLS) % len(block)]
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
         return port
-    raise RuntimeError(f"no free port in {first}-{first + 999}")
+    raise RuntimeError(f"no free port in {block.start}-{block.stop - 1}")
 
 
 def torchrun_env(grad_norm_file: Path, nproc: int = 2) -> dict[str, str]:

@@ -1,29 +1,33 @@
-"""The suite's two xdist workers (scripts/test.sh) start servers at the same time: their ports must never meet."""
+"""The suite's xdist workers (scripts/test.sh) start servers at the same time: their ports must never meet."""
 
 from __future__ import annotations
 
+import itertools
+import os
 import socket
 
 import pytest
 
-from tests.conftest import free_port
+from tests import conftest
+from tests.conftest import free_port, port_block
 
 
-def test_workers_draw_ports_from_blocks_of_their_own(monkeypatch: pytest.MonkeyPatch) -> None:
-    drawn: dict[str, list[int]] = {}
-    for worker in ["gw0", "gw1", "gw2"]:
-        monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
-        drawn[worker] = [free_port() for _ in range(20)]
-    # every port once: no two calls, in one worker or two, hand out the same port
-    ports = [p for block in drawn.values() for p in block]
-    assert len(set(ports)) == len(ports)
-    # per worker, a range no other worker's overlaps, below the kernel's ephemeral ports (it picks those itself)
-    spans = sorted((min(block), max(block)) for block in drawn.values())
-    assert all(hi < lo for (_, hi), (lo, _) in zip(spans, spans[1:]))
-    assert spans[-1][1] < 32768
-    # a port another process holds is skipped
-    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw5")
-    nxt = free_port() + 1
+@pytest.mark.parametrize("workers", [1, 2, 16, 64])
+def test_each_process_of_a_run_has_a_port_block_of_its_own(workers: int) -> None:
+    blocks = [port_block("", workers)] + [port_block(f"gw{i}", workers) for i in range(workers)]
+    ports = [p for b in blocks for p in b]
+    assert all(len(b) >= 100 for b in blocks)
+    assert len(set(ports)) == len(ports)  # no two processes share a port
+    assert min(ports) >= 1024 and max(ports) < 32768  # not privileged, below the kernel's ephemeral ports
+
+
+def test_free_port_draws_from_its_block_and_skips_a_held_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    # this process's own block (no other test process draws from it, so holding a port here races nobody)
+    block = port_block(os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    port = free_port()  # free now (an earlier test's server may have left a port of the block closing)
+    monkeypatch.setattr(conftest, "_PORT_CALLS", itertools.count(block.index(port)))  # the next call tries it
     with socket.socket() as held:
-        held.bind(("127.0.0.1", nxt))
-        assert free_port() != nxt
+        held.bind(("127.0.0.1", port))
+        drawn = [free_port() for _ in range(20)]
+    assert port not in drawn
+    assert len(set(drawn)) == len(drawn) and set(drawn) <= set(block)
