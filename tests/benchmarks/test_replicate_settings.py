@@ -22,6 +22,7 @@ def test_set_keeps_each_settings_type(script) -> None:
         ("stepz=2", "--set: unknown key 'stepz'; allowed: batch, "),
         ("steps", "'steps': expected KEY=VALUE"),
         ("lr=fast", "--set: lr: 'fast' is not a finite number"),
+        ("facts_per_paragraph=7", "--set: facts_per_paragraph=7, hops=2, train_mult=8: a LongPO document needs more names"),
     ]:
         with pytest.raises(SystemExit, match="^replicate_small.py: error: " + message.replace("(", r"\(")):
             script.apply_settings(script.Settings(), [bad])
