@@ -198,13 +198,23 @@ def build_longpo(
             if not turns:
                 writer.drop(key, reasons[0] if reasons else "filtered", {"filtered": counts})
                 continue
-            stats = {"long_tokens": n_tokens, "turns": len(turns), **({"filtered": counts} if counts else {})}
+            same = sum(t["chosen"].strip() == t["rejected"].strip() for t in turns)
+            stats: dict[str, Any] = {"long_tokens": n_tokens, "turns": len(turns), "same_answer_turns": same}
+            stats.update({"filtered": counts} if counts else {})
             writer.keep(key, {"long_context": text, "turns": turns}, stats)
             made += 1
     finally:
         writer.close()
     if config.dataset_info:
         merge_dataset_info(config.dataset_info, config.dataset_name, config.output)
-    summary = summarize(writer, {"skipped_input": skipped})
+    kept = [st for key, st in writer.stats.items() if writer.done.get(key) == "kept"]  # this run's and resumed ones
+    same, total = sum(st.get("same_answer_turns", 0) for st in kept), sum(st.get("turns", 0) for st in kept)
+    summary = summarize(writer, {"skipped_input": skipped, "same_answer_turns": same})
     log(f"[build longpo] {json.dumps(summary)}")
+    if same:
+        # LongPO's preference term compares the two answers: identical ones leave only its NLL term to train on them
+        log(
+            f"[build longpo] {same} of {total} turns: the answer from the whole document equals the one from the "
+            "chunk (chosen = rejected), so only the NLL term learns from them"
+        )
     return summary

@@ -279,6 +279,29 @@ def test_longpo_builder_with_given_instructions(tmp_path: Path, tiny_model: Path
         )
 
 
+def test_longpo_builder_counts_turns_whose_answers_agree(tmp_path: Path, tiny_model: Path) -> None:
+    """A model that answers a question the same from the chunk as from the whole document gives a pair with
+    chosen = rejected, whose preference term is constant: the summary and the log count such turns."""
+    from llamafactory_longpo.build.longpo import build_longpo
+
+    class ContextFree(ScriptedGenerator):  # answers "Where was ..." without reading the context
+        def generate(self, requests, **kwargs):
+            out = super().generate(requests, **kwargs)
+            for i, (messages, _) in enumerate(requests):
+                if messages[-1]["content"].endswith("Where was its founder born?"):
+                    out[i] = ["The founder was born in a town by the river."]
+            return out
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    logs: list[str] = []
+    summary = build_longpo(_longpo_config(tmp_path), generator=ContextFree(tok, _documents()), log=logs.append)
+    turns = [t for r in load_records(tmp_path / "longpo.jsonl") for t in r.turns]
+    same = sum(t.chosen == t.rejected for t in turns)
+    assert 0 < same < len(turns)
+    assert summary["same_answer_turns"] == same
+    assert f"[build longpo] {same} of {len(turns)} turns: the answer from the whole document equals" in "\n".join(logs)
+
+
 def test_evolution_rounds_train_and_skip_when_done(tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from llamafactory_longpo.build.evolve import run_recipe
 
