@@ -108,10 +108,15 @@ def port_block(worker: str, workers: int) -> range:
     return range(first, first + size)
 
 
+def own_port_block() -> range:
+    """This test process's ``port_block``."""
+    return port_block(os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+
 def free_port() -> int:
     """A free TCP port on the loopback interface from this process's ``port_block``, a new one each call (the
     last run's may still be closing)."""
-    block = port_block(os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    block = own_port_block()
     for _ in range(len(block)):
         port = block[next(_PORT_CALLS) % len(block)]
         with socket.socket() as s:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import itertools
-import os
 import socket
 
 import pytest
 
 from tests import conftest
-from tests.conftest import free_port, port_block
+from tests.conftest import free_port, own_port_block, port_block
 
 
 @pytest.mark.parametrize("workers", [1, 2, 16, 64])
@@ -23,7 +22,7 @@ def test_each_process_of_a_run_has_a_port_block_of_its_own(workers: int) -> None
 
 def test_free_port_draws_from_its_block_and_skips_a_held_port(monkeypatch: pytest.MonkeyPatch) -> None:
     # this process's own block (no other test process draws from it, so holding a port here races nobody)
-    block = port_block(os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    block = own_port_block()
     port = free_port()  # free now (an earlier test's server may have left a port of the block closing)
     monkeypatch.setattr(conftest, "_PORT_CALLS", itertools.count(block.index(port)))  # the next call tries it
     with socket.socket() as held:
