@@ -190,6 +190,13 @@ class ShortToLongFinetuningArguments:
             "help": "Compute reference log-probs once before training and cache them on disk (no reference model in training)."
         },
     )
+    s2l_estimate_at_start: bool = field(
+        default=True,
+        metadata={
+            "help": "Log the memory planner's predicted peak per rank as training starts (one step traced on fake "
+            "tensors, single-process runs only); False skips the trace."
+        },
+    )
     s2l_ref_cache_dir: Optional[str] = field(
         default=None,
         metadata={"help": "Folder of the reference log-prob cache (default: ~/.cache/llamafactory_longpo/ref_logps)."},

@@ -121,7 +121,7 @@ def run_short_to_long(
 ) -> None:
     """Train stage ``solopo`` or ``longpo`` (``finetuning_args.stage``), like the toolkit's ``run_dpo``."""
     stage = finetuning_args.stage
-    if training_args.do_train:
+    if training_args.do_train and finetuning_args.s2l_estimate_at_start:
         # before anything is built: the trace must meet this process's attention registry as the toolkit left it
         # (sequence parallelism replaces its entries in place with Ulysses, whose all-to-all only this rank would join)
         logger.info_rank0(train_start_line(model_args, data_args, training_args, finetuning_args))

@@ -13,7 +13,7 @@ from llamafactory_longpo.cli import main
 from llamafactory_longpo.planner.plan import size, zero_model_states
 from llamafactory_longpo.planner.step import ZeroConfig, load_run_config
 from llamafactory_longpo.planner.trace import KINDS
-from tests.conftest import ROOT
+from tests.conftest import ROOT, base_config, train_in_process
 
 TINY = ROOT / "examples" / "tiny"
 
@@ -133,3 +133,18 @@ def test_train_start_line(tiny_model: Path, tmp_path: Path) -> None:
     args[2].deepspeed = str(ROOT / "examples" / "deepspeed" / "ds_z3_config.json")
     expected_line = "planner: for this run's per-rank estimate, run llamafactory-longpo estimate <config> --gpus 1"
     assert train_start_line(*args) == expected_line
+
+
+def test_the_start_line_can_be_switched_off(
+    tmp_path: Path, tiny_model: Path, capfd: pytest.CaptureFixture, logs: pytest.LogCaptureFixture
+) -> None:
+    """A training run logs the planner's line as it starts, unless ``s2l_estimate_at_start: false``."""
+    lines = {}
+    for on in (True, False):
+        config = base_config(tiny_model, tmp_path / str(on), max_samples=2, max_steps=1, s2l_estimate_at_start=on)
+        code, text = train_in_process(config, capfd, logs)
+        assert code == 0, text[-2000:]
+        lines[on] = [line for line in text.splitlines() if "planner: " in line]
+        logs.clear()
+    assert lines[True] and all("planner: predicted peak per rank at 1,536 tokens: " in line for line in lines[True])
+    assert lines[False] == []
