@@ -200,21 +200,21 @@ def build_longpo(
                 continue
             same = sum(t["chosen"].strip() == t["rejected"].strip() for t in turns)
             stats: dict[str, Any] = {"long_tokens": n_tokens, "turns": len(turns), "same_answer_turns": same}
-            stats.update({"filtered": counts} if counts else {})
+            if counts:
+                stats["filtered"] = counts
             writer.keep(key, {"long_context": text, "turns": turns}, stats)
             made += 1
     finally:
         writer.close()
     if config.dataset_info:
         merge_dataset_info(config.dataset_info, config.dataset_name, config.output)
-    kept = [st for key, st in writer.stats.items() if writer.done.get(key) == "kept"]  # this run's and resumed ones
-    same, total = sum(st.get("same_answer_turns", 0) for st in kept), sum(st.get("turns", 0) for st in kept)
-    summary = summarize(writer, {"skipped_input": skipped, "same_answer_turns": same})
+    summary = summarize(writer, {"skipped_input": skipped})
     log(f"[build longpo] {json.dumps(summary)}")
+    same = summary["lengths"].get("same_answer_turns", {}).get("total", 0)  # this run's records and resumed ones
     if same:
         # LongPO's preference term compares the two answers: identical ones leave only its NLL term to train on them
         log(
-            f"[build longpo] {same} of {total} turns: the answer from the whole document equals the one from the "
-            "chunk (chosen = rejected), so only the NLL term learns from them"
+            f"[build longpo] {same} of {summary['lengths']['turns']['total']} turns: the answer from the whole "
+            "document equals the one from the chunk (chosen = rejected), so only the NLL term learns from them"
         )
     return summary

@@ -105,8 +105,9 @@ class ResumableWriter:
 
 
 def summarize(writer: ResumableWriter, extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """Kept/dropped counts (per reason), filtered parts (per reason) and length statistics of the kept
-    records; written beside the output. Counts come from the progress log, so a resumed build sums both runs."""
+    """Kept/dropped counts (per reason), filtered parts (per reason) and statistics (count, total, mean, min,
+    max) of the kept records' numbers; written beside the output. Counts come from the progress log, so a
+    resumed build sums both runs."""
     statuses = Counter(writer.done.values())
     lengths: dict[str, list[int]] = {}
     filtered: Counter[str] = Counter()
@@ -121,7 +122,7 @@ def summarize(writer: ResumableWriter, extra: Optional[dict[str, Any]] = None) -
         "kept": statuses.get("kept", 0),
         "dropped": {k.split(":", 1)[1]: v for k, v in sorted(statuses.items()) if k.startswith("dropped:")},
         "lengths": {
-            name: {"count": len(v), "mean": round(statistics.fmean(v), 1), "min": min(v), "max": max(v)}
+            name: {"count": len(v), "total": sum(v), "mean": round(statistics.fmean(v), 1), "min": min(v), "max": max(v)}
             for name, v in lengths.items()
             if v
         },

@@ -298,7 +298,7 @@ def test_longpo_builder_counts_turns_whose_answers_agree(tmp_path: Path, tiny_mo
     turns = [t for r in load_records(tmp_path / "longpo.jsonl") for t in r.turns]
     same = sum(t.chosen == t.rejected for t in turns)
     assert 0 < same < len(turns)
-    assert summary["same_answer_turns"] == same
+    assert summary["lengths"]["same_answer_turns"]["total"] == same
     assert f"[build longpo] {same} of {len(turns)} turns: the answer from the whole document equals" in "\n".join(logs)
 
 
