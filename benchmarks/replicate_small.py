@@ -126,7 +126,7 @@ def apply_settings(s: Settings, pairs: list[str]) -> Settings:
     # a float setting given as an integer (temperature=2) is still a float: result keys compare by value and type
     out = Settings(**{f.name: float(raw[f.name]) if f.type == "float" else raw[f.name] for f in dataclasses.fields(Settings)})
     try:  # a LongPO document (keys unique across its items) needs the most names: too few stop here, not after the SFT
-        kv.make_document("check", random.Random(0), out.train_mult // 2, **item_kwargs(out, 2))
+        longpo_document(out, "check", random.Random(0))
     except ValueError as err:
         raise SystemExit(
             f"replicate_small.py: error: --set: facts_per_paragraph={out.facts_per_paragraph}, hops={out.hops}, "
@@ -431,6 +431,11 @@ def build_solopo_data(s: Settings, work: Path, model: Path, data_dir: Path, shor
     return {"how": "llamafactory-longpo build solopo (unchanged)", "config": cfg, "summary": summary, "wall_s": round(wall, 1)}
 
 
+def longpo_document(s: Settings, key: str, rng: random.Random) -> tuple[str, list[kv.Item]]:
+    """One LongPO corpus document (:func:`longpo_corpus`): ``train_mult // 2`` items, each with 2 filler sentences."""
+    return kv.make_document(key, rng, s.train_mult // 2, **item_kwargs(s, 2))
+
+
 def longpo_corpus(s: Settings, path: Path, n: int, seed: int) -> dict[str, list[kv.Item]]:
     """``n`` documents of ``train_mult // 2`` items, each item's evidence followed by a paragraph of 2 filler
     sentences (about ``train_mult`` x the short length; keys unique per document). The builder's chunker (0.75
@@ -441,7 +446,7 @@ def longpo_corpus(s: Settings, path: Path, n: int, seed: int) -> dict[str, list[
     docs: dict[str, list[kv.Item]] = {}
     rows = []
     for i in range(n):
-        text, items = kv.make_document(f"doc{seed}-{i}", rng, s.train_mult // 2, **item_kwargs(s, 2))
+        text, items = longpo_document(s, f"doc{seed}-{i}", rng)
         docs[f"doc{seed}-{i}"] = items
         rows.append({"id": f"doc{seed}-{i}", "text": text})
     kv.write_jsonl(str(path), rows)
