@@ -322,13 +322,8 @@ def make_task_model(path: Path, s: Settings) -> None:
         num_kv_heads=s.kv_heads,
         max_position_embeddings=8192,
         seed=s.seed,
+        init=lambda model: induction_init(model, s.mimetic_init, s.previous_token_init),
     )
-    if s.mimetic_init or s.previous_token_init:
-        from transformers import Qwen2ForCausalLM
-
-        model = Qwen2ForCausalLM.from_pretrained(str(path))
-        induction_init(model, s.mimetic_init, s.previous_token_init)
-        model.save_pretrained(str(path))
 
 
 def write_sft_data(data_dir: Path, s: Settings) -> str:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
-from typing import Optional
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -62,11 +62,13 @@ def make_tiny_model(
     max_position_embeddings: int = 32768,
     seed: int = 0,
     texts: Optional[Sequence[str]] = None,
+    init: Optional[Callable[[Any], None]] = None,
 ) -> str:
     """Write a random-weight Qwen2 model and its tokenizer to ``out_dir``; returns ``out_dir``.
 
     ``vocab_size`` (default: the tokenizer's size rounded up to 64) may exceed the tokenizer, to give
-    the LM head a realistic width (e.g. 32K) for benchmarks.
+    the LM head a realistic width (e.g. 32K) for benchmarks. ``init`` changes the random weights in place
+    before they are written (a benchmark's own initialisation).
     """
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -92,6 +94,8 @@ def make_tiny_model(
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
+    if init is not None:
+        init(model)
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

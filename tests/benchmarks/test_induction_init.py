@@ -46,3 +46,13 @@ def test_mimetic_heads_tie_keys_to_queries(monkeypatch, tiny_model) -> None:
         assert torch.equal(attn.o_proj.weight[:, q], attn.v_proj.weight[k].T)
     # the other query heads of a group keep their own weights (the heads stay diverse)
     assert group > 1 and torch.equal(attn.q_proj.weight[dim : 2 * dim], plain.q_proj.weight[dim : 2 * dim])
+
+
+def test_the_task_model_is_written_with_it(monkeypatch, tmp_path) -> None:
+    """``make_task_model`` writes the initialised weights (``make_tiny_model``'s ``init`` hook), not the random ones."""
+    script = benchmark_module(monkeypatch, "replicate_small")
+    script.make_task_model(tmp_path, script.SMALLEST)
+    model = Qwen2ForCausalLM.from_pretrained(str(tmp_path))
+    dim, _ = _heads(model)
+    attn = model.model.layers[0].self_attn
+    assert not attn.k_proj.weight[:dim].any() and attn.k_proj.bias[:dim].abs().max() > 1  # the previous-token key
