@@ -1,4 +1,5 @@
-"""What the replication's SFT start learns, and when: a fast probe of the task model (issue 15's start check).
+"""What the replication's SFT start learns, and when: a fast probe of the task model
+(the start-model check).
 
 ``replicate_small.py`` trains its SFT start through ``llamafactory-cli train``; this probe trains the same
 model (same tokenizer, same Qwen2 shape, same SFT mix from ``kv_hops``) in a plain torch loop, so a
@@ -12,7 +13,7 @@ setting can be tried in minutes, and every ``--every`` steps it prints what matt
   a short context's facts).
 - greedy accuracy by context length (1x, 2x, 4x, 8x; ``--eval-items`` questions, paragraph-level haystacks)
   of the two-hop question and of a single-hop one ("What is the key of X?"): whether the start reads long
-  inputs (single-hop) and reasons worse over them (two-hop), issue 15's start-model check in minutes.
+  inputs (single-hop) and reasons worse over them (two-hop), the start-model check in minutes.
 
   .venv/bin/python benchmarks/sft_probe.py                          # the replication's own SFT settings
   .venv/bin/python benchmarks/sft_probe.py --previous-token 0 --mimetic 0   # without induction_init

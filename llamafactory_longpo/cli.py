@@ -216,11 +216,11 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{name}: {path}")
     elif args.command == "build":
         if args.kind == "solopo":
-            from .build.solopo import SoLoPOBuildConfig, build_solopo
+            from .builders.solopo import SoLoPOBuildConfig, build_solopo
 
             build_solopo(_load_config(SoLoPOBuildConfig, args.config, args.strict))
         else:
-            from .build.longpo import LongPOBuildConfig, build_longpo
+            from .builders.longpo import LongPOBuildConfig, build_longpo
 
             build_longpo(_load_config(LongPOBuildConfig, args.config, args.strict))
     elif args.command == "eval" and args.suite == "kv":
@@ -246,7 +246,7 @@ def _run(args: argparse.Namespace) -> int:
             )
         )
     elif args.command == "evolve":
-        from .build.evolve import run_recipe
+        from .builders.evolve import run_recipe
 
         run_recipe(_read_yaml(args.recipe))
     return 0

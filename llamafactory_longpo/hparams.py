@@ -1,4 +1,5 @@
-"""The plugin's knobs: typed fields with help text, defaults from the spec, and validation.
+"""The plugin's knobs: typed fields with help text, defaults from the papers (LongPO arXiv 2502.13922,
+SoLoPO arXiv 2505.11166), and validation.
 
 These are mixins with no toolkit import; ``integration`` merges them into LLaMA-Factory's own
 ``FinetuningArguments`` / ``DataArguments`` so YAML, ``--flags`` and the web UI all reach them.

@@ -1,8 +1,8 @@
 """Loss functions of LongPO and SoLoPO: pure torch, no LLaMA-Factory import (hparams has none either).
 
-Every equation of the method spec lives here, one function per method (torchtune's ``rlhf/loss``
-style): tensors in, tensors out. Log-probabilities passed in are per-sample SUMS over response
-tokens; lengths are response token counts, so averages are taken here and nowhere else.
+Every equation of the two papers (LongPO arXiv 2502.13922, SoLoPO arXiv 2505.11166) lives here, one function
+per method (torchtune's ``rlhf/loss`` style): tensors in, tensors out. Log-probabilities passed in are
+per-sample SUMS over response tokens; lengths are response token counts, so averages are taken here and nowhere else.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ import yaml
 
 from tests.conftest import ROOT
 
-# training configs (examples/build and examples/eval hold builder and evaluation configs)
-EXAMPLES = sorted(p for p in (ROOT / "examples").rglob("*.yaml") if not {"build", "eval"} & set(p.parts))
+# training configs (examples/builders and examples/eval hold builder and evaluation configs)
+EXAMPLES = sorted(p for p in (ROOT / "examples").rglob("*.yaml") if not {"builders", "eval"} & set(p.parts))
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)

@@ -344,7 +344,7 @@ def _write(path: Path, text: str) -> str:
     return str(path)
 
 
-MUSIQUE = ROOT / "tests" / "build" / "musique_sample.jsonl"
+MUSIQUE = ROOT / "data" / "musique_sample.jsonl"
 
 
 def _build_yaml(tmp: Path, **values: Any) -> str:
@@ -400,7 +400,7 @@ def test_helper_misuse(name: str, tmp_path: Path, capsys: pytest.CaptureFixture)
 
 
 def test_builder_resume_files_are_checked(tmp_path: Path) -> None:
-    from llamafactory_longpo.build.output import ResumableWriter
+    from llamafactory_longpo.builders.output import ResumableWriter
     from llamafactory_longpo.errors import RecordError
 
     out = tmp_path / "out.jsonl"
@@ -415,7 +415,7 @@ def test_builder_resume_files_are_checked(tmp_path: Path) -> None:
 
 def test_builder_ctrl_c_names_the_records(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     from llamafactory_longpo import cli
-    from llamafactory_longpo.build import solopo
+    from llamafactory_longpo.builders import solopo
 
     config = _build_yaml(tmp_path)
     _write(tmp_path / "out.jsonl", '{"id": "a"}\n{"id": "b"}\n')

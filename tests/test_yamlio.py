@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from llamafactory_longpo import yamlio
-from llamafactory_longpo.build.solopo import SoLoPOBuildConfig
+from llamafactory_longpo.builders.solopo import SoLoPOBuildConfig
 from llamafactory_longpo.cli import _load_config
 from llamafactory_longpo.planner.step import load_run_config
 from tests.conftest import ROOT

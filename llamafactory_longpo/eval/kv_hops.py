@@ -16,7 +16,7 @@ retrieval. So a long context holds the same facts as the short one, farther apar
 question: what changes with length is only the distance the model must read over, the setting in which the
 LongPO and SoLoPO papers' base models retrieve well but reason worse.
 
-Why this form, measured on a 2-layer model trained from scratch (BENCHMARKS.md, issue 15): with the value
+Why this form, measured on a 2-layer model trained from scratch (BENCHMARKS.md, "Short-to-long at laptop scale"): with the value
 right after its key, looking a key up is what an induction head does (find the earlier occurrence of the
 current token, copy the token after it; Olsson et al. 2022), which a 2-layer model can learn; with "The key
 of Bako is Rilu." it never learned the lookup. With the hop facts always in the same evidence paragraph, or

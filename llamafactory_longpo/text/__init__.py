@@ -1,2 +1,2 @@
-"""Text tools shared by the builders (build/) and evaluation (eval/): haystacks, MuSiQue records, sub-EM scoring,
+"""Text tools shared by the builders (builders/) and evaluation (eval/): haystacks, MuSiQue records, sub-EM scoring,
 generation through the toolkit's engines."""

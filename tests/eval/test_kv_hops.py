@@ -8,7 +8,7 @@ import random
 
 from transformers import AutoTokenizer
 
-from llamafactory_longpo.build.longpo import chunk_document
+from llamafactory_longpo.builders.longpo import chunk_document
 from llamafactory_longpo.eval import kv_hops as kv
 from llamafactory_longpo.text.world import FILLER
 from tests.conftest import ROOT

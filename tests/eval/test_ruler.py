@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from llamafactory_longpo.eval.tasks import GENERATORS, TASKS, Sample, make_samples, score
 from tests.conftest import VENV_BIN, run_command
 
-SAMPLE = Path(__file__).resolve().parents[1] / "build" / "musique_sample.jsonl"
+SAMPLE = Path(__file__).resolve().parents[2] / "data" / "musique_sample.jsonl"
 
 
 @pytest.fixture(scope="module")

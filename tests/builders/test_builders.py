@@ -1,7 +1,7 @@
 """Data builders end to end: SoLoPO from a MuSiQue-format sample, LongPO self-instruct, self-evolution.
 
 The SoLoPO builder runs the real tiny model through the toolkit's huggingface engine. A random tiny
-model cannot answer questions, so the sample (tests/build/musique_sample.jsonl, written for this
+model cannot answer questions, so the sample (data/musique_sample.jsonl, written for this
 project) gives each question a one-letter alias that sampled text contains by chance about half the
 time: the split into chosen (scores correct) and rejected (scores incorrect) is then exercised for real.
 
@@ -31,7 +31,7 @@ from llamafactory_longpo.errors import ConfigError
 from llamafactory_longpo.text.scoring import extract_final_answer, sub_em
 from tests.conftest import VENV_BIN, cli_env
 
-SAMPLE = Path(__file__).parent / "musique_sample.jsonl"
+SAMPLE = Path(__file__).resolve().parents[2] / "data" / "musique_sample.jsonl"
 
 
 def _solopo_config(tmp: Path, tiny: Path, **kw) -> Path:
@@ -207,7 +207,7 @@ def _corpus(path: Path) -> Path:
 
 def _longpo_config(tmp_path: Path, **overrides):
     """The builder over the demo's gazetteers, with chunks and documents sized for them."""
-    from llamafactory_longpo.build.longpo import LongPOBuildConfig
+    from llamafactory_longpo.builders.longpo import LongPOBuildConfig
 
     sizes = dict(min_doc_tokens=200, max_doc_tokens=4000, chunk_min_tokens=60, chunk_max_tokens=200, max_turns=2)
     corpus, output = str(_corpus(tmp_path / "corpus.jsonl")), str(tmp_path / "longpo.jsonl")
@@ -215,7 +215,7 @@ def _longpo_config(tmp_path: Path, **overrides):
 
 
 def test_longpo_builder(tmp_path: Path, tiny_model: Path) -> None:
-    from llamafactory_longpo.build.longpo import build_longpo
+    from llamafactory_longpo.builders.longpo import build_longpo
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     cfg = _longpo_config(tmp_path, dataset_info=str(tmp_path / "dataset_info.json"))
@@ -245,7 +245,7 @@ def test_longpo_builder(tmp_path: Path, tiny_model: Path) -> None:
 def test_longpo_builder_with_given_instructions(tmp_path: Path, tiny_model: Path) -> None:
     """The instruction hook replaces the self-instruct step only: the model is never asked to write questions,
     each turn's instruction is one of its chunk's given pool, and both answers still come from the model."""
-    from llamafactory_longpo.build.longpo import build_longpo
+    from llamafactory_longpo.builders.longpo import build_longpo
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     asked: list[str] = []
@@ -282,7 +282,7 @@ def test_longpo_builder_with_given_instructions(tmp_path: Path, tiny_model: Path
 def test_longpo_builder_counts_turns_whose_answers_agree(tmp_path: Path, tiny_model: Path) -> None:
     """A model that answers a question the same from the chunk as from the whole document gives a pair with
     chosen = rejected, whose preference term is constant: the summary and the log count such turns."""
-    from llamafactory_longpo.build.longpo import build_longpo
+    from llamafactory_longpo.builders.longpo import build_longpo
 
     class ContextFree(ScriptedGenerator):  # answers "Where was ..." without reading the context
         def generate(self, requests, **kwargs):
@@ -303,7 +303,7 @@ def test_longpo_builder_counts_turns_whose_answers_agree(tmp_path: Path, tiny_mo
 
 
 def test_evolution_rounds_train_and_skip_when_done(tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from llamafactory_longpo.build.evolve import run_recipe
+    from llamafactory_longpo.builders.evolve import run_recipe
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     recipe = {
