@@ -74,7 +74,7 @@ def run_one(name: str, folder: Path) -> dict:
 
     from llamafactory_longpo.planner import quiet
     from llamafactory_longpo.planner.plan import estimate, row_lengths, traced_step
-    from llamafactory_longpo.planner.step import load_run_config, setup_step
+    from llamafactory_longpo.planner.step import load_run_config, step_setup
     from llamafactory_longpo.planner.validate import allocator_peak
 
     path, info = write_config(name, folder)
@@ -83,10 +83,10 @@ def run_one(name: str, folder: Path) -> dict:
         run = load_run_config(str(path))
         predicted = estimate(run, info["length"], gpus=sp, sp=sp, attention="sdpa")
         layers = run.model_config.num_hidden_layers
-        setup = setup_step(run, layers, row_lengths(run, info["length"], 1, None), "sdpa", sequence_parallel_size=sp)
-        start = time.time()
-        measured = traced_step(run, setup, layers)
-        allocated = allocator_peak(run, setup)
+        with step_setup(run, layers, row_lengths(run, info["length"], 1, None), "sdpa", sequence_parallel_size=sp) as setup:
+            start = time.time()
+            measured = traced_step(run, setup, layers)
+            allocated = allocator_peak(run, setup)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result = dict(
         name=name,

@@ -243,7 +243,9 @@ class ShortToLongFinetuningArguments:
             warn_no_effect("solopo_long_reference", f"pref_loss {pref_loss} has no reference model (only sigmoid has one)")
         if stage == "solopo" and _changed(self, ("s2l_shared_prefix",)):
             warn_no_effect("s2l_shared_prefix", "only stage longpo shares a document prefix")
-        has_reference = stage == "longpo" or pref_loss == "sigmoid"
+        from .data.plan import RowPlan  # the plan decides which runs have a reference
+
+        has_reference = bool(RowPlan.for_stage(self).reference)
         if self.s2l_ref_cache_dir and not (has_reference and self.s2l_precompute_ref):
             why = "s2l_precompute_ref is false" if has_reference else f"pref_loss {pref_loss} has no reference model"
             warn_no_effect("s2l_ref_cache_dir", f"no reference log-probs are cached ({why})")

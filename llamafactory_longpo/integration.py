@@ -22,7 +22,12 @@ this list:
   group (:mod:`.data.collator`);
 - ``train.dpo.trainer.CustomDPOTrainer``: the plugin's trainer's base class (:mod:`.train.trainer`).
 - read, not patched: ``chat.ChatModel.engine``'s ``model``, ``tokenizer`` and ``template`` (``encode_oneturn``,
-  ``get_stop_token_ids``) for batched greedy answers on the huggingface backend (:meth:`.text.generate.Generator.greedy`).
+  ``get_stop_token_ids``) for batched greedy answers on the huggingface backend (:meth:`.text.generate.Generator.greedy`);
+- read, not patched, by the memory planner (:mod:`.planner`), which builds one training step as the toolkit does:
+  ``hparams.parser._parse_train_args`` (the YAML parsed as training parses it), ``extras.misc.infer_optim_dtype``,
+  ``model.model_utils.checkpointing.prepare_model_for_training``, ``model.adapter.init_adapter``, the trainers
+  ``train.dpo.trainer.CustomDPOTrainer`` and ``train.sft.trainer.CustomSeq2SeqTrainer``, and
+  ``extras.logging.get_logger`` (its info lines silenced during a trace).
 """
 
 from __future__ import annotations
@@ -299,15 +304,17 @@ def lock_output_dir(output_dir: str) -> Iterator[None]:
 
 
 def check_kernels(flash_attn: Any, half_precision: bool, finetuning_args: Any) -> None:
-    """The attention-kernel checks of a plugin-stage run (:func:`hparams.check_attention_kernels`)."""
+    """The attention-kernel checks of a plugin-stage run (:func:`hparams.check_attention_kernels`), on its spec."""
     from .hparams import check_attention_kernels
+    from .train.spec import RunSpec
 
+    spec = RunSpec.from_args(finetuning_args)
     check_attention_kernels(
-        stage=finetuning_args.stage,
+        stage=spec.stage,
         flash_attn=str(flash_attn),
         half_precision=half_precision or bool(finetuning_args.pure_bf16),
-        sequence_parallel_size=finetuning_args.sequence_parallel_size,
-        shared_prefix=finetuning_args.s2l_shared_prefix and finetuning_args.s2l_response_logits,
+        sequence_parallel_size=spec.sequence_parallel_size,
+        shared_prefix=spec.shared_prefix,
     )
 
 
@@ -346,6 +353,8 @@ def _run_plugin_stage(tuner: Any, config: dict[str, Any]) -> None:
 
     with lock_output_dir(training_args.output_dir):
         try:
+            if training_args.do_train and finetuning_args.s2l_estimate_at_start:
+                _log_start_estimate(model_args, data_args, training_args, finetuning_args)
             run_short_to_long(model_args, data_args, training_args, finetuning_args, callbacks)
         except KeyboardInterrupt:
             note = last_checkpoint_note(training_args.output_dir)
@@ -361,6 +370,17 @@ def _run_plugin_stage(tuner: Any, config: dict[str, Any]) -> None:
         shutdown_distributed()  # a no-op for the process groups when not distributed
     except Exception as err:  # same tolerance as the toolkit
         print(f"[llamafactory-longpo] failed to destroy process group: {err}", file=sys.stderr)
+
+
+def _log_start_estimate(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any) -> None:
+    """The planner's one line at the start of training, before anything is built: the trace must meet this
+    process's attention registry as the toolkit left it (the run's wiring replaces entries in place)."""
+    from llamafactory.extras import logging
+
+    from .planner import train_start_line
+
+    line = train_start_line(model_args, data_args, training_args, finetuning_args)
+    logging.get_logger("llamafactory.longpo.planner").info_rank0(line)
 
 
 def patch_tuner(module: Any) -> None:

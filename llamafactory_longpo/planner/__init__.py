@@ -154,23 +154,10 @@ def _random_state_kept() -> Iterator[None]:
         np.random.set_state(numpy_state)
 
 
-@contextmanager
-def _outside_deepspeed() -> Iterator[None]:
-    """Hide a running ZeRO-3 from the traced copies: no ``zero.Init`` partitioning of the fake model, no
-    LM-head lockstep. Either would start collectives that only this rank (the one that traces) joins."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
-
-
 def _train_start_line(model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any) -> str:
+    from ..train.zero3 import ZeroConfig, hidden_from_transformers
     from .plan import estimate, size
-    from .step import ZeroConfig, load_run_config_from_dict
+    from .step import load_run_config_from_dict
 
     raw: dict[str, Any] = {}
     for obj in (model_args, data_args, finetuning_args):
@@ -180,7 +167,7 @@ def _train_start_line(model_args: Any, data_args: Any, training_args: Any, finet
     zero = ZeroConfig.from_dict(ds) if isinstance(ds, dict) else ZeroConfig.from_file(ds, None)
     run = load_run_config_from_dict(raw, zero, "the running training")
     world = max(1, int(training_args.world_size))
-    with _outside_deepspeed():
+    with hidden_from_transformers():
         e = estimate(run, data_args.cutoff_len, world)
     parts = ", ".join(f"{k} {size(v)}" for k, v in e.parts.items() if v >= 0.05 * e.total)
     return f"planner: predicted peak per rank at {data_args.cutoff_len:,} tokens: {size(e.total)} ({parts})"

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from .attention import gpu_attention
-from .step import DEFAULT_RESPONSE_TOKENS, Lengths, RunConfig, StepSetup, autocast_context, setup_step
+from .step import DEFAULT_RESPONSE_TOKENS, Lengths, RunConfig, StepSetup, autocast_context, step_setup
 from .trace import GRADIENTS, KINDS, OPTIMIZER, REFERENCE, WEIGHTS, StepTrace, fake_mode, trace_step
 
 GIB = 1 << 30
@@ -116,8 +116,11 @@ def traced_step(run: RunConfig, setup: StepSetup, layers: int) -> StepTrace:
 
 def trace_depth(run: RunConfig, layers: int, lengths: Lengths, attention: Optional[str]) -> DepthTrace:
     """Trace one step of the run at ``layers`` layers on fake tensors (``attention``: see :func:`estimate`)."""
-    with fake_mode(), gpu_attention() if attention is None else nullcontext():
-        setup = setup_step(run, layers, lengths, attention or "sdpa")
+    with (
+        fake_mode(),
+        gpu_attention() if attention is None else nullcontext(),
+        step_setup(run, layers, lengths, attention or "sdpa") as setup,
+    ):
         traced = traced_step(run, setup, layers)
         ref = setup.ref_model
         ref_bytes = sum(t.nbytes for t in [*ref.parameters(), *ref.buffers()]) if ref is not None else 0

@@ -10,9 +10,10 @@ plugin's stages, the toolkit's DPO and SFT trainers for ``dpo`` and ``sft``.
 from __future__ import annotations
 
 import copy
-import json
+import dataclasses
 import tempfile
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -21,49 +22,12 @@ import torch
 
 from ..errors import ConfigError
 from ..hparams import PLUGIN_STAGES
+from ..train.spec import RunSpec
+from ..train.zero3 import ZeroConfig
 
 SHAPES_DIR = Path(__file__).with_name("shapes")
 STAGES = (*PLUGIN_STAGES, "dpo", "sft")
 DEFAULT_RESPONSE_TOKENS = 512
-
-
-@dataclass
-class ZeroConfig:
-    """What the run's DeepSpeed JSON says about model states (stage 0 = no DeepSpeed)."""
-
-    stage: int = 0
-    offload_optimizer: bool = False
-    offload_param: bool = False
-
-    @property
-    def enabled(self) -> bool:
-        return self.stage > 0 or self.offload_optimizer
-
-    @classmethod
-    def from_file(cls, path: Optional[str], base: Optional[Path]) -> ZeroConfig:
-        """Read the ``deepspeed`` JSON (relative paths: from the working directory, else beside the YAML)."""
-        if not path:
-            return cls()
-        file = Path(path)
-        if not file.exists() and base is not None and not file.is_absolute():
-            file = base / path
-        try:
-            raw = json.loads(file.read_text(encoding="utf-8"))
-        except OSError as err:
-            raise ConfigError(f"deepspeed: cannot read {path!r} ({err.strerror})") from None
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"deepspeed: {path!r} is not valid JSON (line {err.lineno}: {err.msg})") from None
-        return cls.from_dict(raw)
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> ZeroConfig:
-        zero = raw.get("zero_optimization") or {}
-
-        def offloaded(key: str) -> bool:
-            device = (zero.get(key) or {}).get("device", "none")
-            return str(device).lower() in ("cpu", "nvme")
-
-        return cls(int(zero.get("stage", 0) or 0), offloaded("offload_optimizer"), offloaded("offload_param"))
 
 
 @dataclass
@@ -87,6 +51,13 @@ class RunConfig:
     @property
     def dtype(self) -> torch.dtype:
         return self.model_args.compute_dtype
+
+    @property
+    def spec(self) -> Optional[RunSpec]:
+        """The plugin stage's run spec, made as training makes it (``None`` for the toolkit's own stages)."""
+        if self.stage not in PLUGIN_STAGES:
+            return None
+        return RunSpec.from_args(self.finetuning_args, do_train=True, zero_stage=self.zero.stage)
 
 
 def shipped_shapes() -> dict[str, Path]:
@@ -199,27 +170,11 @@ def build_model(run: RunConfig, config: Any, trainable: bool = True) -> torch.nn
     return model.train()
 
 
-def row_plan(run: RunConfig) -> Any:
-    """The plugin stage's row plan, made as its workflow makes it (rows, reference values, precomputed or not)."""
-    from ..data.plan import RowPlan
-
-    return RowPlan.for_stage(run.finetuning_args, True)
-
-
 def uses_live_reference(run: RunConfig) -> bool:
     """Whether a reference forward runs in each step (not precomputed, not reference-free)."""
     if run.stage == "dpo":
         return bool(run.finetuning_args.use_ref_model)
-    if run.stage not in PLUGIN_STAGES:
-        return False
-    plan = row_plan(run)
-    return bool(plan.reference) and not plan.precomputed
-
-
-def uses_shared_prefix(run: RunConfig) -> bool:
-    """LongPO's policy pass packs each pair (the condition the plugin's workflow builds its trainer with)."""
-    fa = run.finetuning_args
-    return run.stage == "longpo" and bool(fa.s2l_shared_prefix) and bool(fa.s2l_response_logits)
+    return run.spec is not None and run.spec.reference == "live"
 
 
 def build_trainer(
@@ -227,32 +182,25 @@ def build_trainer(
     model: torch.nn.Module,
     ref_model: Optional[torch.nn.Module],
     device: torch.device = torch.device("cpu"),
-    sequence_parallel: Any = None,
+    *,
+    spec: Optional[RunSpec] = None,
+    wiring: Any = None,
 ) -> Any:
     """The stage's own trainer class around ``model`` (no data: the planner hands it one batch).
 
     ``device``: where the trainer puts batches. A CPU rank of a distributed run would say ``cpu:0``, which
     fake tensors do not take for ``cpu``; "can be subclassed and overridden" (TrainingArguments), as is
-    ``place_model_on_device``: the model already sits where the step runs.
+    ``place_model_on_device``: the model already sits where the step runs. ``wiring``: what
+    :func:`..train.wiring.wire_model` set up on a plugin stage's model, wired for ``spec`` (:func:`traced_spec`).
     """
     args = copy.copy(run.training_args)
     overrides = {"place_model_on_device": property(lambda self: False), "device": property(lambda self: device)}
     args.__class__ = type(type(args).__name__, (type(args),), overrides)
     common = dict(args=args, finetuning_args=run.finetuning_args, processor=None, tokenizer=None)
-    if run.stage in PLUGIN_STAGES:
-        from ..train.rope import current_rope_theta
+    if spec is not None:
         from ..train.trainer import ShortToLongTrainer
 
-        raised = run.finetuning_args.policy_rope_theta is not None
-        trainer = ShortToLongTrainer(
-            model=model,
-            ref_model=ref_model,
-            plan=row_plan(run),
-            sequence_parallel=sequence_parallel,
-            shared_prefix=uses_shared_prefix(run),
-            original_rope_theta=current_rope_theta(model.config) if raised else None,
-            **common,
-        )
+        trainer = ShortToLongTrainer(model=model, spec=spec, wiring=wiring, **common)
     elif run.stage == "dpo":
         from llamafactory.train.dpo.trainer import CustomDPOTrainer
 
@@ -298,7 +246,7 @@ def make_batch(run: RunConfig, lengths: Lengths, vocab: int, seed: int = 0) -> d
         return _rows(n, lengths.long, lengths.response, vocab, gen)
     if run.stage == "dpo":
         return _pairs(n, lengths.long, lengths.response, vocab, gen)
-    plan = row_plan(run)
+    plan = run.spec.plan
     if run.stage == "solopo":
         batch = _pairs(n, lengths.short, lengths.response, vocab, gen)
         long_rows = _pairs(n, lengths.long, lengths.response, vocab, gen)
@@ -341,38 +289,59 @@ class StepSetup:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def setup_step(
+def traced_spec(run: RunConfig, sequence_parallel_size: int) -> RunSpec:
+    """The run's spec as one traced steady-state step has it: no DeepSpeed (ZeRO's model states are added by
+    formulas, so no LM-head lockstep), ``sequence_parallel_size`` (the memory trace feeds rows of ``T/P`` tokens to
+    one process; only a real distributed run wires Ulysses), and no reference model once a precomputed pass has
+    scored (training drops it before the first step)."""
+    spec = run.spec
+    return dataclasses.replace(
+        spec,
+        zero_stage=0,
+        sequence_parallel_size=sequence_parallel_size,
+        reference_model=spec.reference_model and spec.reference == "live",
+    )
+
+
+@contextmanager
+def step_setup(
     run: RunConfig,
     layers: int,
     lengths: Lengths,
     attention: str,
     device: torch.device = torch.device("cpu"),
     sequence_parallel_size: int = 1,
-) -> StepSetup:
-    """Model of ``layers`` layers, reference (when one runs live), trainer, optimizer and one micro-batch,
-    wired as the plugin's workflow wires them (LongPO's shared-prefix attention installed first, then sequence
-    parallelism, which needs the process group of a real distributed run).
+) -> Iterator[StepSetup]:
+    """Model of ``layers`` layers, reference (when one runs live), trainer, optimizer and one micro-batch. A plugin
+    stage's model is wired by the training run's own :func:`..train.wiring.wire_model`, and unwired on leaving.
 
-    ``attention``: the model's attention implementation; ``device``: where the trainer puts the batch.
+    ``attention``: the model's attention implementation; ``device``: where the trainer puts the batch;
+    ``sequence_parallel_size`` > 1 needs the process group of a real distributed run.
     """
+    from ..train.wiring import wire_model
+
     config = reduced_config(run.model_config, layers, attention)
     model = build_model(run, config)
-    if uses_shared_prefix(run):
-        from ..train.shared_prefix import install_shared_prefix_attention
 
-        install_shared_prefix_attention(model)
-    sequence_parallel = None
-    if sequence_parallel_size > 1:
-        from ..train.sequence_parallel import enable_sequence_parallel
+    def make_reference() -> torch.nn.Module:
+        return build_model(run, config, trainable=False)
 
-        sequence_parallel = enable_sequence_parallel(model, sequence_parallel_size)
-    ref_model = None
-    if uses_live_reference(run) and (run.finetuning_args.ref_model is not None or run.finetuning_args.finetuning_type != "lora"):
-        ref_model = build_model(run, config, trainable=False)
-    trainer = build_trainer(run, model, ref_model, device, sequence_parallel)
-    optimizer = trainer.create_optimizer()
-    batch = make_batch(run, lengths, config.vocab_size)
-    return StepSetup(model, ref_model, trainer, batch, optimizer)
+    spec, wiring, ref_model = None, None, None
+    if run.spec is not None:
+        spec = traced_spec(run, sequence_parallel_size)
+        wiring = wire_model(model, spec, make_reference=make_reference)
+        ref_model = wiring.ref_model
+    elif uses_live_reference(run):  # the toolkit's create_ref_model: under LoRA the policy with its adapters off
+        fa = run.finetuning_args
+        ref_model = make_reference() if fa.ref_model is not None or fa.finetuning_type != "lora" else None
+    try:
+        trainer = build_trainer(run, model, ref_model, device, spec=spec, wiring=wiring)
+        optimizer = trainer.create_optimizer()
+        batch = make_batch(run, lengths, config.vocab_size)
+        yield StepSetup(model, ref_model, trainer, batch, optimizer)
+    finally:
+        if wiring is not None:
+            wiring.undo()
 
 
 def autocast_context(run: RunConfig, device_type: str = "cpu") -> Any:

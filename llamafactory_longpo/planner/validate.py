@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from .plan import estimate, traced_step
-from .step import Lengths, RunConfig, StepSetup, setup_step
+from .step import Lengths, RunConfig, StepSetup, step_setup
 
 GPU_LAYERS = 4
 
@@ -75,9 +75,9 @@ def cpu_check(run: RunConfig, length: int, response: Optional[int] = None, atten
     predicted = estimate(run, length, sp=1, response=response, attention=attention).total
     layers = run.model_config.num_hidden_layers
     gc.collect()
-    setup = setup_step(run, layers, row_lengths(run, length, 1, response), attention)
-    measured = traced_step(run, setup, layers).peak
-    allocated = allocator_peak(run, setup)
+    with step_setup(run, layers, row_lengths(run, length, 1, response), attention) as setup:
+        measured = traced_step(run, setup, layers).peak
+        allocated = allocator_peak(run, setup)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return Check(predicted, measured, allocated, rss)
 
@@ -94,25 +94,26 @@ def gpu_check(run: RunConfig, length: int, response: Optional[int] = None, layer
         raise ConfigError("--validate: no CUDA device here (on CPU, benchmarks/planner_validate.py checks the planner)")
     import copy
 
+    from ..train.zero3 import ZeroConfig
     from .plan import row_lengths
-    from .step import ZeroConfig, autocast_context
+    from .step import autocast_context
 
     run = copy.copy(run)
     run.zero = ZeroConfig()  # one GPU, the toolkit's own optimizer: no DeepSpeed formulas to compare
     predicted = estimate(run, length, sp=1, response=response, layers=layers).total
     lengths: Lengths = row_lengths(run, length, 1, response)
     device = torch.device("cuda")
-    setup = setup_step(run, layers, lengths, "sdpa", device=device)  # PyTorch picks its flash kernel (no mask)
-    setup.model.to(device)
-    if setup.ref_model is not None:
-        setup.ref_model.to(device)
-    setup.batch = {k: v.to(device) for k, v in setup.batch.items()}
-    setup.warm_optimizer()
-    gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    with autocast_context(run, "cuda"):
-        setup.run_step()
-    setup.optimizer_step()
-    torch.cuda.synchronize()
+    with step_setup(run, layers, lengths, "sdpa", device=device) as setup:  # PyTorch picks its flash kernel (no mask)
+        setup.model.to(device)
+        if setup.ref_model is not None:
+            setup.ref_model.to(device)
+        setup.batch = {k: v.to(device) for k, v in setup.batch.items()}
+        setup.warm_optimizer()
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        with autocast_context(run, "cuda"):
+            setup.run_step()
+        setup.optimizer_step()
+        torch.cuda.synchronize()
     return Check(predicted, float(torch.cuda.max_memory_allocated()))

@@ -28,6 +28,7 @@ from llamafactory.train.callbacks import LogCallback
 from transformers import TrainerCallback
 
 from ..errors import TrainingError
+from .metrics import is_plugin_metric
 
 logger = logging.get_logger(f"llamafactory.longpo.{__name__.rsplit('.', 1)[-1]}")  # under the toolkit's root: its handlers apply
 GRAD_NORM_ENV = "LLAMAFACTORY_LONGPO_GRAD_NORM_FILE"
@@ -147,13 +148,8 @@ def diagnostic_callbacks() -> list[TrainerCallback]:
 
 
 def plugin_metrics(entry: dict[str, Any]) -> dict[str, Any]:
-    """The plugin's metrics of one log entry (loss parts, rewards, log-probs)."""
-    keep = ("po_loss", "align_loss", "pref_loss", "nll_loss")
-    return {
-        k: v
-        for k, v in entry.items()
-        if k.removeprefix("eval_") in keep or k.startswith(("rewards/", "logps/", "eval_rewards/", "eval_logps/"))
-    }
+    """The plugin's metrics of one log entry (:func:`.metrics.is_plugin_metric`)."""
+    return {k: v for k, v in entry.items() if is_plugin_metric(k)}
 
 
 class ShortToLongLogCallback(LogCallback):

@@ -18,8 +18,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .sequence_parallel import restore_attention
-
 
 @functools.cache  # registered once per process
 def accept_indexed_cpu_locations() -> None:
@@ -46,10 +44,9 @@ def shutdown_distributed() -> None:
     referenced by DeepSpeed's module globals, by the Ulysses wrapper in transformers' attention registry
     and by garbage cycles of the trainer; a gloo group freed during interpreter finalization can abort the
     process ("terminate called without an active exception", exit -6) after a successful run. DeepSpeed's
-    own ``destroy_process_group`` releases its globals; the registry entry is restored here, and the
-    cycles are collected before returning.
+    own ``destroy_process_group`` releases its globals; the registry entry was put back when the run's
+    wiring was undone (:meth:`.wiring.Wiring.undo`), and the cycles are collected before returning.
     """
-    restore_attention()
     gc.collect()  # the trainer, model and engine of the finished run: free them before their groups go
     ds_comm = sys.modules.get("deepspeed.comm")
     if ds_comm is not None and ds_comm.is_initialized():

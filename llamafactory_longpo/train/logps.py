@@ -17,11 +17,11 @@ from contextlib import contextmanager
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .sequence_parallel import SequenceParallel, group_sum
+from .zero3 import lockstep_calls
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK = 4096
@@ -154,15 +154,11 @@ def chunk_plan(counts: list[int], chunk_size: int, device: torch.device, *, at_l
     ``at_least_one``: a sequence-parallel slice may hold no scored token, yet its keys and values feed the
     other slices, so it still needs a path from the loss back through its forward (and its all-to-alls).
     ``lockstep``: under ZeRO-3 every head call gathers the head's weight across all ranks, so every rank
-    must make the same number of calls: the maximum over ranks (one tiny all-reduce). Callers pass it off
-    when the logits come from a head gathered once (``logits_head``): its calls are collective-free.
+    must make the same number of calls: the maximum over ranks (:func:`.zero3.lockstep_calls`). Callers pass
+    it off when the logits come from a head gathered once (``logits_head``): its calls are collective-free.
     """
     plan = [max(int(at_least_one), -(-c // chunk_size)) for c in counts]
-    if lockstep and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        most = torch.tensor(plan, dtype=torch.long, device=device)
-        dist.all_reduce(most, op=dist.ReduceOp.MAX)
-        plan = most.tolist()
-    return plan
+    return lockstep_calls(plan, device) if lockstep else plan
 
 
 def scored_sums(
@@ -218,6 +214,29 @@ def token_mean_nll(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return -sums.sum() / counts.sum().clamp(min=1)
 
 
+def scored_targets(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *, nll_rows: int = 0, nll_scope: str = "response"
+) -> dict[str, torch.Tensor]:
+    """What one pass scores: every row's response tokens (``response``), and, for a ``full``-scope NLL over the
+    first ``nll_rows`` rows, their every non-pad token (``full``); see :func:`chosen_nll`."""
+    targets = {"response": next_token_targets(labels)}
+    if nll_rows and nll_scope == "full":
+        targets["full"] = full_sequence_targets(input_ids[:nll_rows], attention_mask[:nll_rows])
+    return targets
+
+
+def chosen_nll(sums: dict[str, tuple[torch.Tensor, torch.Tensor]], nll_rows: int, nll_scope: str) -> torch.Tensor:
+    """LongPO's NLL term (arXiv 2502.13922, eq. 7): the token-mean negative log-likelihood of the chosen rows (the
+    first ``nll_rows``), over their response tokens (``response``) or every non-pad token (``full``, as published).
+
+    ``sums``: the per-row log-prob sums and token counts of the targets of :func:`scored_targets`.
+    """
+    if nll_scope == "full":
+        return token_mean_nll(*sums["full"])
+    logps, lengths = sums["response"]
+    return token_mean_nll(logps[:nll_rows], lengths[:nll_rows])
+
+
 def sequence_logps(
     model: torch.nn.Module,
     head: torch.nn.Module,
@@ -237,16 +256,13 @@ def sequence_logps(
     :func:`scored_sums`. Rows are right-padded and attention is causal, so under sequence parallelism no mask
     is fed (a slice's mask would describe the slice only).
     """
-    targets = {"response": next_token_targets(labels)}
-    if nll_rows and nll_scope == "full":
-        targets["full"] = full_sequence_targets(input_ids[:nll_rows], attention_mask[:nll_rows])
+    targets = scored_targets(input_ids, attention_mask, labels, nll_rows=nll_rows, nll_scope=nll_scope)
     mask = attention_mask if sequence_parallel is None else None
     sums = scored_sums(model, head, input_ids, targets, attention_mask=mask, sequence_parallel=sequence_parallel, **kw)
     logps, lengths = sums["response"]
     out = {"logps": logps, "lengths": lengths}
     if nll_rows:
-        full = nll_scope == "full"
-        out["nll"] = token_mean_nll(*sums["full"]) if full else token_mean_nll(logps[:nll_rows], lengths[:nll_rows])
+        out["nll"] = chosen_nll(sums, nll_rows, nll_scope)
     return out
 
 
@@ -262,16 +278,17 @@ def plain_sequence_logps(
     """The straightforward path (``s2l_response_logits: false``): full ``[B, L, V]`` fp32 logits, as the
     toolkit's DPO trainer computes them. Kept for benchmarks and as the reference of exactness tests."""
     logits = at_least_float32(model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True).logits)
-    logp = logits[:, :-1].log_softmax(-1)
-    tgt = labels[:, 1:]
-    valid = tgt != IGNORE_INDEX
-    per_token = logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    out = {"logps": (per_token * valid).sum(-1), "lengths": valid.sum(-1)}
+    logp = logits.log_softmax(-1)
+
+    def sums(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        valid = targets != IGNORE_INDEX
+        per_token = logp[: targets.size(0)].gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return (per_token * valid).sum(-1), valid.sum(-1)
+
+    targets = scored_targets(input_ids, attention_mask, labels, nll_rows=nll_rows, nll_scope=nll_scope)
+    scored = {k: sums(t) for k, t in targets.items()}
+    logps, lengths = scored["response"]
+    out = {"logps": logps, "lengths": lengths}
     if nll_rows:
-        if nll_scope == "full":
-            ok = (attention_mask[:nll_rows, 1:] * attention_mask[:nll_rows, :-1]).bool()
-            tok = logp[:nll_rows].gather(-1, input_ids[:nll_rows, 1:].unsqueeze(-1)).squeeze(-1)
-        else:
-            ok, tok = valid[:nll_rows], per_token[:nll_rows]
-        out["nll"] = -(tok * ok).sum() / ok.sum().clamp(min=1)
+        out["nll"] = chosen_nll(scored, nll_rows, nll_scope)
     return out

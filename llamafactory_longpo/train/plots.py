@@ -8,15 +8,7 @@ import json
 import os
 from typing import Optional
 
-REWARD_CURVES = {
-    "solopo": {
-        "rewards/chosen": "short chosen",
-        "rewards/rejected": "short rejected",
-        "rewards/long_chosen": "long chosen",
-        "rewards/distance": "|short - long| (chosen)",
-    },
-    "longpo": {"rewards/chosen": "long chosen", "rewards/rejected": "long rejected", "rewards/margins": "margin"},
-}
+from .metrics import REWARD_CURVES
 
 
 def plot_rewards(output_dir: str, stage: str) -> Optional[str]:

@@ -22,6 +22,7 @@ from typing import Any, Optional
 import torch
 
 from ..errors import TrainingError
+from .zero3 import gathered_model
 
 CACHE_VERSION = 1
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "llamafactory_longpo", "ref_logps")
@@ -103,20 +104,6 @@ def _save(path: str, key: str, rows: int, values: dict[str, list[float]]) -> Non
     os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache
 
 
-def _gathered(model: torch.nn.Module) -> Any:
-    """Under ZeRO-3 the parameters are partitioned from load on, and this pass runs before DeepSpeed's engine
-    (and its gathering hooks) exists: gather them for the pass (a full model per rank, for the pass only)."""
-    from contextlib import nullcontext
-
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if not is_deepspeed_zero3_enabled():
-        return nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
-
-
 def compute_values(
     model: torch.nn.Module,
     dataset: Any,
@@ -146,7 +133,7 @@ def compute_values(
     was_training = model.training
     model.eval()
     results: dict[int, dict[str, float]] = {}
-    with torch.no_grad(), _gathered(model):
+    with torch.no_grad(), gathered_model(model):  # under ZeRO-3 the pass runs before the engine exists
         for step in tqdm(range(steps), desc=desc, disable=world > 1 and dist.get_rank() != 0):
             idx = mine[step * batch_size : (step + 1) * batch_size] or [mine[0] if mine else 0]
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([dataset[i] for i in idx]).items()}

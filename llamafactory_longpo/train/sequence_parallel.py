@@ -109,19 +109,6 @@ def check_sequence_parallel(size: int, config: Any, attn_implementation: Optiona
         )
 
 
-_ORIGINAL_ATTENTION: dict[str, Any] = {}  # the attention functions Ulysses replaced, restored at shutdown
-
-
-def restore_attention() -> None:
-    """Put back the attention functions Ulysses replaced (its wrapper holds the sequence-parallel group)."""
-    if _ORIGINAL_ATTENTION:
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-        for name, function in _ORIGINAL_ATTENTION.items():
-            ALL_ATTENTION_FUNCTIONS[name] = function
-        _ORIGINAL_ATTENTION.clear()
-
-
 def _init_deepspeed_comm() -> None:
     """DeepSpeed's collectives ride on the process group the toolkit already created."""
     import deepspeed.comm as ds_dist
@@ -131,7 +118,8 @@ def _init_deepspeed_comm() -> None:
 
 
 def enable_sequence_parallel(model: torch.nn.Module, size: int) -> SequenceParallel:
-    """Check the setting, build the groups and route the model's attention through Ulysses."""
+    """Check the setting, build the groups and route the model's attention through Ulysses (a process-wide
+    registry change: :func:`.wiring.wire_model` makes it and puts the entry back)."""
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     config = model.config
     attn = getattr(config, "_attn_implementation", None)
@@ -173,7 +161,6 @@ def enable_sequence_parallel(model: torch.nn.Module, size: int) -> SequenceParal
         return ulysses(module, query, key, value, None, *a, **kw)
 
     # replacing the core implementation in place keeps every branch the model takes on its name (DeepSpeed does the same)
-    _ORIGINAL_ATTENTION.setdefault(attn, ALL_ATTENTION_FUNCTIONS[attn])
     ALL_ATTENTION_FUNCTIONS[attn] = attention
     rank = dist.get_rank()
     return SequenceParallel(group=group, size=size, rank=dist.get_rank(group), dp_size=world // size, dp_rank=rank // size)

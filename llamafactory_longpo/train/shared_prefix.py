@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..hparams import ATTENTION_KERNELS
-from .logps import scored_sums, token_mean_nll
+from .logps import chosen_nll, scored_sums
 
 IGNORE_INDEX = -100
 EAGER_NAME = "longpo_shared_prefix_eager"  # eager has no registry entry of its own to wrap
@@ -246,16 +246,13 @@ def install_shared_prefix_attention(model: torch.nn.Module) -> str:
 
     sdpa and flash-attention are wrapped in place in transformers' registry (their names keep every branch the
     model and the toolkit take on them). Eager has no registry entry: the model moves to a registered name whose
-    mask function is eager's. Must run before sequence parallelism wraps the attention, which then calls this.
+    mask function is eager's. Sequence parallelism wraps what this leaves (:func:`.wiring.wire_model` keeps the
+    order and puts the registry entry back).
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from .sequence_parallel import _ORIGINAL_ATTENTION
-
-    if _ORIGINAL_ATTENTION:  # the pieces must run on the whole sequence, inside Ulysses' all-to-all
-        raise RuntimeError("the shared prefix's attention must be installed before sequence parallelism wraps attention")
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
     sliding = sliding or "sliding_attention" in (getattr(config, "layer_types", None) or ())
@@ -306,9 +303,6 @@ def shared_prefix_logps(
         **kw,
     )
     (chosen_sums, chosen_counts), (rejected_sums, rejected_counts) = sums["chosen"], sums["rejected"]
-    nll = token_mean_nll(*sums["full"]) if nll_scope == "full" else token_mean_nll(chosen_sums, chosen_counts)
-    return {
-        "logps": torch.cat([chosen_sums, rejected_sums]),
-        "lengths": torch.cat([chosen_counts, rejected_counts]),
-        "nll": nll,
-    }
+    response = (torch.cat([chosen_sums, rejected_sums]), torch.cat([chosen_counts, rejected_counts]))
+    nll = chosen_nll({**sums, "response": response}, chosen_sums.size(0), nll_scope)
+    return {"logps": response[0], "lengths": response[1], "nll": nll}

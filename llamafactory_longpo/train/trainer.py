@@ -14,61 +14,45 @@ from contextlib import contextmanager, nullcontext
 from typing import Any, Literal, Optional
 
 import torch
-import torch.nn.functional as F
 from llamafactory.train.dpo.trainer import CustomDPOTrainer
 
-from ..data.plan import RowPlan
 from ..losses import longpo_loss, solopo_loss
+from . import zero3
 from .callbacks import NonFiniteGuardCallback
 from .compat import accept_indexed_cpu_locations
 from .logps import plain_sequence_logps, sequence_logps
+from .metrics import logged, longpo_metrics, solopo_metrics
 from .reference import cached_values, compute_values, data_fingerprint, model_fingerprint
 from .rope import rope_theta_override
-from .sequence_parallel import GroupBatchSampler, SamplerEpochCallback, SequenceParallel
+from .sequence_parallel import GroupBatchSampler, SamplerEpochCallback
 from .shared_prefix import shared_prefix_logps
+from .spec import RunSpec
+from .wiring import Wiring
 
 
 class ShortToLongTrainer(CustomDPOTrainer):
     """One trainer for both stages; ``finetuning_args.stage`` picks the loss."""
 
-    def __init__(
-        self,
-        *args: Any,
-        plan: RowPlan,
-        sequence_parallel: Optional[SequenceParallel] = None,
-        shared_prefix: bool = False,
-        original_rope_theta: Optional[float] = None,
-        **kwargs: Any,
-    ) -> None:
-        """``plan``: the rows and reference values of a step (:mod:`..data.plan`). ``sequence_parallel``: this
-        rank's group (``sequence_parallel_size`` > 1). ``shared_prefix``: LongPO's policy pass packs each pair
-        (:mod:`.shared_prefix`; its attention is installed on the model). ``original_rope_theta``: the RoPE base a
-        LoRA reference must run at when the policy's was raised."""
-        super().__init__(*args, **kwargs)
-        self.plan = plan
-        self.stage: str = plan.target
+    def __init__(self, *args: Any, spec: RunSpec, wiring: Wiring, **kwargs: Any) -> None:
+        """``spec``: how the run is put together (:mod:`.spec`); ``wiring``: what :func:`.wiring.wire_model` set up
+        on the model (this rank's sequence-parallel group, the reference model, the policy's original RoPE base)."""
+        super().__init__(*args, ref_model=wiring.ref_model, **kwargs)
+        self.plan = spec.plan
+        self.stage: str = spec.stage
         self.reference_cache: dict[str, tuple[str, str]] = {}  # split -> (cache file, "hit" | "miss")
-        self.sequence_parallel = sequence_parallel
-        self.shared_prefix = shared_prefix
-        self.original_rope_theta = original_rope_theta
+        self.wiring = wiring
+        self.sequence_parallel = wiring.sequence_parallel
+        self.shared_prefix = spec.shared_prefix
+        self.original_rope_theta = wiring.original_rope_theta
         # under ZeRO-3 each LM-head call gathers its weight over all ranks: they must make the same number of calls
-        from transformers.integrations import is_deepspeed_zero3_enabled
-
-        self.lockstep_head: bool = is_deepspeed_zero3_enabled()
+        self.lockstep_head: bool = spec.zero_stage == 3
         self.sampler_epoch = SamplerEpochCallback()  # inert unless sequence parallelism deals the batches
         self.add_callback(self.sampler_epoch)
         if self.args.device.type == "cpu" and self.args.device.index is not None:  # several CPU ranks: resumable
             accept_indexed_cpu_locations()
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, NonFiniteGuardCallback):
-                callback.engine_grad_norm = self._engine_grad_norm
-
-    def _engine_grad_norm(self) -> Optional[float]:
-        """DeepSpeed's global gradient norm of the last step (its gradients never reach ``param.grad``)."""
-        if not self.is_deepspeed_enabled or self.model_wrapped is self.model:
-            return None
-        norm = self.model_wrapped.get_global_grad_norm()
-        return None if norm is None else float(norm)
+                callback.engine_grad_norm = functools.partial(zero3.engine_grad_norm, self)
 
     # ------------------------------------------------------------------ data
     def _group_sampler(self, dataset: Any, batch_size: int, shuffle: bool) -> GroupBatchSampler:
@@ -91,30 +75,21 @@ class ShortToLongTrainer(CustomDPOTrainer):
         return self._group_sampler(eval_dataset, self.args.eval_batch_size, False)
 
     # ------------------------------------------------------------------ log-probs
-    def _head(self, model: torch.nn.Module) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(model).get_output_embeddings()
-
     @contextmanager
-    def _logits_head(self, head: torch.nn.Module) -> Iterator[Optional[Callable[[torch.Tensor], torch.Tensor]]]:
-        """Under ZeRO-3 a FROZEN head (LoRA, freeze) is gathered once per pass and applied as a plain function.
-
-        Through the module, ZeRO-3 gathers the weight on every call; the chunk recomputed in backward then
-        found it partitioned (DeepSpeed does not re-gather frozen modules there). A trainable head keeps the
-        module path, whose gradients ZeRO-3 must see.
-        """
-        params = list(head.parameters())
-        if not self.lockstep_head or any(p.requires_grad for p in params):
-            yield None
-            return
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            weight = head.weight.detach().clone()
-            bias = head.bias.detach().clone() if getattr(head, "bias", None) is not None else None
-        yield functools.partial(F.linear, weight=weight, bias=bias)
-
-    def _softcap(self, model: torch.nn.Module) -> Optional[float]:
-        return getattr(self.accelerator.unwrap_model(model).config, "final_logit_softcapping", None)
+    def _scoring(self, model: torch.nn.Module) -> Iterator[dict[str, Any]]:
+        """The keywords of every response-only log-prob pass of ``model`` (:func:`.logps.scored_sums`): its LM
+        head (gathered once under ZeRO-3 when frozen), chunk size, logit soft-cap and sequence-parallel group."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        head = unwrapped.get_output_embeddings()
+        with zero3.gathered_frozen_head(head, self.lockstep_head) as logits_head:
+            yield {
+                "head": head,
+                "chunk_size": self.finetuning_args.s2l_logits_chunk,
+                "softcap": getattr(unwrapped.config, "final_logit_softcapping", None),
+                "sequence_parallel": self.sequence_parallel,
+                "lockstep": self.lockstep_head,
+                "logits_head": logits_head,
+            }
 
     def _logps(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], prefix: str = "", **kw: Any
@@ -123,21 +98,8 @@ class ShortToLongTrainer(CustomDPOTrainer):
         ids, mask, labels = batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"], batch[f"{prefix}labels"]
         if not self.finetuning_args.s2l_response_logits:
             return plain_sequence_logps(model, ids, mask, labels, **kw)
-        head = self._head(model)
-        with self._logits_head(head) as logits_head:
-            return sequence_logps(
-                model,
-                head,
-                ids,
-                mask,
-                labels,
-                chunk_size=self.finetuning_args.s2l_logits_chunk,
-                softcap=self._softcap(model),
-                sequence_parallel=self.sequence_parallel,
-                lockstep=self.lockstep_head,
-                logits_head=logits_head,
-                **kw,
-            )
+        with self._scoring(model) as scoring:
+            return sequence_logps(model, input_ids=ids, attention_mask=mask, labels=labels, **scoring, **kw)
 
     def _reference_context(self, model: torch.nn.Module) -> tuple[torch.nn.Module, Any]:
         """Frozen reference: a separate model, the policy with its adapters disabled (LoRA), or, before
@@ -281,23 +243,7 @@ class ShortToLongTrainer(CustomDPOTrainer):
             long_rejected_lengths=long["lengths"][n:] if both else None,
             **refs,
         )
-        m = {
-            "po_loss": out.po_losses.mean(),
-            "align_loss": out.align_losses.mean(),
-            "rewards/chosen": out.short_chosen_rewards.mean(),
-            "rewards/rejected": out.short_rejected_rewards.mean(),
-            "rewards/long_chosen": out.long_chosen_rewards.mean(),
-            "rewards/distance": (out.short_chosen_rewards - out.long_chosen_rewards).abs().mean(),
-            "rewards/accuracies": (out.short_chosen_rewards > out.short_rejected_rewards).float().mean(),
-            "rewards/margins": (out.short_chosen_rewards - out.short_rejected_rewards).mean(),
-            "logps/chosen": short["logps"][:n].mean(),
-            "logps/rejected": short["logps"][n:].mean(),
-            "logps/long_chosen": long["logps"][:n].mean(),
-        }
-        if both:
-            m["rewards/long_rejected"] = out.long_rejected_rewards.mean()
-            m["logps/long_rejected"] = long["logps"][n:].mean()
-        return out.loss, {f"{prefix}{k}": v.item() for k, v in m.items()}
+        return out.loss, logged(solopo_metrics(out, short, long, n, both), prefix)
 
     def _longpo(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], prefix: str
@@ -305,22 +251,11 @@ class ShortToLongTrainer(CustomDPOTrainer):
         fa = self.finetuning_args
         n = batch["input_ids"].size(0) // 2
         if self.shared_prefix:
-            head = self._head(model)
-            with self._logits_head(head) as logits_head:
-                policy = shared_prefix_logps(
-                    model,
-                    head,
-                    *[
-                        tuple(batch[k][rows] for k in ("input_ids", "attention_mask", "labels"))
-                        for rows in (slice(0, n), slice(n, None))
-                    ],
-                    nll_scope=fa.longpo_nll_scope,
-                    chunk_size=fa.s2l_logits_chunk,
-                    softcap=self._softcap(model),
-                    sequence_parallel=self.sequence_parallel,
-                    lockstep=self.lockstep_head,
-                    logits_head=logits_head,
-                )
+            chosen, rejected = (
+                tuple(batch[k][rows] for k in ("input_ids", "attention_mask", "labels")) for rows in (slice(0, n), slice(n, None))
+            )
+            with self._scoring(model) as scoring:
+                policy = shared_prefix_logps(model, chosen=chosen, rejected=rejected, nll_scope=fa.longpo_nll_scope, **scoring)
         else:
             policy = self._logps(model, batch, nll_rows=n, nll_scope=fa.longpo_nll_scope)
         ref_values = self.reference_values(model, batch)
@@ -335,19 +270,7 @@ class ShortToLongTrainer(CustomDPOTrainer):
             lam=fa.longpo_lambda,
             nll_weight=fa.longpo_nll_weight,
         )
-        m = {
-            "pref_loss": out.pref_losses.mean(),
-            "nll_loss": out.nll,
-            "rewards/chosen": out.chosen_rewards.mean(),
-            "rewards/rejected": out.rejected_rewards.mean(),
-            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean(),
-            "rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean(),
-            "logps/chosen": policy["logps"][:n].mean(),
-            "logps/rejected": policy["logps"][n:].mean(),
-            "logps/ref_chosen": ref[0].mean(),
-            "logps/ref_rejected": ref[1].mean(),
-        }
-        return out.loss, {f"{prefix}{k}": v.item() for k, v in m.items()}
+        return out.loss, logged(longpo_metrics(out, policy, ref, n), prefix)
 
     def get_batch_loss_metrics(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], train_eval: Literal["train", "eval"] = "train"

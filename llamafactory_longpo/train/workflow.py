@@ -12,22 +12,18 @@ from llamafactory.model import load_model, load_tokenizer
 from llamafactory.train.trainer_utils import create_modelcard_and_push, create_ref_model
 
 from ..data.collator import ShortToLongDataCollator
-from ..data.plan import RowPlan
-from ..planner import train_start_line
+from .metrics import PLOT_KEYS
 from .plots import plot_rewards
-from .rope import current_rope_theta, set_rope_theta
-from .shared_prefix import install_shared_prefix_attention
+from .rope import set_rope_theta
+from .spec import RunSpec
 from .trainer import ShortToLongTrainer
+from .wiring import wire_model
+from .zero3 import ZeroConfig
 
 if TYPE_CHECKING:
     from transformers import Seq2SeqTrainingArguments, TrainerCallback
 
 logger = logging.get_logger(f"llamafactory.longpo.{__name__.rsplit('.', 1)[-1]}")  # under the toolkit's root: its handlers apply
-
-PLOT_KEYS = {
-    "solopo": ["loss", "po_loss", "align_loss", "rewards/accuracies", "rewards/distance"],
-    "longpo": ["loss", "pref_loss", "nll_loss", "rewards/accuracies"],
-}
 
 
 def build_trainer(
@@ -37,78 +33,63 @@ def build_trainer(
     finetuning_args: Any,
     callbacks: Optional[list[TrainerCallback]] = None,
 ) -> ShortToLongTrainer:
-    """Tokenizer, dataset, policy (and reference), collator and trainer for a plugin stage."""
-    plan = RowPlan.for_stage(finetuning_args, training_args.do_train)
-    data_args.s2l_plan = plan  # the loader's processor reads it
+    """Tokenizer, dataset, policy (wired by :func:`.wiring.wire_model`, with its reference), collator and trainer
+    for a plugin stage; the reference pass, when the spec precomputes it, before the policy's RoPE base is raised."""
+    spec = RunSpec.from_args(
+        finetuning_args, do_train=training_args.do_train, zero_stage=ZeroConfig.from_training_args(training_args).stage
+    )
+    data_args.s2l_plan = spec.plan  # the loader's processor reads it
     tokenizer_module = load_tokenizer(model_args)
     tokenizer = tokenizer_module["tokenizer"]
     template = get_template_and_fix_tokenizer(tokenizer, data_args)
     dataset_module = get_dataset(template, model_args, data_args, training_args, stage="rm", **tokenizer_module)
     model = load_model(tokenizer, model_args, finetuning_args, training_args.do_train)
-    # the shared prefix's attention goes in first: sequence parallelism then wraps it (its all-to-all outside)
-    fa = finetuning_args
-    shared_prefix = fa.stage == "longpo" and fa.s2l_shared_prefix and fa.s2l_response_logits
-    if shared_prefix:
-        kernel = install_shared_prefix_attention(model)
-        logger.info_rank0(f"LongPO shared prefix: the document runs once per pair ({kernel} attention in two causal pieces)")
-    sequence_parallel = None
-    if finetuning_args.sequence_parallel_size > 1:  # checked and wired before any forward (the reference pass included)
-        from .sequence_parallel import enable_sequence_parallel
-
-        sequence_parallel = enable_sequence_parallel(model, finetuning_args.sequence_parallel_size)
-        logger.info_rank0(
-            f"sequence parallel: {sequence_parallel.size} ranks per row (DeepSpeed Ulysses), "
-            f"{sequence_parallel.dp_size} data-parallel group(s)"
+    wiring = wire_model(model, spec, make_reference=lambda: create_ref_model(model_args, finetuning_args), log=logger.info_rank0)
+    try:
+        collator = ShortToLongDataCollator(
+            plan=spec.plan,
+            template=template,
+            model=model,
+            pad_to_multiple_of=8,
+            label_pad_token_id=IGNORE_INDEX if data_args.ignore_pad_token_for_loss else tokenizer.pad_token_id,
+            **tokenizer_module,
         )
-
-    collator = ShortToLongDataCollator(
-        plan=plan,
-        template=template,
-        model=model,
-        pad_to_multiple_of=8,
-        label_pad_token_id=IGNORE_INDEX if data_args.ignore_pad_token_for_loss else tokenizer.pad_token_id,
-        **tokenizer_module,
-    )
-    ref_model = None
-    if finetuning_args.use_ref_model and (not plan.precomputed or finetuning_args.ref_model is not None):
-        # a live reference, or an explicit one to score once; None for LoRA (adapters get disabled)
-        ref_model = create_ref_model(model_args, finetuning_args)
-
-    raise_theta = finetuning_args.policy_rope_theta
-    trainer = ShortToLongTrainer(
-        model=model,
-        ref_model=ref_model,
-        args=training_args,
-        finetuning_args=finetuning_args,
-        data_collator=collator,
-        callbacks=callbacks,
-        plan=plan,
-        sequence_parallel=sequence_parallel,
-        shared_prefix=shared_prefix,
-        original_rope_theta=current_rope_theta(model.config) if raise_theta is not None else None,
-        **dataset_module,
-        **tokenizer_module,
-    )
-    if plan.precomputed:
-        ref_paths = (
-            [finetuning_args.ref_model, *(finetuning_args.ref_model_adapters or [])]
-            if finetuning_args.ref_model
-            else [model_args.model_name_or_path, *(model_args.adapter_name_or_path or [])]
+        trainer = ShortToLongTrainer(
+            model=model,
+            args=training_args,
+            finetuning_args=finetuning_args,
+            data_collator=collator,
+            callbacks=callbacks,
+            spec=spec,
+            wiring=wiring,
+            **dataset_module,
+            **tokenizer_module,
         )
-        trainer.precompute_reference(
-            model,
-            model_paths=ref_paths,
-            template=str(data_args.template),
-            cache_dir=finetuning_args.s2l_ref_cache_dir,
-            batch_size=training_args.per_device_eval_batch_size,
-            log=logger.info_rank0,
-            warn=logger.warning_rank0,
-        )
+        if spec.reference == "precomputed":
+            ref_paths = (
+                [finetuning_args.ref_model, *(finetuning_args.ref_model_adapters or [])]
+                if finetuning_args.ref_model
+                else [model_args.model_name_or_path, *(model_args.adapter_name_or_path or [])]
+            )
+            trainer.precompute_reference(
+                model,
+                model_paths=ref_paths,
+                template=str(data_args.template),
+                cache_dir=finetuning_args.s2l_ref_cache_dir,
+                batch_size=training_args.per_device_eval_batch_size,
+                log=logger.info_rank0,
+                warn=logger.warning_rank0,
+            )
 
-    # the policy's RoPE base changes only now, after the reference pass; a live reference runs at the original
-    if raise_theta is not None:
-        set_rope_theta(model, raise_theta)
-        logger.info_rank0(f"policy rope_theta: {trainer.original_rope_theta:g} -> {raise_theta:g} (the reference keeps its own)")
+        # the policy's RoPE base changes only now, after the reference pass; a live reference runs at the original
+        if spec.policy_rope_theta is not None:
+            set_rope_theta(model, spec.policy_rope_theta)
+            logger.info_rank0(
+                f"policy rope_theta: {wiring.original_rope_theta:g} -> {spec.policy_rope_theta:g} (the reference keeps its own)"
+            )
+    except BaseException:
+        wiring.undo()
+        raise
     return trainer
 
 
@@ -121,11 +102,16 @@ def run_short_to_long(
 ) -> None:
     """Train stage ``solopo`` or ``longpo`` (``finetuning_args.stage``), like the toolkit's ``run_dpo``."""
     stage = finetuning_args.stage
-    if training_args.do_train and finetuning_args.s2l_estimate_at_start:
-        # before anything is built: the trace must meet this process's attention registry as the toolkit left it
-        # (sequence parallelism replaces its entries in place with Ulysses, whose all-to-all only this rank would join)
-        logger.info_rank0(train_start_line(model_args, data_args, training_args, finetuning_args))
     trainer = build_trainer(model_args, data_args, training_args, finetuning_args, callbacks)
+    try:
+        _train_and_evaluate(trainer, model_args, data_args, training_args, finetuning_args, stage)
+    finally:
+        trainer.wiring.undo()  # the attention registry as the toolkit left it (the Ulysses wrapper holds its group)
+
+
+def _train_and_evaluate(
+    trainer: ShortToLongTrainer, model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any, stage: str
+) -> None:
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         trainer.save_model()

@@ -1,0 +1,53 @@
+"""The run spec: every decision about how a plugin-stage run is put together, made once from its arguments.
+
+Training (:mod:`.workflow`), the memory planner (which traces one step of the same run) and the launcher's
+checks all read these decisions from one :class:`RunSpec`; none of them decides any of them again. The spec
+is pure data (no model, no toolkit import), so it can be made before anything is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+from ..data.plan import RowPlan
+
+ReferenceKind = Literal["none", "precomputed", "live"]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """How one ``solopo`` / ``longpo`` run is wired."""
+
+    stage: str
+    plan: RowPlan  # the rows of a step and the reference values its loss reads
+    shared_prefix: bool  # LongPO's pair runs its document once (:mod:`.shared_prefix`)
+    sequence_parallel_size: int  # Ulysses ranks per row (1: off)
+    reference: ReferenceKind  # none (SimPO, ORPO), scored once before training, or scored in every step
+    reference_model: bool  # a separate frozen model is loaded for it (else: the policy, adapters off under LoRA)
+    policy_rope_theta: Optional[float]  # the policy's RoPE base after the reference pass (the reference keeps its own)
+    zero_stage: int  # DeepSpeed ZeRO stage of the run's config (0: no DeepSpeed)
+
+    @classmethod
+    def from_args(cls, finetuning_args: Any, *, do_train: bool = True, zero_stage: int = 0) -> RunSpec:
+        """The spec of a plugin-stage run from its parsed ``FinetuningArguments``.
+
+        The reference model: an explicit ``ref_model`` is always loaded (to score once, or in every step); without
+        one, a live reference under LoRA is the policy with its adapters disabled, and under full or freeze
+        fine-tuning a frozen copy of the start model (the toolkit's ``create_ref_model`` makes the same choice).
+        A precomputed reference without ``ref_model`` is scored by the policy itself before its first update.
+        """
+        fa = finetuning_args
+        plan = RowPlan.for_stage(fa, do_train)
+        reference: ReferenceKind = "none" if not plan.reference else "precomputed" if plan.precomputed else "live"
+        explicit = fa.ref_model is not None
+        return cls(
+            stage=fa.stage,
+            plan=plan,
+            shared_prefix=fa.stage == "longpo" and bool(fa.s2l_shared_prefix) and bool(fa.s2l_response_logits),
+            sequence_parallel_size=int(fa.sequence_parallel_size or 1),
+            reference=reference,
+            reference_model=reference != "none" and (explicit or (reference == "live" and fa.finetuning_type != "lora")),
+            policy_rope_theta=fa.policy_rope_theta,
+            zero_stage=zero_stage,
+        )
