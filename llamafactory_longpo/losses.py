@@ -8,16 +8,16 @@ per-sample SUMS over response tokens; lengths are response token counts, so aver
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .hparams import SOLOPO_PREF_LOSSES, ShortToLongFinetuningArguments, knob_spec
+from .hparams import ShortToLongFinetuningArguments, knob_spec
 
-# the allowed values are the knobs' own (hparams); the checks below only name them in their messages
-PREF_LOSSES = SOLOPO_PREF_LOSSES
+# the allowed values are the knob's own (hparams); the check below only names them in its message
 DISTANCES = knob_spec(ShortToLongFinetuningArguments, "solopo_distance").choices
 
 
@@ -33,8 +33,35 @@ class LongPOOutput:
 
 
 @dataclass
+class SoLoPOLogps:
+    """The policy's response log-prob SUMS and response token counts a SoLoPO loss reads, each ``[B]``: y_w and y_l
+    on the SHORT input, y_w on the LONG input, and y_l on the long input when both responses are aligned (the
+    ``solopo_align: both`` ablation; otherwise only the chosen response is aligned, the paper's chosen-only SoLo-RA)."""
+
+    short_chosen: torch.Tensor
+    short_rejected: torch.Tensor
+    long_chosen: torch.Tensor
+    short_chosen_lengths: torch.Tensor
+    short_rejected_lengths: torch.Tensor
+    long_chosen_lengths: torch.Tensor
+    long_rejected: Optional[torch.Tensor] = None
+    long_rejected_lengths: Optional[torch.Tensor] = None
+
+
+@dataclass
+class SoLoPOReference:
+    """SoLo-DPO's reference log-prob SUMS, each ``[B]``. Without the long ones (``solopo_long_reference: short``)
+    the SHORT reference stands in for the long one, and the reference cancels in the reward distance."""
+
+    short_chosen: torch.Tensor
+    short_rejected: torch.Tensor
+    long_chosen: Optional[torch.Tensor] = None
+    long_rejected: Optional[torch.Tensor] = None
+
+
+@dataclass
 class SoLoPOOutput:
-    """What :func:`solopo_loss` returns; rewards are detached (they are metrics)."""
+    """What the SoLoPO losses return; rewards are detached (they are metrics)."""
 
     loss: torch.Tensor
     po_losses: torch.Tensor
@@ -104,134 +131,45 @@ def reward_distance(diff: torch.Tensor, distance: str) -> torch.Tensor:
     raise ValueError(f"solopo_distance: {distance!r} is not one of {', '.join(DISTANCES)}")
 
 
-def preference_reward(
-    logps: torch.Tensor,
-    lengths: torch.Tensor,
-    *,
-    pref_loss: str,
-    beta: float,
-    ref_logps: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    r"""The reward ``r(x, y)`` of each base preference loss (SoLoPO, arXiv 2505.11166, section 3).
-
-    - ``sigmoid`` (DPO): :math:`\beta(\log\pi_\theta(y|x) - \log\pi_{ref}(y|x))`
-    - ``simpo``: :math:`\beta\,\bar{\ell}`, with :math:`\bar{\ell} = \log\pi_\theta(y|x)/|y|`
-    - ``orpo`` (log-odds): :math:`\bar{\ell} - \log(1 - e^{\bar{\ell}})`
-    """
-    if pref_loss == "sigmoid":
-        if ref_logps is None:
-            raise ValueError("pref_loss 'sigmoid' needs reference log-probs")
-        return beta * (logps - ref_logps)
-    avg = logps / lengths.clamp(min=1).to(logps.dtype)
-    if pref_loss == "simpo":
-        return beta * avg
-    if pref_loss == "orpo":
-        return avg - log1mexp(avg.clamp(max=-1e-6))
-    raise ValueError(f"pref_loss: {pref_loss!r} is not one of {', '.join(PREF_LOSSES)}")
+def _mean_logps(logps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    r"""Length-averaged log-probability :math:`\bar{\ell} = \log\pi_\theta(y|x)/|y|` (SimPO's and ORPO's rewards)."""
+    return logps / lengths.clamp(min=1).to(logps.dtype)
 
 
-def _po_losses(
-    pref_loss: str, r_chosen: torch.Tensor, r_rejected: torch.Tensor, avg_chosen: torch.Tensor, beta: float, gamma: float
-) -> torch.Tensor:
-    """The base preference loss on the short pair, one explicit branch per ``pref_loss``."""
-    margin = r_chosen - r_rejected
-    if pref_loss == "sigmoid":  # SoLo-DPO
-        return -F.logsigmoid(margin)
-    if pref_loss == "simpo":  # SoLo-SimPO: target margin gamma
-        return -F.logsigmoid(margin - gamma)
-    if pref_loss == "orpo":  # SoLo-ORPO: SFT on the chosen response plus the odds-ratio term
-        return -avg_chosen - beta * F.logsigmoid(margin)
-    raise ValueError(f"pref_loss: {pref_loss!r} is not one of {', '.join(PREF_LOSSES)}")
+Rewards = tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]  # short y_w, short y_l, long y_w, long y_l
 
 
-def solopo_loss(
-    short_chosen_logps: torch.Tensor,
-    short_rejected_logps: torch.Tensor,
-    long_chosen_logps: torch.Tensor,
-    short_chosen_lengths: torch.Tensor,
-    short_rejected_lengths: torch.Tensor,
-    long_chosen_lengths: torch.Tensor,
-    *,
-    pref_loss: str,
-    beta: float,
-    alpha: float,
-    gamma: float = 0.5,
-    distance: str = "abs",
-    ref_short_chosen_logps: Optional[torch.Tensor] = None,
-    ref_short_rejected_logps: Optional[torch.Tensor] = None,
-    ref_long_chosen_logps: Optional[torch.Tensor] = None,
-    long_rejected_logps: Optional[torch.Tensor] = None,
-    long_rejected_lengths: Optional[torch.Tensor] = None,
-    ref_long_rejected_logps: Optional[torch.Tensor] = None,
-) -> SoLoPOOutput:
-    r"""SoLoPO (arXiv 2505.11166, eq. 9): preference optimization on the SHORT pair plus short-to-long reward alignment.
-
-    .. math::
-        L = \mathrm{mean}\Big(L_{PO}(x_S; y_w, y_l)
-            + \alpha\, s\big(|r(x_S, y_w) - r(x_L, y_w)|\big)\Big)
-
-    with, per ``pref_loss`` (rewards from :func:`preference_reward`):
-
-    - ``sigmoid`` (SoLo-DPO): :math:`L_{PO} = -\log\sigma(r(x_S,y_w) - r(x_S,y_l))`
-    - ``simpo`` (SoLo-SimPO): :math:`L_{PO} = -\log\sigma(r(x_S,y_w) - r(x_S,y_l) - \gamma)`
-    - ``orpo`` (SoLo-ORPO): :math:`L_{PO} = -\bar{\ell}(y_w|x_S) - \beta\log\sigma(r(x_S,y_w) - r(x_S,y_l))`
-
-    Two variants are chosen by which optional tensors are given (the keywords are the public interface):
-
-    - *align both* (the ``solopo_align: both`` ablation): ``long_rejected_logps`` and ``long_rejected_lengths``
-      given adds :math:`\alpha\,s(|r(x_S,y_l) - r(x_L,y_l)|)`; otherwise only the chosen response is aligned
-      (chosen-only SoLo-RA, the paper's method).
-    - *short reference reused* (SoLo-DPO with ``solopo_long_reference: short``): ``ref_long_chosen_logps``
-      (and ``ref_long_rejected_logps``) absent means the SHORT reference stands in for the long one; the
-      reference then cancels in the distance, which becomes :math:`\beta\,|\log\pi_\theta(y_w|x_S) - \log\pi_\theta(y_w|x_L)|`.
-
-    Args:
-        short_chosen_logps, short_rejected_logps, long_chosen_logps: ``[B]`` response log-prob SUMS of the
-            policy: y_w and y_l on the short input, y_w on the long input.
-        short_chosen_lengths, short_rejected_lengths, long_chosen_lengths: ``[B]`` response token counts (for
-            the length-averaged rewards of SimPO and ORPO).
-        pref_loss: ``sigmoid``, ``simpo`` or ``orpo``. beta: reward scale (ORPO: weight of the odds-ratio
-            term). alpha: weight of the alignment term. gamma: SimPO's target margin. distance: ``abs``,
-            ``square`` or ``smooth_l1`` (:func:`reward_distance`).
-        ref_short_chosen_logps, ref_short_rejected_logps: ``[B]`` reference SUMS on the short input; required
-            by ``sigmoid``, ignored otherwise.
-        ref_long_chosen_logps: ``[B]`` reference SUM of y_w on the long input (``sigmoid``; see above).
-        long_rejected_logps, long_rejected_lengths, ref_long_rejected_logps: ``[B]``; y_l on the long input
-            (align both; see above).
-
-    Returns:
-        :class:`SoLoPOOutput`: the scalar ``loss``, per-sample ``[B]`` ``po_losses`` and ``align_losses``
-        (summed over the aligned responses), and the detached ``[B]`` rewards.
-    """
-    sigmoid = pref_loss == "sigmoid"
-    if sigmoid and (ref_short_chosen_logps is None or ref_short_rejected_logps is None):
-        raise ValueError("pref_loss 'sigmoid' (SoLo-DPO) needs ref_short_chosen_logps and ref_short_rejected_logps")
-    align_both = long_rejected_logps is not None
-    if align_both and long_rejected_lengths is None:
-        raise ValueError("long_rejected_logps needs long_rejected_lengths")
-    reuse_short_reference = ref_long_chosen_logps is None
-
-    def reward(logps: torch.Tensor, lengths: torch.Tensor, ref: Optional[torch.Tensor]) -> torch.Tensor:
-        return preference_reward(logps, lengths, pref_loss=pref_loss, beta=beta, ref_logps=ref if sigmoid else None)
-
-    r_sc = reward(short_chosen_logps, short_chosen_lengths, ref_short_chosen_logps)
-    r_sr = reward(short_rejected_logps, short_rejected_lengths, ref_short_rejected_logps)
-    r_lc = reward(
-        long_chosen_logps, long_chosen_lengths, ref_short_chosen_logps if reuse_short_reference else ref_long_chosen_logps
-    )
-    avg_chosen = short_chosen_logps / short_chosen_lengths.clamp(min=1).to(short_chosen_logps.dtype)
-    po_losses = _po_losses(pref_loss, r_sc, r_sr, avg_chosen, beta, gamma)
-
-    align_losses = reward_distance(r_sc - r_lc, distance)
+def _rewards(
+    reward: Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor],
+    policy: SoLoPOLogps,
+    references: tuple[Optional[torch.Tensor], ...] = (None, None, None, None),
+) -> Rewards:
+    """``[B]`` rewards of y_w and y_l on the short input and of y_w (and, aligning both, y_l) on the long one, by
+    the variant's ``reward(logps, lengths, ref)``; ``references``: the matching reference sums, ``None`` unused."""
+    ref_sc, ref_sr, ref_lc, ref_lr = references
     r_lr = None
-    if align_both:
-        ref_lr = ref_short_rejected_logps if ref_long_rejected_logps is None else ref_long_rejected_logps
-        r_lr = reward(long_rejected_logps, long_rejected_lengths, ref_lr)
-        align_losses = align_losses + reward_distance(r_sr - r_lr, distance)
+    if policy.long_rejected is not None:
+        if policy.long_rejected_lengths is None:
+            raise ValueError("long_rejected needs long_rejected_lengths")
+        r_lr = reward(policy.long_rejected, policy.long_rejected_lengths, ref_lr)
+    return (
+        reward(policy.short_chosen, policy.short_chosen_lengths, ref_sc),
+        reward(policy.short_rejected, policy.short_rejected_lengths, ref_sr),
+        reward(policy.long_chosen, policy.long_chosen_lengths, ref_lc),
+        r_lr,
+    )
 
-    loss = (po_losses + alpha * align_losses).mean()
+
+def _aligned(po_losses: torch.Tensor, rewards: Rewards, *, alpha: float, distance: str) -> SoLoPOOutput:
+    r"""SoLoPO's short-to-long reward alignment added to the base loss (arXiv 2505.11166, eq. 9):
+    :math:`L = \mathrm{mean}(L_{PO} + \alpha\, s(|r(x_S, y_w) - r(x_L, y_w)|))`, plus the same term for y_l when
+    its long reward is given (align both)."""
+    r_sc, r_sr, r_lc, r_lr = rewards
+    align_losses = reward_distance(r_sc - r_lc, distance)
+    if r_lr is not None:
+        align_losses = align_losses + reward_distance(r_sr - r_lr, distance)
     return SoLoPOOutput(
-        loss=loss,
+        loss=(po_losses + alpha * align_losses).mean(),
         po_losses=po_losses,
         align_losses=align_losses,
         short_chosen_rewards=r_sc.detach(),
@@ -239,3 +177,77 @@ def solopo_loss(
         long_chosen_rewards=r_lc.detach(),
         long_rejected_rewards=None if r_lr is None else r_lr.detach(),
     )
+
+
+def solo_dpo_loss(policy: SoLoPOLogps, ref: SoLoPOReference, *, beta: float, alpha: float, distance: str = "abs") -> SoLoPOOutput:
+    r"""SoLo-DPO (arXiv 2505.11166, eq. 9 with the DPO reward).
+
+    .. math::
+        r(x, y) &= \beta\,(\log\pi_\theta(y|x) - \log\pi_{ref}(y|x)) \\
+        L_{PO} &= -\log\sigma\big(r(x_S, y_w) - r(x_S, y_l)\big)
+
+    Args:
+        policy: :class:`SoLoPOLogps`, each ``[B]``.
+        ref: :class:`SoLoPOReference`, each ``[B]``; without its long sums the short ones stand in, and the
+            distance becomes :math:`\beta\,|\log\pi_\theta(y_w|x_S) - \log\pi_\theta(y_w|x_L)|`.
+        beta: reward scale. alpha: weight of the alignment term. distance: :func:`reward_distance`.
+
+    Returns:
+        :class:`SoLoPOOutput`: scalar ``loss``; ``[B]`` ``po_losses``, ``align_losses`` and detached rewards.
+    """
+
+    def reward(logps: torch.Tensor, _lengths: torch.Tensor, ref_logps: Optional[torch.Tensor]) -> torch.Tensor:
+        return beta * (logps - ref_logps)
+
+    long_chosen = ref.short_chosen if ref.long_chosen is None else ref.long_chosen
+    long_rejected = ref.short_rejected if ref.long_rejected is None else ref.long_rejected
+    rewards = _rewards(reward, policy, (ref.short_chosen, ref.short_rejected, long_chosen, long_rejected))
+    return _aligned(-F.logsigmoid(rewards[0] - rewards[1]), rewards, alpha=alpha, distance=distance)
+
+
+def solo_simpo_loss(policy: SoLoPOLogps, *, beta: float, gamma: float, alpha: float, distance: str = "abs") -> SoLoPOOutput:
+    r"""SoLo-SimPO (arXiv 2505.11166, eq. 9 with SimPO's reward; no reference model).
+
+    .. math::
+        r(x, y) &= \beta\,\bar{\ell}(y|x), \quad \bar{\ell} = \log\pi_\theta(y|x)/|y| \\
+        L_{PO} &= -\log\sigma\big(r(x_S, y_w) - r(x_S, y_l) - \gamma\big)
+
+    Args:
+        policy: :class:`SoLoPOLogps`, each ``[B]``. beta: reward scale. gamma: target margin. alpha: weight of
+            the alignment term. distance: :func:`reward_distance`.
+
+    Returns:
+        :class:`SoLoPOOutput`: scalar ``loss``; ``[B]`` ``po_losses``, ``align_losses`` and detached rewards.
+    """
+
+    def reward(logps: torch.Tensor, lengths: torch.Tensor, _ref: Optional[torch.Tensor]) -> torch.Tensor:
+        return beta * _mean_logps(logps, lengths)
+
+    rewards = _rewards(reward, policy)
+    return _aligned(-F.logsigmoid(rewards[0] - rewards[1] - gamma), rewards, alpha=alpha, distance=distance)
+
+
+def solo_orpo_loss(policy: SoLoPOLogps, *, beta: float, alpha: float, distance: str = "abs") -> SoLoPOOutput:
+    r"""SoLo-ORPO (arXiv 2505.11166, eq. 9 with ORPO's log-odds reward; no reference model).
+
+    .. math::
+        r(x, y) &= \bar{\ell}(y|x) - \log\big(1 - e^{\bar{\ell}(y|x)}\big) \\
+        L_{PO} &= -\bar{\ell}(y_w|x_S) - \beta\,\log\sigma\big(r(x_S, y_w) - r(x_S, y_l)\big)
+
+    (SFT on the chosen response plus the odds-ratio term, ``beta`` its weight.)
+
+    Args:
+        policy: :class:`SoLoPOLogps`, each ``[B]``. beta: weight of the odds-ratio term. alpha: weight of the
+            alignment term. distance: :func:`reward_distance`.
+
+    Returns:
+        :class:`SoLoPOOutput`: scalar ``loss``; ``[B]`` ``po_losses``, ``align_losses`` and detached rewards.
+    """
+
+    def reward(logps: torch.Tensor, lengths: torch.Tensor, _ref: Optional[torch.Tensor]) -> torch.Tensor:
+        avg = _mean_logps(logps, lengths)
+        return avg - log1mexp(avg.clamp(max=-1e-6))
+
+    rewards = _rewards(reward, policy)
+    po_losses = -_mean_logps(policy.short_chosen, policy.short_chosen_lengths) - beta * F.logsigmoid(rewards[0] - rewards[1])
+    return _aligned(po_losses, rewards, alpha=alpha, distance=distance)

@@ -7,10 +7,42 @@ import itertools
 import pytest
 import torch
 
-from llamafactory_longpo.losses import longpo_loss, solopo_loss
+from llamafactory_longpo.losses import (
+    SoLoPOLogps,
+    SoLoPOOutput,
+    SoLoPOReference,
+    longpo_loss,
+    solo_dpo_loss,
+    solo_orpo_loss,
+    solo_simpo_loss,
+)
 from tests import spec_formulas as spec
 
 B = 5
+
+
+def _solopo(
+    x: dict[str, torch.Tensor], logps: dict[str, torch.Tensor], pref_loss: str, long_ref: str, both: bool, **kw: float | str
+) -> SoLoPOOutput:
+    """The variant of ``pref_loss`` on the inputs of :func:`_inputs` (``logps``: the policy sums, maybe leaves)."""
+    policy = SoLoPOLogps(
+        logps["sc"],
+        logps["sr"],
+        logps["lc"],
+        x["n_sc"],
+        x["n_sr"],
+        x["n_lc"],
+        long_rejected=logps["lr"] if both else None,
+        long_rejected_lengths=x["n_lr"] if both else None,
+    )
+    gamma = kw.pop("gamma")
+    if pref_loss == "simpo":
+        return solo_simpo_loss(policy, gamma=gamma, **kw)
+    if pref_loss == "orpo":
+        return solo_orpo_loss(policy, **kw)
+    long = long_ref == "long"
+    ref = SoLoPOReference(x["ref_sc"], x["ref_sr"], x["ref_lc"] if long else None, x["ref_lr"] if long and both else None)
+    return solo_dpo_loss(policy, ref, **kw)
 
 
 def _inputs(seed: int) -> dict[str, torch.Tensor]:
@@ -32,16 +64,8 @@ CASES = list(itertools.product(("sigmoid", "simpo", "orpo"), ("abs", "square", "
 def test_solopo_matches_spec(pref_loss: str, dist: str, long_ref: str, both: bool) -> None:
     x = _inputs(CASES.index((pref_loss, dist, long_ref, both)))
     leaf = {k: x[k].clone().requires_grad_(True) for k in ("sc", "sr", "lc", "lr")}
-    kw = dict(pref_loss=pref_loss, beta=0.3, alpha=1.7, gamma=0.4, distance=dist)
-    if pref_loss == "sigmoid":
-        kw.update(ref_short_chosen_logps=x["ref_sc"], ref_short_rejected_logps=x["ref_sr"])
-        if long_ref == "long":
-            kw.update(ref_long_chosen_logps=x["ref_lc"])
-            if both:
-                kw.update(ref_long_rejected_logps=x["ref_lr"])
-    if both:
-        kw.update(long_rejected_logps=leaf["lr"], long_rejected_lengths=x["n_lr"])
-    out = solopo_loss(leaf["sc"], leaf["sr"], leaf["lc"], x["n_sc"], x["n_sr"], x["n_lc"], **kw)
+    kw = dict(beta=0.3, alpha=1.7, gamma=0.4, distance=dist)
+    out = _solopo(x, leaf, pref_loss, long_ref, both, **kw)
 
     samples = [{k: (v[i].item()) for k, v in x.items()} for i in range(B)]
     expected = [
@@ -56,8 +80,7 @@ def test_solopo_matches_spec(pref_loss: str, dist: str, long_ref: str, both: boo
     for name in ("sc", "sr", "lc") + (("lr",) if both else ()):
         assert leaf[name].grad is not None and torch.isfinite(leaf[name].grad).all(), name
     # alpha = 0 gives the plain preference loss
-    kw0 = dict(kw, alpha=0.0)
-    out0 = solopo_loss(x["sc"], x["sr"], x["lc"], x["n_sc"], x["n_sr"], x["n_lc"], **{k: v for k, v in kw0.items()})
+    out0 = _solopo(x, x, pref_loss, long_ref, both, **dict(kw, alpha=0.0))
     plain = [
         spec.solopo_sample(
             s, pref_loss=pref_loss, beta=0.3, alpha=0.0, gamma=0.4, dist=dist, long_reference=long_ref, align_both=both
@@ -68,28 +91,10 @@ def test_solopo_matches_spec(pref_loss: str, dist: str, long_ref: str, both: boo
     assert out0.loss.item() == pytest.approx(out.po_losses.mean().item(), rel=1e-12)
 
 
-def test_solopo_sigmoid_needs_reference() -> None:
-    x = _inputs(0)
-    with pytest.raises(ValueError, match="ref_short"):
-        solopo_loss(x["sc"], x["sr"], x["lc"], x["n_sc"], x["n_sr"], x["n_lc"], pref_loss="sigmoid", beta=0.1, alpha=1.0)
-
-
 def test_solopo_short_reference_cancels() -> None:
     """With the short reference reused, the SoLo-DPO term is beta*|logp(y_w|x_S) - logp(y_w|x_L)|."""
     x = _inputs(1)
-    out = solopo_loss(
-        x["sc"],
-        x["sr"],
-        x["lc"],
-        x["n_sc"],
-        x["n_sr"],
-        x["n_lc"],
-        pref_loss="sigmoid",
-        beta=0.2,
-        alpha=1.0,
-        ref_short_chosen_logps=x["ref_sc"],
-        ref_short_rejected_logps=x["ref_sr"],
-    )
+    out = _solopo(x, x, "sigmoid", "short", False, beta=0.2, alpha=1.0, gamma=0.0, distance="abs")
     torch.testing.assert_close(out.align_losses, 0.2 * (x["sc"] - x["lc"]).abs())
 
 

@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional
 import torch
 from llamafactory.train.dpo.trainer import CustomDPOTrainer
 
-from ..losses import longpo_loss, solopo_loss
+from ..losses import SoLoPOLogps, SoLoPOOutput, SoLoPOReference, longpo_loss, solo_dpo_loss, solo_orpo_loss, solo_simpo_loss
 from . import zero3
 from .callbacks import NonFiniteGuardCallback
 from .compat import accept_indexed_cpu_locations
@@ -219,31 +219,40 @@ class ShortToLongTrainer(CustomDPOTrainer):
     def _solopo(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], prefix: str
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        fa = self.finetuning_args
         n = batch["input_ids"].size(0) // 2
         short = self._logps(model, batch)
         long = self._logps(model, batch, "long_")
         both = self.plan.long_rejected
-        ref = self.reference_values(model, batch)  # empty for SimPO and ORPO (the plan has no reference)
-        names = {"ref_chosen_logps": "ref_short_chosen_logps", "ref_rejected_logps": "ref_short_rejected_logps"}
-        refs = {names.get(k, k): v for k, v in ref.items()}
-        out = solopo_loss(
-            short["logps"][:n],
-            short["logps"][n:],
-            long["logps"][:n],
-            short["lengths"][:n],
-            short["lengths"][n:],
-            long["lengths"][:n],
-            pref_loss=fa.pref_loss,
-            beta=fa.pref_beta,
-            alpha=fa.solopo_alpha,
-            gamma=fa.simpo_gamma,
-            distance=fa.solopo_distance,
-            long_rejected_logps=long["logps"][n:] if both else None,
+        policy = SoLoPOLogps(
+            short_chosen=short["logps"][:n],
+            short_rejected=short["logps"][n:],
+            long_chosen=long["logps"][:n],
+            short_chosen_lengths=short["lengths"][:n],
+            short_rejected_lengths=short["lengths"][n:],
+            long_chosen_lengths=long["lengths"][:n],
+            long_rejected=long["logps"][n:] if both else None,
             long_rejected_lengths=long["lengths"][n:] if both else None,
-            **refs,
         )
+        out = self._solopo_loss(model, batch, policy)
         return out.loss, logged(solopo_metrics(out, short, long, n, both), prefix)
+
+    def _solopo_loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], policy: SoLoPOLogps) -> SoLoPOOutput:
+        """The SoLoPO variant of ``pref_loss``; only SoLo-DPO has a reference (on the short input; the long one
+        unless ``solopo_long_reference: short``)."""
+        fa = self.finetuning_args
+        common = {"beta": fa.pref_beta, "alpha": fa.solopo_alpha, "distance": fa.solopo_distance}
+        if fa.pref_loss == "simpo":
+            return solo_simpo_loss(policy, gamma=fa.simpo_gamma, **common)
+        if fa.pref_loss == "orpo":
+            return solo_orpo_loss(policy, **common)
+        ref = self.reference_values(model, batch)
+        reference = SoLoPOReference(
+            short_chosen=ref["ref_chosen_logps"],
+            short_rejected=ref["ref_rejected_logps"],
+            long_chosen=ref.get("ref_long_chosen_logps"),
+            long_rejected=ref.get("ref_long_rejected_logps"),
+        )
+        return solo_dpo_loss(policy, reference, **common)
 
     def _longpo(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], prefix: str
