@@ -40,6 +40,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .data import loading
 from .errors import TRACEBACK_ENV, ConfigError, Interrupted, ShortToLongError, TrainingError, one_line
 from .hparams import PLUGIN_STAGES, ShortToLongDataArguments, ShortToLongFinetuningArguments
 
@@ -135,119 +136,32 @@ def patch_dataset_attr(module: Any) -> None:
     @functools.wraps(original)
     def join(self: Any, attr: dict[str, Any]) -> None:
         original(self, attr)
-        self.s2l_columns = dict(attr.get("columns") or {})
+        loading.remember_columns(self, attr)
 
     cls.join = join
 
 
-_S2L_FILES: dict[str, dict[str, str]] = {}  # validated short_to_long file -> its column renamings, loaded by the plugin
-
-
-def _data_warning(message: str) -> None:
-    from llamafactory.extras import logging
-
-    logging.get_logger("llamafactory.longpo.data").warning_rank0(message)
-
-
 def patch_loader(module: Any) -> None:
-    """Route ``"formatting": "short_to_long"`` datasets: validation, conversion, processor."""
+    """Route ``"formatting": "short_to_long"`` datasets: validation, conversion, processor (:mod:`.data.loading`)."""
     if not _once(module, "loader"):
         return
-    from .data import converter
-    from .data.plan import TOOLKIT_TARGETS, RowPlan
-
-    merged, align, get_processor = module._get_merged_dataset, module.align_dataset, module._get_dataset_processor
-    preprocessed, load_dataset = module._get_preprocessed_dataset, module.load_dataset
-
-    @functools.wraps(merged)
-    def _get_merged_dataset(dataset_names, model_args, data_args, training_args, stage, return_dict=False):  # noqa: ANN001
-        if dataset_names is None:
-            return merged(dataset_names, model_args, data_args, training_args, stage, return_dict)
-        attrs = module.get_dataset_list(dataset_names, data_args.dataset_dir)
-        names = {id(a): f"'{n}' ({a})" if str(a) != n else f"'{n}'" for n, a in zip(dataset_names, attrs)}
-        s2l = [a for a in attrs if a.formatting == converter.FORMATTING]
-        plan = data_args.s2l_plan  # set by the plugin's workflow for its stages, else None
-        plugin_target = plan.target if plan is not None and plan.target in PLUGIN_STAGES else None
-        if plugin_target is not None:
-            for a in attrs:
-                if a.formatting != converter.FORMATTING:
-                    raise ConfigError(
-                        f'dataset {names[id(a)]}: stage {plugin_target} needs "formatting": "short_to_long" in '
-                        f"dataset_info.json, got {a.formatting!r}"
-                    )
-        if not s2l:
-            return merged(dataset_names, model_args, data_args, training_args, stage, return_dict)
-        if len(s2l) != len(attrs):
-            other = next(a for a in attrs if a.formatting != converter.FORMATTING)
-            raise ConfigError(f"dataset {names[id(other)]}: cannot be mixed with short_to_long datasets")
-        if plugin_target is None:
-            if stage not in TOOLKIT_TARGETS:
-                raise ConfigError(
-                    f"dataset {names[id(s2l[0])]}: short_to_long records cannot feed stage {stage!r}; "
-                    "use stage solopo, longpo, dpo, rm or sft"
-                )
-            data_args.s2l_plan = RowPlan.for_toolkit(stage)  # the toolkit's stages: their own view of the records
-        for a in s2l:
-            if not a.ranking:
-                raise ConfigError(f'dataset {names[id(a)]}: a short_to_long entry in dataset_info.json needs "ranking": true')
-            if a.load_from == "file":
-                files = converter.dataset_files(data_args.dataset_dir, a.dataset_name)
-                if not files:
-                    raise ConfigError(f"dataset {names[id(a)]}: file {a.dataset_name!r} not found in {data_args.dataset_dir}")
-                columns = converter.column_map(getattr(a, "s2l_columns", None))
-                converter.validate_files(files, columns, warn=_data_warning)
-                _S2L_FILES.update({os.path.abspath(f): columns for f in files})
-        # the toolkit's ranking check passes for "rm"; the stage is not used otherwise
-        return merged(dataset_names, model_args, data_args, training_args, "rm", return_dict)
-
-    @functools.wraps(align)
-    def align_dataset(dataset, dataset_attr, data_args, training_args):  # noqa: ANN001
-        if dataset_attr.formatting != converter.FORMATTING:
-            return align(dataset, dataset_attr, data_args, training_args)
-        return converter.align_short_to_long(dataset, dataset_attr, data_args, training_args, data_args.s2l_plan.target)
-
-    @functools.wraps(get_processor)
-    def _get_dataset_processor(data_args, stage, template, tokenizer, processor, do_generate=False):  # noqa: ANN001
-        if data_args.s2l_plan is not None and data_args.s2l_plan.target in PLUGIN_STAGES:
-            from .data.processor import ShortToLongDatasetProcessor
-
-            return ShortToLongDatasetProcessor(template=template, tokenizer=tokenizer, processor=processor, data_args=data_args)
-        return get_processor(data_args, stage, template, tokenizer, processor, do_generate)
-
-    @functools.wraps(preprocessed)
-    def _get_preprocessed_dataset(dataset, data_args, training_args, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-        if data_args.s2l_plan is None or data_args.s2l_plan.target not in PLUGIN_STAGES or dataset is None:
-            return preprocessed(dataset, data_args, training_args, *args, **kwargs)
-        from .data.processor import overlong_hint
-
-        def nothing_left() -> ConfigError:
-            split = "eval" if kwargs.get("is_eval") else "training"
-            return ConfigError(
-                f"every {split} sample is longer than its cutoff, nothing is left to train on ({overlong_hint(data_args)})"
-            )
-
-        try:
-            out = preprocessed(dataset, data_args, training_args, *args, **kwargs)
-        except RuntimeError as err:  # the toolkit's "Cannot find valid samples", raised while printing an example
-            if "valid samples" in str(err):
-                raise nothing_left() from None
-            raise
-        if hasattr(out, "__len__") and len(out) == 0:  # ranks that print no example
-            raise nothing_left()
-        return out
-
-    @functools.wraps(load_dataset)
-    def load_dataset_checked(*args: Any, **kwargs: Any) -> Any:
-        files = kwargs.get("data_files") or []
-        if files and all(os.path.abspath(f) in _S2L_FILES for f in files):
-            return converter.load_files(files, _S2L_FILES[os.path.abspath(files[0])], kwargs.get("cache_dir"))
-        return load_dataset(*args, **kwargs)
-
-    module._get_merged_dataset = _get_merged_dataset
-    module._get_preprocessed_dataset = _get_preprocessed_dataset
-    module.load_dataset = load_dataset_checked
-    module.align_dataset = align_dataset
-    module._get_dataset_processor = _get_dataset_processor
+    orig = loading.Originals(
+        merged=module._get_merged_dataset,
+        align=module.align_dataset,
+        get_processor=module._get_dataset_processor,
+        preprocessed=module._get_preprocessed_dataset,
+        load_dataset=module.load_dataset,
+        get_dataset_list=module.get_dataset_list,
+    )
+    wrapped = {
+        "_get_merged_dataset": (loading.merged_dataset, orig.merged),
+        "align_dataset": (loading.aligned, orig.align),
+        "_get_dataset_processor": (loading.processor, orig.get_processor),
+        "_get_preprocessed_dataset": (loading.preprocessed, orig.preprocessed),
+        "load_dataset": (loading.load_files_checked, orig.load_dataset),
+    }
+    for name, (function, original) in wrapped.items():
+        setattr(module, name, functools.update_wrapper(functools.partial(function, orig), original))
 
 
 # --------------------------------------------------------------------------------- dispatch

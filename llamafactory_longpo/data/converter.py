@@ -205,8 +205,15 @@ def convert_batch(
     return out
 
 
-def align_short_to_long(dataset: Any, dataset_attr: Any, data_args: Any, training_args: Any, target: str) -> Any:
-    """Convert a loaded short-to-long dataset for ``target`` (plays LLaMA-Factory's ``align_dataset``)."""
+def align_short_to_long(
+    dataset: Any, columns: Mapping[str, str], data_args: Any, training_args: Any, target: str, *, source: str
+) -> Any:
+    """Convert a loaded short-to-long dataset for ``target`` (plays LLaMA-Factory's ``align_dataset``); ``columns``:
+    the dataset_info.json renamings of its fields; ``source``: how errors name the dataset.
+
+    Rows of the plugin's stages carry their whole record as one JSON string (:data:`RECORD_COLUMN`), decoded by the
+    processor: a LongPO row needs every turn's short context, and a string keeps the Arrow schema fixed whatever
+    the record holds (an optional system prompt, any number of turns)."""
     from functools import partial
 
     column_names = list(next(iter(dataset)).keys())
@@ -219,8 +226,8 @@ def align_short_to_long(dataset: Any, dataset_attr: Any, data_args: Any, trainin
         )
     fn = partial(
         convert_batch,
-        source=str(dataset_attr),
-        columns=column_map(getattr(dataset_attr, "s2l_columns", None)),
+        source=source,
+        columns=columns,
         target=target,
         view=data_args.s2l_view,
         joiner=data_args.s2l_joiner,
