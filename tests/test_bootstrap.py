@@ -10,6 +10,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT, VENV_BIN, base_config, cli_env, torchrun_env, write_yaml
 
 
@@ -52,6 +54,7 @@ def test_disabled_plugin_means_unknown_stage(tmp_path: Path, tiny_model: Path) -
     assert proc.returncode != 0 and "invalid choice: 'solopo'" in proc.stderr
 
 
+@pytest.mark.slow
 def test_wheel_install_registers_stages_in_torchrun_workers(tmp_path: Path, tiny_model: Path) -> None:
     """``pip install .`` (a wheel, not editable) into a new venv; torchrun workers must load the plugin.
 

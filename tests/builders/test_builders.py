@@ -102,6 +102,7 @@ def test_solopo_records(solopo_build: Path, tiny_model: Path) -> None:
     assert info["solopo_sample"]["formatting"] == "short_to_long" and info["solopo_sample"]["file_name"] == "solopo.jsonl"
 
 
+@pytest.mark.slow
 def test_killed_build_resumes_to_the_same_file(solopo_build: Path, tiny_model: Path, tmp_path: Path) -> None:
     cfg = _solopo_config(tmp_path, tiny_model)
     proc = subprocess.Popen(
@@ -128,6 +129,7 @@ def test_killed_build_resumes_to_the_same_file(solopo_build: Path, tiny_model: P
     assert len(keys) == len(set(keys)) == 10
 
 
+@pytest.mark.slow
 def test_bad_input_lines_and_short_target(tmp_path: Path, tiny_model: Path) -> None:
     lines = SAMPLE.read_text().splitlines()
     bad = tmp_path / "bad.jsonl"
@@ -302,6 +304,7 @@ def test_longpo_builder_counts_turns_whose_answers_agree(tmp_path: Path, tiny_mo
     assert f"[build longpo] {same} of {len(turns)} turns: the answer from the whole document equals" in "\n".join(logs)
 
 
+@pytest.mark.slow
 def test_evolution_rounds_train_and_skip_when_done(tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from llamafactory_longpo.builders.evolve import run_recipe
 

@@ -118,6 +118,7 @@ def test_distributed_bad_key_stops_before_torchrun(tmp_path: Path, tiny_model: P
     assert "ChildFailedError" not in proc.stdout and "torchrun" not in proc.stdout, proc.stdout[-3000:]
 
 
+@pytest.mark.slow
 def test_distributed_bad_record_ends_without_launcher_traceback(tmp_path: Path, tiny_model: Path) -> None:
     """A bad record is found by the workers (the data are read there): each rank's line, then the workers'
     exit status, without the launcher's ``CalledProcessError`` traceback on top of torchrun's report."""

@@ -44,7 +44,11 @@ METRICS = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
+# the quick tier (-m "not slow") trains one plugin stage through the CLI; the full suite trains every case
+QUICK = {"longpo"}
+
+
+@pytest.mark.parametrize("name", [n if n in QUICK else pytest.param(n, marks=pytest.mark.slow) for n in CASES])
 def test_train_subprocess(tmp_path: Path, tiny_model: Path, name: str) -> None:
     overrides = dict(CASES[name])
     stage = overrides["stage"]

@@ -73,6 +73,7 @@ class AnswerGivenGenerator:
         return out
 
 
+@pytest.mark.slow
 def test_eval_ruler_cli_and_perfect_stub(tmp_path: Path, tiny_model: Path, tok) -> None:
     cfg = {
         "model": {"model_name_or_path": str(tiny_model), "template": "qwen", "infer_backend": "huggingface"},

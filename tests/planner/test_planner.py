@@ -41,7 +41,11 @@ def _yaml(tmp_path: Path, base: str, **overrides: object) -> str:
     ("base", "overrides"),
     [
         ("longpo_tiny.yaml", {}),  # full fine-tuning, shared prefix (two causal attention pieces), NLL over the whole row
-        ("solo_orpo_tiny.yaml", {"finetuning_type": "lora", "pref_loss": "sigmoid", "s2l_precompute_ref": False}),
+        pytest.param(
+            "solo_orpo_tiny.yaml",
+            {"finetuning_type": "lora", "pref_loss": "sigmoid", "s2l_precompute_ref": False},
+            marks=pytest.mark.slow,  # the quick tier checks one real step
+        ),
     ],
     ids=["longpo-full", "solopo-sigmoid-lora-live-reference"],
 )
