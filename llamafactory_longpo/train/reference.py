@@ -195,3 +195,64 @@ def cached_values(
     if distributed:
         dist.barrier()
     return values, path, "miss"
+
+
+def precompute_reference(
+    trainer: Any,
+    model: torch.nn.Module,
+    *,
+    model_paths: list[Optional[str]],
+    template: str,
+    cache_dir: Optional[str],
+    batch_size: int,
+    log: Callable[[str], None],
+    warn: Callable[[str], None],
+) -> None:
+    """Before training: every sample's reference values become columns of ``trainer``'s train/eval datasets, from the
+    cache or one no-grad pass of the frozen reference (:meth:`..trainer.ShortToLongTrainer.compute_reference_values`);
+    then the trainer keeps no reference model. ``log`` and ``warn``: as in :func:`cached_values`."""
+    import dataclasses
+
+    plan = trainer.plan
+    keys = plan.reference
+    live = dataclasses.replace(trainer.data_collator, plan=plan.live())  # the pass scores the reference rows
+    sp = trainer.sequence_parallel
+    shards = (sp.dp_size, sp.dp_rank) if sp is not None else (trainer.args.world_size, trainer.args.process_index)
+
+    def with_columns(dataset: Any, split: str) -> Any:
+        scored = [c for c in dataset.column_names if c.endswith(("input_ids", "labels"))]
+        parts = {
+            "data": data_fingerprint(dataset, scored),
+            "model": model_fingerprint(model_paths),
+            "template": template,
+            "dtype": str(next(model.parameters()).dtype),
+            "stage": plan.target,
+            "keys": keys,
+        }
+
+        def compute() -> dict[str, list[float]]:
+            return compute_values(
+                model,
+                dataset,
+                live,
+                trainer.compute_reference_values,
+                keys=keys,
+                batch_size=batch_size,
+                device=trainer.accelerator.device,
+                shards=shards,
+                desc=f"Reference log-probs ({split})",
+            )
+
+        values, path, status = cached_values(parts, len(dataset), keys, cache_dir, compute, f"{split} samples", log, warn)
+        trainer.reference_cache[split] = (path, status)
+        for name, column in values.items():
+            dataset = dataset.add_column(name, column)
+        return dataset
+
+    if trainer.train_dataset is not None:
+        trainer.train_dataset = with_columns(trainer.train_dataset, "train")
+    if isinstance(trainer.eval_dataset, dict):  # eval_on_each_dataset: every member is scored on its own
+        trainer.eval_dataset = {name: with_columns(d, f"eval {name}") for name, d in trainer.eval_dataset.items()}
+    elif trainer.eval_dataset is not None:
+        trainer.eval_dataset = with_columns(trainer.eval_dataset, "eval")
+    trainer.ref_model = None  # training reads the columns: no reference model is kept

@@ -218,6 +218,37 @@ class GroupBatchSampler(Sampler[int]):
                 yield from order[start : start + self.batch_size]
 
 
+class GroupSamplingMixin:
+    """Trainer methods: under sequence parallelism the ranks of a group see the same batches (:class:`GroupBatchSampler`).
+
+    Mixed in before the toolkit's trainer; reads the trainer's ``sequence_parallel`` (``None``: the trainer's own
+    samplers), and :meth:`add_group_sampling` runs in its ``__init__``.
+    """
+
+    sequence_parallel: Optional[SequenceParallel]
+
+    def add_group_sampling(self) -> None:
+        self.sampler_epoch = SamplerEpochCallback()  # inert unless sequence parallelism deals the batches
+        self.add_callback(self.sampler_epoch)
+
+    def _group_sampler(self, dataset: Any, batch_size: int, shuffle: bool) -> GroupBatchSampler:
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return GroupBatchSampler(len(dataset), batch_size, self.sequence_parallel.size, shuffle, seed)
+
+    def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Optional[torch.utils.data.Sampler]:
+        if self.sequence_parallel is None:
+            return super()._get_train_sampler(*args, **kwargs)
+        dataset = args[0] if args else kwargs.get("train_dataset") or self.train_dataset
+        sampler = self._group_sampler(dataset, self._train_batch_size, not self.finetuning_args.disable_shuffling)
+        self.sampler_epoch.sampler = sampler
+        return sampler
+
+    def _get_eval_sampler(self, eval_dataset: Any) -> Optional[torch.utils.data.Sampler]:
+        if self.sequence_parallel is None:
+            return super()._get_eval_sampler(eval_dataset)
+        return self._group_sampler(eval_dataset, self.args.eval_batch_size, False)
+
+
 class SamplerEpochCallback(TrainerCallback):
     """Sets the group sampler's epoch at each epoch's start, resumed epochs included.
 

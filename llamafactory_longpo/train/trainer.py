@@ -7,9 +7,8 @@ come from :mod:`.logps` (response positions only) and the losses from :mod:`llam
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any, Literal, Optional
 
@@ -22,16 +21,17 @@ from .callbacks import NonFiniteGuardCallback
 from .compat import accept_indexed_cpu_locations
 from .logps import plain_sequence_logps, sequence_logps
 from .metrics import logged, longpo_metrics, solopo_metrics
-from .reference import cached_values, compute_values, data_fingerprint, model_fingerprint
 from .rope import rope_theta_override
-from .sequence_parallel import GroupBatchSampler, SamplerEpochCallback
+from .sequence_parallel import GroupSamplingMixin
 from .shared_prefix import shared_prefix_logps
 from .spec import RunSpec
 from .wiring import Wiring
 
 
-class ShortToLongTrainer(CustomDPOTrainer):
-    """One trainer for both stages; ``finetuning_args.stage`` picks the loss."""
+class ShortToLongTrainer(GroupSamplingMixin, CustomDPOTrainer):
+    """One trainer for both stages; ``finetuning_args.stage`` picks the loss. Its reference pass is
+    :func:`.reference.precompute_reference`; its batch order under sequence parallelism,
+    :class:`.sequence_parallel.GroupSamplingMixin`."""
 
     def __init__(self, *args: Any, spec: RunSpec, wiring: Wiring, **kwargs: Any) -> None:
         """``spec``: how the run is put together (:mod:`.spec`); ``wiring``: what :func:`.wiring.wire_model` set up
@@ -46,33 +46,12 @@ class ShortToLongTrainer(CustomDPOTrainer):
         self.original_rope_theta = wiring.original_rope_theta
         # under ZeRO-3 each LM-head call gathers its weight over all ranks: they must make the same number of calls
         self.lockstep_head: bool = spec.zero_stage == 3
-        self.sampler_epoch = SamplerEpochCallback()  # inert unless sequence parallelism deals the batches
-        self.add_callback(self.sampler_epoch)
+        self.add_group_sampling()
         if self.args.device.type == "cpu" and self.args.device.index is not None:  # several CPU ranks: resumable
             accept_indexed_cpu_locations()
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, NonFiniteGuardCallback):
                 callback.engine_grad_norm = functools.partial(zero3.engine_grad_norm, self)
-
-    # ------------------------------------------------------------------ data
-    def _group_sampler(self, dataset: Any, batch_size: int, shuffle: bool) -> GroupBatchSampler:
-        sp = self.sequence_parallel
-        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        return GroupBatchSampler(len(dataset), batch_size, sp.size, shuffle, seed)
-
-    def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Optional[torch.utils.data.Sampler]:
-        """Under sequence parallelism the ranks of a group must see the same batches (see GroupBatchSampler)."""
-        if self.sequence_parallel is None:
-            return super()._get_train_sampler(*args, **kwargs)
-        dataset = args[0] if args else kwargs.get("train_dataset") or self.train_dataset
-        sampler = self._group_sampler(dataset, self._train_batch_size, not self.finetuning_args.disable_shuffling)
-        self.sampler_epoch.sampler = sampler
-        return sampler
-
-    def _get_eval_sampler(self, eval_dataset: Any) -> Optional[torch.utils.data.Sampler]:
-        if self.sequence_parallel is None:
-            return super()._get_eval_sampler(eval_dataset)
-        return self._group_sampler(eval_dataset, self.args.eval_batch_size, False)
 
     # ------------------------------------------------------------------ log-probs
     @contextmanager
@@ -156,64 +135,6 @@ class ShortToLongTrainer(CustomDPOTrainer):
         if self.plan.precomputed:
             return {k: batch[k] for k in self.plan.reference}
         return self.compute_reference_values(model, batch)
-
-    def precompute_reference(
-        self,
-        model: torch.nn.Module,
-        *,
-        model_paths: list[Optional[str]],
-        template: str,
-        cache_dir: Optional[str],
-        batch_size: int,
-        log: Callable[[str], None],
-        warn: Callable[[str], None],
-    ) -> None:
-        """Before training: every sample's reference values become columns of the train/eval datasets, from the
-        cache (:mod:`.reference`) or one no-grad pass of the frozen model.
-        ``log`` and ``warn``: as in :func:`.reference.cached_values`."""
-        keys = self.plan.reference
-        live = dataclasses.replace(self.data_collator, plan=self.plan.live())  # the pass scores the reference rows
-        sp = self.sequence_parallel
-        world = self.args.world_size
-        shards = (sp.dp_size, sp.dp_rank) if sp is not None else (world, self.args.process_index)
-
-        def with_columns(dataset: Any, split: str) -> Any:
-            scored = [c for c in dataset.column_names if c.endswith(("input_ids", "labels"))]
-            parts = {
-                "data": data_fingerprint(dataset, scored),
-                "model": model_fingerprint(model_paths),
-                "template": template,
-                "dtype": str(next(model.parameters()).dtype),
-                "stage": self.stage,
-                "keys": keys,
-            }
-
-            def compute() -> dict[str, list[float]]:
-                return compute_values(
-                    model,
-                    dataset,
-                    live,
-                    self.compute_reference_values,
-                    keys=keys,
-                    batch_size=batch_size,
-                    device=self.accelerator.device,
-                    shards=shards,
-                    desc=f"Reference log-probs ({split})",
-                )
-
-            values, path, status = cached_values(parts, len(dataset), keys, cache_dir, compute, f"{split} samples", log, warn)
-            self.reference_cache[split] = (path, status)
-            for name, column in values.items():
-                dataset = dataset.add_column(name, column)
-            return dataset
-
-        if self.train_dataset is not None:
-            self.train_dataset = with_columns(self.train_dataset, "train")
-        if isinstance(self.eval_dataset, dict):  # eval_on_each_dataset: every member is scored on its own
-            self.eval_dataset = {name: with_columns(d, f"eval {name}") for name, d in self.eval_dataset.items()}
-        elif self.eval_dataset is not None:
-            self.eval_dataset = with_columns(self.eval_dataset, "eval")
-        self.ref_model = None  # training reads the columns: no reference model is kept
 
     # ------------------------------------------------------------------ losses
     def _solopo(

@@ -14,6 +14,7 @@ from llamafactory.train.trainer_utils import create_modelcard_and_push, create_r
 from ..data.collator import ShortToLongDataCollator
 from .metrics import PLOT_KEYS
 from .plots import plot_rewards
+from .reference import precompute_reference
 from .rope import set_rope_theta
 from .spec import RunSpec
 from .trainer import ShortToLongTrainer
@@ -71,7 +72,8 @@ def build_trainer(
                 if finetuning_args.ref_model
                 else [model_args.model_name_or_path, *(model_args.adapter_name_or_path or [])]
             )
-            trainer.precompute_reference(
+            precompute_reference(
+                trainer,
                 model,
                 model_paths=ref_paths,
                 template=str(data_args.template),
