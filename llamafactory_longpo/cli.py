@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 from .errors import TRACEBACK_ENV, ConfigError, ShortToLongError, one_line
@@ -79,7 +80,9 @@ def _resume_note(args: argparse.Namespace) -> str:
     if args.command != "build":
         return ""
     try:
-        output = _read_yaml(args.config)["output"]
+        from . import yamlio
+
+        output = yamlio.read_mapping(args.config)["output"]
     except Exception:  # the note is a courtesy: never fail on it
         return ""
     kept = 0
@@ -87,28 +90,6 @@ def _resume_note(args: argparse.Namespace) -> str:
         with open(output, "rb") as fh:
             kept = sum(1 for line in fh if line.endswith(b"\n"))
     return f"; {kept} finished record(s) are in {output}; run the same command again to resume"
-
-
-def _read_yaml(path: str) -> dict[str, Any]:
-    """A YAML file that must hold a mapping of keys (read as the toolkit reads YAML: ``1e-5`` is a number)."""
-    import yaml
-
-    from . import yamlio
-
-    try:
-        with open(path, encoding="utf-8") as fh:
-            raw = yamlio.load(fh)
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read the file ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        raise ConfigError(f"{path}: {where}invalid YAML ({getattr(err, 'problem', None) or err})") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys, got a YAML {type(raw).__name__}")
-    return raw
 
 
 _TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
@@ -180,8 +161,22 @@ def check_fields(cls: type, path: str, raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
+def _admits_bool(cls: type) -> Callable[[str], bool]:
+    """Whether a key of dataclass ``cls`` may hold a boolean (keys it lacks are judged by :func:`check_fields`)."""
+    import dataclasses
+
+    annotations = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    return lambda key: key not in annotations or bool(re.search(r"\b(bool|Any)\b", annotations[key]))
+
+
 def _load_config(cls: type, path: str, strict: bool, overrides: Sequence[str] = ()) -> Any:
-    raw = check_fields(cls, path, apply_overrides(path, _read_yaml(path), overrides))
+    from . import yamlio
+
+    admits_bool = _admits_bool(cls)
+    for word in yamlio.override_bool_words(list(overrides)):
+        if not admits_bool(word.key):
+            raise ConfigError(yamlio.bool_word_line("command line", word))
+    raw = check_fields(cls, path, apply_overrides(path, yamlio.read_mapping(path, admits_bool), overrides))
     if strict:
         raw["strict"] = True  # only the builders have it
     return cls(**raw)
@@ -246,9 +241,10 @@ def _run(args: argparse.Namespace) -> int:
             )
         )
     elif args.command == "evolve":
+        from . import yamlio
         from .build.evolve import run_recipe
 
-        run_recipe(_read_yaml(args.recipe))
+        run_recipe(yamlio.read_mapping(args.recipe))
     return 0
 
 

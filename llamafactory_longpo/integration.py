@@ -30,7 +30,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import sys
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -364,10 +366,12 @@ def _run_plugin_stage(tuner: Any, config: dict[str, Any]) -> None:
 
 
 def patch_tuner(module: Any) -> None:
-    """Dispatch ``stage: longpo|solopo`` to the plugin; every other stage runs the toolkit's code."""
+    """Dispatch ``stage: longpo|solopo`` to the plugin; every other stage runs the toolkit's code. A training YAML
+    with a mistake (any stage: it is found before the stage is known) stops in one line."""
     if not _once(module, "tuner"):
         return
     original = module._training_function
+    original_read_args = module.read_args
 
     @functools.wraps(original)
     def _training_function(config: dict[str, Any]) -> None:
@@ -381,7 +385,48 @@ def patch_tuner(module: Any) -> None:
             else:
                 original(config)
 
+    @functools.wraps(original_read_args)
+    def read_args(args: Any = None) -> Any:
+        with one_line_errors(False):
+            check_train_yaml(args)
+        return original_read_args(args)
+
     module._training_function = _training_function
+    module.read_args = read_args
+
+
+def check_train_yaml(args: Any = None) -> None:
+    """The YAML file of ``llamafactory-cli train x.yaml key=value`` (``args`` None: read from ``sys.argv`` as the
+    toolkit's ``read_args`` does), checked before OmegaConf reads it: a missing file, a syntax error, a top-level
+    list and a key written twice are one :class:`ConfigError` naming the file and line instead of a traceback, and
+    a YAML 1.1 boolean word given to a key that takes no boolean (``save_strategy: no``) is refused with its quoting.
+    """
+    from . import yamlio
+
+    if args is not None or len(sys.argv) < 2 or not sys.argv[1].endswith((".yaml", ".yml")):
+        return
+    yamlio.read_mapping(sys.argv[1], admits_bool)
+    for word in yamlio.override_bool_words(sys.argv[2:]):
+        if not admits_bool(word.key):
+            raise ConfigError(yamlio.bool_word_line("command line", word))
+
+
+def _type_admits_bool(annotation: Any) -> bool:
+    if isinstance(annotation, str):
+        return bool(re.search(r"\b(bool|Any)\b", annotation))
+    if annotation is bool or annotation is Any:
+        return True
+    return any(_type_admits_bool(arg) for arg in typing.get_args(annotation) if not isinstance(arg, (str, int)))
+
+
+def admits_bool(key: str) -> bool:
+    """Whether training key ``key`` may hold ``true``/``false`` (a key no argument class has: yes, it is reported
+    as unknown elsewhere)."""
+    for cls in _train_arg_classes():
+        found = getattr(cls, "__dataclass_fields__", {}).get(key)
+        if found is not None:
+            return _type_admits_bool(found.type)
+    return True
 
 
 @contextlib.contextmanager
@@ -427,8 +472,6 @@ def unknown_keys_line(keys: list[str]) -> str:
 
 def describe_error(err: BaseException) -> str:
     """One line for a toolkit error (see :func:`errors.one_line`), with the nearest known key for a typo'd one."""
-    import re
-
     unused = re.match(r"Some keys are not used by the HfArgumentParser: \[(.*)\]", str(err))
     if unused:
         return unknown_keys_line(re.findall(r"'([^']+)'", unused.group(1)))
@@ -474,11 +517,10 @@ class _CheckedSubprocess:
     def run(self, *args: Any, **kwargs: Any) -> Any:
         from llamafactory.hparams import read_args
 
-        try:
-            raw = read_args()  # the launcher has taken "train" off sys.argv: the config and its overrides remain
-        except Exception:  # an unreadable config: the workers report it, as without the plugin
-            raw = None
-        plugin_stage = raw is not None and peek_stage(raw) in PLUGIN_STAGES
+        with one_line_errors(False):
+            check_train_yaml()  # the launcher has taken "train" off sys.argv: the config and its overrides remain
+        raw = read_args()
+        plugin_stage = peek_stage(raw) in PLUGIN_STAGES
         with one_line_errors(plugin_stage):
             if plugin_stage and isinstance(raw, dict):  # command-line arguments (no YAML) are checked by the workers
                 preflight(raw)

@@ -22,7 +22,7 @@ import torch
 import yaml
 from transformers import TrainerCallback
 
-from tests.conftest import ROOT, VENV_BIN, base_config, cli_env, run_command, train_in_process, write_yaml
+from tests.conftest import ROOT, VENV_BIN, base_config, cli_env, run_cli, run_command, torchrun_env, train_in_process, write_yaml
 
 GOOD = [json.loads(line) for line in (ROOT / "data" / "solopo_demo.jsonl").read_text(encoding="utf-8").splitlines()[:4]]
 LONGPO = [json.loads(line) for line in (ROOT / "data" / "longpo_demo.jsonl").read_text(encoding="utf-8").splitlines()[:3]]
@@ -505,3 +505,92 @@ def test_pth_checks_the_switch_first(tmp_path: Path) -> None:
     )
     assert on.stdout.strip() == "['llamafactory_longpo', 'llamafactory_longpo._bootstrap']"
     assert off.stdout.strip() == "[]"
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes: a refused command must leave them as they were."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _previous_run(out: Path) -> dict[str, bytes]:
+    """An output folder holding an earlier run's log and model, and its snapshot."""
+    _write(out / "trainer_log.jsonl", '{"current_steps": 1, "loss": 1.0}\n')
+    _write(out / "model.safetensors", "weights")
+    return _snapshot(out)
+
+
+# a YAML mistake -> (its text, given the command's valid config as text; the one line's pattern)
+YAML_MISTAKES: dict[str, tuple[Callable[[str], str], str]] = {
+    "syntax": (lambda good: good + "seed: [1\n", r": line \d+: invalid YAML \("),
+    "missing": (lambda good: "", r": cannot read the file \(No such file or directory\)"),
+    "list": (lambda good: "- " + good.replace("\n", "\n  "), r": expected a mapping of keys, got a YAML list"),
+    "duplicate": (
+        lambda good: good + "seed: 1\nseed: 2\n",
+        r": line \d+: invalid YAML \(duplicate key 'seed' \(first on line \d+\)\)",
+    ),
+}
+
+
+def _word_mistake(key: str) -> tuple[Callable[[str], str], str]:
+    """A YAML 1.1 boolean word given to a string-valued ``key``."""
+    return (
+        lambda good: good + f"{key}: off\n",
+        rf": line \d+: {key}: off is read as false \(a YAML 1\.1 boolean\); .*{key}: \"off\"",
+    )
+
+
+def _train_config(t: Path, tiny: Path) -> str:
+    return yaml.safe_dump(base_config(tiny, t / "out"))
+
+
+def _build_config(t: Path, tiny: Path) -> str:
+    return yaml.safe_dump(
+        {"input": str(MUSIQUE), "output": str(t / "out" / "o.jsonl"), "model": {"model_name_or_path": str(tiny)}}
+    )
+
+
+def _kv_config(t: Path, tiny: Path) -> str:
+    return yaml.safe_dump({"models": {"base": str(tiny)}, "output_dir": str(t / "out"), "items": 2})
+
+
+# command -> (argv given the config path, its valid config, a string-valued key for the boolean-word mistake)
+YAML_COMMANDS: dict[str, tuple[Callable[[str], list[str]], Callable[[Path, Path], str], str]] = {
+    "train": (lambda c: [str(VENV_BIN / "llamafactory-cli"), "train", c], _train_config, "save_strategy"),
+    "estimate": (lambda c: [str(VENV_BIN / "llamafactory-longpo"), "estimate", c], _train_config, "lr_scheduler_type"),
+    "build": (lambda c: [str(VENV_BIN / "llamafactory-longpo"), "build", "solopo", c], _build_config, "dataset_name"),
+    "eval": (lambda c: [str(VENV_BIN / "llamafactory-longpo"), "eval", "kv", c], _kv_config, "template"),
+}
+_SLOW_YAML = {("estimate", "syntax"), ("estimate", "missing"), ("estimate", "list")}  # each loads the toolkit: 7 s
+
+
+@pytest.mark.parametrize(
+    ("command", "mistake"),
+    [
+        pytest.param(c, m, marks=[pytest.mark.slow] if (c, m) in _SLOW_YAML else [])
+        for c in YAML_COMMANDS
+        for m in [*YAML_MISTAKES, "bool-word"]
+    ],
+)
+def test_yaml_mistakes(command: str, mistake: str, tmp_path: Path, tiny_model: Path) -> None:
+    """A YAML mistake is one line naming the file and line, exit status 1, in every command; nothing is written."""
+    argv, good, word_key = YAML_COMMANDS[command]
+    make, expected = YAML_MISTAKES[mistake] if mistake != "bool-word" else _word_mistake(word_key)
+    config = tmp_path / ("nope.yaml" if mistake == "missing" else "c.yaml")
+    if mistake != "missing":
+        _write(config, make(good(tmp_path, tiny_model)))
+    before = _previous_run(tmp_path / "out")
+    proc = run_command(argv(str(config)), cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    errors = [line for line in proc.stdout.splitlines() if "error:" in line]
+    assert len(errors) == 1 and re.search(re.escape(str(config)) + expected, errors[0]), proc.stdout[-3000:]
+    assert _snapshot(tmp_path / "out") == before
+
+
+def test_yaml_mistake_under_torchrun(tmp_path: Path, tiny_model: Path) -> None:
+    """Two ranks through torchrun: the launcher finds the mistake, prints its line once, and starts no worker."""
+    config = _write(tmp_path / "c.yaml", _train_config(tmp_path, tiny_model) + "seed: 1\nseed: 2\n")
+    before = _previous_run(tmp_path / "out")
+    proc = run_cli(["train", config], cwd=tmp_path, **torchrun_env(tmp_path / "norms.jsonl"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    assert proc.stdout.count("error:") == 1 and "duplicate key 'seed'" in proc.stdout, proc.stdout[-3000:]
+    assert "ChildFailedError" not in proc.stdout and _snapshot(tmp_path / "out") == before
