@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .checks import check_run
 from .errors import TRACEBACK_ENV, ConfigError, Interrupted, ShortToLongError, TrainingError, one_line
 from .hparams import PLUGIN_STAGES, ShortToLongDataArguments, ShortToLongFinetuningArguments
 
@@ -381,6 +382,8 @@ def patch_tuner(module: Any) -> None:
         plugin_stage = peek_stage(config.get("args")) in PLUGIN_STAGES
         with one_line_errors(plugin_stage):
             if plugin_stage:
+                if isinstance(config.get("args"), dict):  # a YAML's keys (command-line arguments are parsed later)
+                    config["args"] = check_run(config["args"])
                 _run_plugin_stage(module, config)
             else:
                 original(config)
@@ -523,7 +526,7 @@ class _CheckedSubprocess:
         plugin_stage = peek_stage(raw) in PLUGIN_STAGES
         with one_line_errors(plugin_stage):
             if plugin_stage and isinstance(raw, dict):  # command-line arguments (no YAML) are checked by the workers
-                preflight(raw)
+                preflight(check_run(raw))
             try:
                 return self._real.run(*args, **kwargs)
             except self._real.CalledProcessError as err:

@@ -594,3 +594,80 @@ def test_yaml_mistake_under_torchrun(tmp_path: Path, tiny_model: Path) -> None:
     assert proc.returncode == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
     assert proc.stdout.count("error:") == 1 and "duplicate key 'seed'" in proc.stdout, proc.stdout[-3000:]
     assert "ChildFailedError" not in proc.stdout and _snapshot(tmp_path / "out") == before
+
+
+def _without_tokenizer(tiny: Path, folder: Path) -> Path:
+    """A model folder as many hub exports are: weights and config only."""
+    folder.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        (folder / name).write_bytes((tiny / name).read_bytes())
+    return folder
+
+
+# command -> (argv given the folder of the test and the model; the file of an earlier result it must keep)
+TOKENIZERLESS_COMMANDS: dict[str, tuple[Callable[[Path, Path], list[str]], str]] = {
+    "train": (
+        lambda t, m: [str(VENV_BIN / "llamafactory-cli"), "train", str(write_yaml(t / "c.yaml", base_config(m, t / "out")))],
+        "trainer_log.jsonl",
+    ),
+    "eval kv": (
+        lambda t, m: [
+            str(VENV_BIN / "llamafactory-longpo"),
+            *("eval", "kv", _write(t / "c.yaml", yaml.safe_dump({"models": {"base": str(m)}, "output_dir": str(t / "out")}))),
+        ],
+        "kv_eval.json",
+    ),
+    "eval ruler": (
+        lambda t, m: [
+            str(VENV_BIN / "llamafactory-longpo"),
+            *(
+                "eval",
+                "ruler",
+                _write(t / "c.yaml", yaml.safe_dump({"model": {"model_name_or_path": str(m)}, "output_dir": str(t / "out")})),
+            ),
+        ],
+        "scores.json",
+    ),
+    "build": (
+        lambda t, m: [
+            str(VENV_BIN / "llamafactory-longpo"),
+            *(
+                "build",
+                "solopo",
+                _write(
+                    t / "c.yaml",
+                    yaml.safe_dump(
+                        {"input": str(MUSIQUE), "output": str(t / "out" / "o.jsonl"), "model": {"model_name_or_path": str(m)}}
+                    ),
+                ),
+            ),
+        ],
+        "o.jsonl",
+    ),
+}
+
+
+@pytest.mark.parametrize("command", list(TOKENIZERLESS_COMMANDS))
+def test_model_without_tokenizer(command: str, tmp_path: Path, tiny_model: Path) -> None:
+    """Refused in one line naming the folder and what it lacks, before anything is loaded or written."""
+    argv, kept = TOKENIZERLESS_COMMANDS[command]
+    model = _without_tokenizer(tiny_model, tmp_path / "export")
+    _write(tmp_path / "out" / kept, '{"earlier": "result"}\n')
+    before = _snapshot(tmp_path / "out")
+    proc = run_command(argv(tmp_path, model), cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    errors = [line for line in proc.stdout.splitlines() if "error:" in line]
+    assert len(errors) == 1 and f"{model} lacks a tokenizer (none of tokenizer.json, " in errors[0], proc.stdout[-3000:]
+    assert _snapshot(tmp_path / "out") == before
+
+
+def test_missing_model_under_torchrun(tmp_path: Path, tiny_model: Path) -> None:
+    """The launcher finds a model path that does not exist: one line, no worker started."""
+    config = write_yaml(tmp_path / "c.yaml", base_config(tmp_path / "no-such-model", tmp_path / "out"))
+    proc = run_cli(["train", str(config)], cwd=tmp_path, **torchrun_env(tmp_path / "norms.jsonl"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    errors = [line for line in proc.stdout.splitlines() if "error:" in line]
+    assert errors == [f"[llamafactory-longpo] error: model_name_or_path: {tmp_path / 'no-such-model'} does not exist"], (
+        proc.stdout[-3000:]
+    )
+    assert "ChildFailedError" not in proc.stdout and not (tmp_path / "out").exists()
