@@ -282,7 +282,8 @@ class ShortToLongDataArguments:
         validate_choices(self, {f.name for f in fields(ShortToLongDataArguments)})
         _positive("short_cutoff_len", _integer(self, "short_cutoff_len"), allow_zero=False)
         cutoff = getattr(self, "cutoff_len", None)  # the toolkit's field, present once merged into its DataArguments
-        if isinstance(cutoff, int) and self.short_cutoff_len > cutoff:
+        # a knob left at its default says nothing: every stock run with a cutoff_len below it would warn otherwise
+        if isinstance(cutoff, int) and self.short_cutoff_len > cutoff and _changed(self, ("short_cutoff_len",)):
             warn_no_effect(
                 "short_cutoff_len",
                 f"{self.short_cutoff_len} is above cutoff_len {cutoff}; a short row that long has a long row over cutoff_len, "

@@ -671,3 +671,19 @@ def test_missing_model_under_torchrun(tmp_path: Path, tiny_model: Path) -> None:
         proc.stdout[-3000:]
     )
     assert "ChildFailedError" not in proc.stdout and not (tmp_path / "out").exists()
+
+
+def test_stock_stage_hears_nothing_from_the_plugin(tmp_path: Path, tiny_model: Path) -> None:
+    """``stage: sft`` with a stock dataset and a cutoff_len below short_cutoff_len's default: the plugin is silent."""
+    data = tmp_path / "data"
+    _write(
+        data / "a.jsonl", "".join(json.dumps({"instruction": f"say {i}", "input": "", "output": "hi"}) + "\n" for i in range(4))
+    )
+    _write(data / "dataset_info.json", json.dumps({"a": {"file_name": "a.jsonl"}}))
+    config = base_config(tiny_model, tmp_path / "out", stage="sft", dataset="a", dataset_dir=str(data), cutoff_len=1024)
+    for key in ("pref_loss", "short_cutoff_len"):
+        config.pop(key)
+    config.update(max_steps=1, save_strategy="no", plot_loss=False)
+    proc = run_cli(["train", str(write_yaml(tmp_path / "sft.yaml", config))], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert not re.search(r"longpo|short_cutoff_len|s2l_", proc.stdout), proc.stdout[-3000:]
