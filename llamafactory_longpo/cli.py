@@ -27,10 +27,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tiny.add_argument("--heads", type=int, default=4)
     tiny.add_argument("--kv-heads", type=int, default=2)
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--force", action="store_true", help="write into a folder that is not empty (its files are replaced)")
 
     demo = sub.add_parser("make-demo-data", help="(re)write data/*.jsonl and dataset_info.json under ROOT")
     demo.add_argument("root")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--force", action="store_true", help="replace data files that differ from the demo's (edited ones)")
 
     build = sub.add_parser("build", help="build short-to-long data with the model itself (the toolkit's engines)")
     build.add_argument("kind", choices=["solopo", "longpo"])
@@ -182,12 +184,43 @@ def _load_config(cls: type, path: str, strict: bool, overrides: Sequence[str] = 
     return cls(**raw)
 
 
+# the sizes a tiny model can be built with: a byte-level tokenizer needs its 256 bytes and 3 special tokens
+TINY_SIZES: dict[str, tuple[int, int]] = {
+    "tokenizer_vocab": (259, 1 << 20),
+    "vocab_size": (1, 1 << 20),
+    "hidden_size": (2, 16384),
+    "intermediate_size": (1, 65536),
+    "layers": (1, 256),
+    "heads": (1, 256),
+    "kv_heads": (1, 256),
+}
+
+
+def _check_tiny_sizes(args: argparse.Namespace) -> None:
+    """``make-tiny-model``'s sizes, refused before anything is built (a zero width divided by the heads otherwise)."""
+    for name, (low, high) in TINY_SIZES.items():
+        value = getattr(args, name)
+        if value is not None and not low <= value <= high:
+            raise ConfigError(f"--{name.replace('_', '-')}: {value} must be between {low} and {high}")
+    if args.hidden_size % args.heads or (args.hidden_size // args.heads) % 2:
+        raise ConfigError(f"--hidden-size: {args.hidden_size} must be --heads ({args.heads}) times an even head size")
+    if args.heads % args.kv_heads:
+        raise ConfigError(f"--kv-heads: {args.kv_heads} must divide --heads ({args.heads})")
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "make-tiny-model":
         from .tiny import make_tiny_model
 
         if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
             raise ConfigError(f"{args.out_dir}: exists and is not a folder")
+        _check_tiny_sizes(args)
+        held = sorted(os.listdir(args.out_dir)) if os.path.isdir(args.out_dir) else []
+        if held and not args.force:
+            shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+            raise ConfigError(
+                f"{args.out_dir}: not empty (holds {shown}); choose an empty folder, or add --force to write into it"
+            )
 
         out = make_tiny_model(
             args.out_dir,
@@ -207,7 +240,7 @@ def _run(args: argparse.Namespace) -> int:
         if os.path.exists(args.root) and not os.path.isdir(args.root):
             raise ConfigError(f"{args.root}: exists and is not a folder")
 
-        for name, path in write(args.root, args.seed).items():
+        for name, path in write(args.root, args.seed, args.force).items():
             print(f"{name}: {path}")
     elif args.command == "build":
         if args.kind == "solopo":

@@ -687,3 +687,63 @@ def test_stock_stage_hears_nothing_from_the_plugin(tmp_path: Path, tiny_model: P
     proc = run_cli(["train", str(write_yaml(tmp_path / "sft.yaml", config))], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert not re.search(r"longpo|short_cutoff_len|s2l_", proc.stdout), proc.stdout[-3000:]
+
+
+def _trained_model(folder: Path) -> Path:
+    _write(folder / "model.safetensors", "trained weights")
+    _write(folder / "config.json", "{}")
+    return folder
+
+
+# helper command writing over work -> (argv given the test folder, the folder it must leave unchanged, the one line)
+OVERWRITE_CASES: dict[str, tuple[Callable[[Path], list[str]], str, str]] = {
+    "tiny-onto-trained-model": (
+        lambda t: ["make-tiny-model", str(_trained_model(t / "m"))],
+        "m",
+        r"m: not empty \(holds config\.json, model\.safetensors\); .*add --force",
+    ),
+    "tiny-onto-other-files": (
+        lambda t: ["make-tiny-model", str(Path(_write(t / "m" / "notes.txt", "mine")).parent), "--layers", "1"],
+        "m",
+        r"m: not empty \(holds notes\.txt\)",
+    ),
+    "demo-onto-edited-data": (
+        lambda t: ["make-demo-data", str(Path(_write(t / "m" / "data" / "solopo_demo.jsonl", "{}\n")).parent.parent)],
+        "m",
+        r"solopo_demo\.jsonl: differs from the demo's data; .*add --force",
+    ),
+    "tiny-zero-width": (
+        lambda t: ["make-tiny-model", str(t / "m"), "--hidden-size", "0"],
+        "",
+        r"--hidden-size: 0 must be between 2 and",
+    ),
+    "tiny-heads-not-dividing": (
+        lambda t: ["make-tiny-model", str(t / "m"), "--heads", "3"],
+        "",
+        r"--hidden-size: 64 must be --heads \(3\) times an even head size",
+    ),
+    "tiny-kv-heads": (
+        lambda t: ["make-tiny-model", str(t / "m"), "--kv-heads", "3"],
+        "",
+        r"--kv-heads: 3 must divide --heads \(4\)",
+    ),
+    "tiny-small-tokenizer": (
+        lambda t: ["make-tiny-model", str(t / "m"), "--tokenizer-vocab", "-5"],
+        "",
+        r"--tokenizer-vocab: -5 must be between 259 and",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(OVERWRITE_CASES))
+def test_helpers_keep_work(name: str, tmp_path: Path) -> None:
+    """A helper refuses to write over a folder that holds something (``--force`` allows it), and impossible sizes,
+    in one line, before writing anything."""
+    argv, kept, expected = OVERWRITE_CASES[name]
+    args = argv(tmp_path)
+    before = _snapshot(tmp_path)
+    proc = run_command([str(VENV_BIN / "llamafactory-longpo"), *args], cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 and re.search(r"^llamafactory-longpo: error: .*" + expected, lines[0]), lines
+    assert _snapshot(tmp_path) == before and (kept or not (tmp_path / "m").exists())
