@@ -146,6 +146,35 @@ def apply_overrides(path: str, raw: dict[str, Any], overrides: Sequence[str]) ->
     return raw
 
 
+def _config_ranges() -> dict[str, Any]:
+    """The numeric keys of the builders' and evaluations' configs, by name, with the values a user could mean."""
+    from .hparams import Range
+
+    tokens = Range(16, 1 << 24)  # a context or document length
+    return {
+        "num_samples": Range(1, 1024),
+        "max_turns": Range(1, 64),
+        "pool_size": Range(1, 1024),
+        "max_records": Range(1, 1e9),
+        "samples_per_cell": Range(1, 1e5),
+        "batch_size": Range(1, 4096),
+        "max_new_tokens": Range(1, 1 << 20),
+        "target_tokens": tokens,
+        "min_doc_tokens": tokens,
+        "max_doc_tokens": tokens,
+        "chunk_min_tokens": tokens,
+        "chunk_max_tokens": tokens,
+        "lengths": tokens,
+        "depths": Range(0, 1),
+        "temperature": Range(0, 10),
+        "instruct_temperature": Range(0, 10),
+        "answer_temperature": Range(0, 10),
+        "top_p": Range(0, 1, open_low=True),
+        "instruct_top_p": Range(0, 1, open_low=True),
+        "seed": Range(0, 2**32 - 1),
+    }
+
+
 def check_fields(cls: type, path: str, raw: dict[str, Any]) -> dict[str, Any]:
     """``raw`` as keyword arguments of dataclass ``cls``: no unknown key, each value of its field's plain
     type, every required field present; ``path`` (a file, or the option the values came from) leads the error."""
@@ -156,6 +185,10 @@ def check_fields(cls: type, path: str, raw: dict[str, Any]) -> dict[str, Any]:
         if key not in fields:
             raise ConfigError(f"{path}: unknown key {key!r}; allowed: {', '.join(sorted(fields))}")
         _check_type(path, key, raw[key], str(fields[key].type))
+    ranges = _config_ranges()
+    for key in set(raw) & set(ranges):
+        for value in raw[key] if isinstance(raw[key], list) else [raw[key]]:
+            ranges[key].check(f"{path}: {key}", value)
     required = [f.name for f in fields.values() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     for key in required:
         if key not in raw:
@@ -260,7 +293,11 @@ def _run(args: argparse.Namespace) -> int:
 
         run_ruler(_load_config(RulerConfig, args.config, False, args.overrides))
     elif args.command == "estimate":
+        from .hparams import Range
         from .planner import run_estimate
+
+        Range(0, 4096, open_low=True).check("--device-memory", args.device_memory)  # GiB per GPU
+        Range(1, 1 << 20).check("--response-tokens", args.response_tokens)
 
         print(
             run_estimate(

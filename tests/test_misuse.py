@@ -747,3 +747,92 @@ def test_helpers_keep_work(name: str, tmp_path: Path) -> None:
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1 and re.search(r"^llamafactory-longpo: error: .*" + expected, lines[0]), lines
     assert _snapshot(tmp_path) == before and (kept or not (tmp_path / "m").exists())
+
+
+# a value no one could mean -> (argv given the test folder and the tiny model, the one line's pattern)
+RANGE_CASES: dict[str, tuple[Callable[[Path, Path], list[str]], str]] = {
+    "train-alpha-overflow": (
+        lambda t, m: [
+            str(VENV_BIN / "llamafactory-cli"),
+            "train",
+            str(write_yaml(t / "c.yaml", base_config(m, t / "out", solopo_alpha=1e30))),
+        ],
+        r"\[llamafactory-longpo\] error: solopo_alpha: 1e\+30 must be >= 0 and <= 100$",
+    ),
+    "train-chunk-huge": (
+        lambda t, m: [
+            str(VENV_BIN / "llamafactory-cli"),
+            "train",
+            str(write_yaml(t / "c.yaml", base_config(m, t / "out", s2l_logits_chunk=2**40))),
+        ],
+        r"error: s2l_logits_chunk: 1099511627776 must be >= 1 and <= 1,048,576$",
+    ),
+    "estimate-device-memory": (
+        lambda t, m: [
+            str(VENV_BIN / "llamafactory-longpo"),
+            "estimate",
+            str(ROOT / "examples/tiny/solo_orpo_tiny.yaml"),
+            "--device-memory",
+            "-5",
+        ],
+        r"error: --device-memory: -5\.0 must be > 0 and <= 4,096$",
+    ),
+    "build-no-samples": (
+        lambda t, m: [str(VENV_BIN / "llamafactory-longpo"), "build", "solopo", _build_yaml(t, num_samples=0)],
+        r"build\.yaml: num_samples: 0 must be >= 1 and <= 1,024$",
+    ),
+    "build-negative-temperature": (
+        lambda t, m: [str(VENV_BIN / "llamafactory-longpo"), "build", "longpo", _build_yaml(t, answer_temperature=-1.0)],
+        r"build\.yaml: answer_temperature: -1\.0 must be >= 0 and <= 10$",
+    ),
+    "eval-depth-past-the-end": (
+        lambda t, m: [
+            str(VENV_BIN / "llamafactory-longpo"),
+            *(
+                "eval",
+                "ruler",
+                _write(t / "r.yaml", yaml.safe_dump({"model": {}, "output_dir": str(t / "out"), "depths": [0.5, 2.0]})),
+            ),
+        ],
+        r"r\.yaml: depths: 2\.0 must be >= 0 and <= 1$",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(RANGE_CASES))
+def test_values_out_of_range(name: str, tmp_path: Path, tiny_model: Path) -> None:
+    argv, expected = RANGE_CASES[name]
+    before = _previous_run(tmp_path / "out")
+    proc = run_command(argv(tmp_path, tiny_model), cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    errors = [line for line in proc.stdout.splitlines() if "error:" in line]
+    assert len(errors) == 1 and re.search(expected, errors[0]), proc.stdout[-3000:]
+    assert _snapshot(tmp_path / "out") == before
+
+
+def _train_on(tmp_path: Path, tiny: Path, rows: list[Any], **overrides: Any) -> subprocess.CompletedProcess:
+    """``llamafactory-cli train`` (one step) over ``rows`` as dataset ``d``."""
+    folder = _dataset(tmp_path / "data", rows)
+    config = base_config(tiny, tmp_path / "out", dataset="d", dataset_dir=str(folder), max_steps=1, plot_loss=False)
+    config.update(s2l_ref_cache_dir=str(tmp_path / "ref_cache"), save_strategy="no", **overrides)
+    return run_cli(["train", str(write_yaml(tmp_path / "c.yaml", config))], cwd=tmp_path)
+
+
+def test_record_text_with_a_lone_surrogate(tmp_path: Path, tiny_model: Path) -> None:
+    """JSON's ``"\\ud800"`` decodes to a character no UTF-8 text holds: one line naming file, record and field."""
+    before = _previous_run(tmp_path / "out")
+    proc = _train_on(tmp_path, tiny_model, _mutate(lambda rs: rs[1]["turns"][0].update(chosen="ok \ud83d then")))
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    errors = [line for line in proc.stdout.splitlines() if "error:" in line]
+    expected = "d.jsonl: record 1 (line 2): field 'turns[0].chosen' holds a lone UTF-16 surrogate (\\ud83d at character 3)"
+    assert len(errors) == 1 and expected in errors[0], proc.stdout[-3000:]
+    assert _snapshot(tmp_path / "out") == before
+
+
+def test_record_text_with_nul_is_counted(tmp_path: Path, tiny_model: Path) -> None:
+    proc = _train_on(
+        tmp_path, tiny_model, _mutate(lambda rs: [r.update(long_context=r["long_context"] + "\x00") for r in rs[:2]])
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert proc.stdout.count("hold NUL characters") == 1, proc.stdout[-3000:]
+    assert re.search(r"2 of 4 records hold NUL characters \(\\u0000; .*first: \S*d\.jsonl: record 0 \(line 1\)", proc.stdout)
