@@ -347,9 +347,11 @@ def check_attention_kernels(
     kernel that takes no 4D mask (eager needs one); LongPO's shared prefix runs on sdpa, flash-attention 2 and eager.
     """
     flash_attn = str(flash_attn)
-    kernel = ATTENTION_KERNELS.get(flash_attn)
-    if kernel is None:  # "auto"
+    if flash_attn == "auto":
         return
+    kernel = ATTENTION_KERNELS.get(flash_attn)
+    if kernel is None:  # the toolkit takes the YAML's string as it is, and fails only once the model is loading
+        raise ConfigError(f"flash_attn: {flash_attn!r} is not one of auto, {', '.join(ATTENTION_KERNELS)}")
     if kernel.half_precision_only and not half_precision:
         raise ConfigError(
             f"flash_attn: {flash_attn} runs in bf16 or fp16 only; set bf16: true (or fp16: true), or flash_attn: sdpa"

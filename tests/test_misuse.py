@@ -836,3 +836,19 @@ def test_record_text_with_nul_is_counted(tmp_path: Path, tiny_model: Path) -> No
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert proc.stdout.count("hold NUL characters") == 1, proc.stdout[-3000:]
     assert re.search(r"2 of 4 records hold NUL characters \(\\u0000; .*first: \S*d\.jsonl: record 0 \(line 1\)", proc.stdout)
+
+
+def test_unknown_attention_kernel_under_torchrun(tmp_path: Path, tiny_model: Path) -> None:
+    """A ``flash_attn`` the toolkit does not have, with sequence parallelism over the 2 ranks: the launcher's line,
+    once, before any worker loads the model."""
+    config = base_config(tiny_model, tmp_path / "out", flash_attn="fa4", sequence_parallel_size=2)
+    before = _previous_run(tmp_path / "out")
+    proc = run_cli(
+        ["train", str(write_yaml(tmp_path / "c.yaml", config))], cwd=tmp_path, **torchrun_env(tmp_path / "norms.jsonl")
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    errors = [line for line in proc.stdout.splitlines() if "error:" in line]
+    assert errors == ["[llamafactory-longpo] error: flash_attn: 'fa4' is not one of auto, disabled, sdpa, fa2, fa3"], proc.stdout[
+        -3000:
+    ]
+    assert "ChildFailedError" not in proc.stdout and _snapshot(tmp_path / "out") == before
