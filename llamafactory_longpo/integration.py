@@ -383,7 +383,7 @@ def patch_tuner(module: Any) -> None:
         with one_line_errors(plugin_stage):
             if plugin_stage:
                 if isinstance(config.get("args"), dict):  # a YAML's keys (command-line arguments are parsed later)
-                    config["args"] = check_run(config["args"])
+                    config["args"] = check_run(config["args"], _data_warning)
                 _run_plugin_stage(module, config)
             else:
                 original(config)

@@ -852,3 +852,68 @@ def test_unknown_attention_kernel_under_torchrun(tmp_path: Path, tiny_model: Pat
         -3000:
     ]
     assert "ChildFailedError" not in proc.stdout and _snapshot(tmp_path / "out") == before
+
+
+def _checkpoint(folder: Path, tiny: Path, files: dict[str, str | None]) -> Path:
+    """A checkpoint folder: the tiny model's weights and config, a trainer state, then ``files`` (None: removed)."""
+    folder.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).write_bytes((tiny / name).read_bytes())
+    (folder / "trainer_state.json").write_text('{"global_step": 4}')
+    for name, text in files.items():
+        if text is None:
+            (folder / name).unlink()
+        else:
+            (folder / name).write_text(text)
+    return folder
+
+
+def _other_shape(tiny: Path) -> str:
+    config = json.loads((tiny / "config.json").read_text())
+    return json.dumps({**config, "hidden_size": config["hidden_size"] // 2})
+
+
+# a checkpoint that cannot be resumed from -> (overrides given the output folder and the model; the line's pattern)
+RESUME_CASES: dict[str, tuple[Callable[[Path, Path], dict[str, Any]], str]] = {
+    "missing": (lambda out, m: {"resume_from_checkpoint": str(out / "checkpoint-9")}, r"checkpoint-9 does not exist$"),
+    "garbage-weights": (
+        lambda out, m: {"resume_from_checkpoint": str(_checkpoint(out / "checkpoint-4", m, {"model.safetensors": "garbage"}))},
+        r"checkpoint-4 is damaged \(model\.safetensors is not a safetensors file\)$",
+    ),
+    "other-shape": (
+        lambda out, m: {"resume_from_checkpoint": str(_checkpoint(out / "checkpoint-4", m, {"config.json": _other_shape(m)}))},
+        r"checkpoint-4 holds a model of another shape \(hidden_size 32, the model's 64\)$",
+    ),
+    "torn-newest-auto": (
+        lambda out, m: {"overwrite_output_dir": False, "_": _checkpoint(out / "checkpoint-4", m, {"trainer_state.json": None})},
+        r"output_dir: its newest checkpoint \S*checkpoint-4 is incomplete \(no trainer_state\.json: its save was cut short\), "
+        r"and no other can be resumed from; remove it, or set overwrite_output_dir: true",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(RESUME_CASES))
+def test_resume_target_is_checked_first(name: str, tmp_path: Path, tiny_model: Path) -> None:
+    """With ``overwrite_output_dir: true`` a refused run deleted the earlier log first; now nothing changes."""
+    out = tmp_path / "out"
+    _previous_run(out)
+    make, expected = RESUME_CASES[name]
+    overrides = make(out, tiny_model)
+    overrides.pop("_", None)
+    before = _snapshot(out)
+    proc = run_cli(["train", str(write_yaml(tmp_path / "c.yaml", base_config(tiny_model, out, **overrides)))], cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    errors = [line for line in proc.stdout.splitlines() if "error:" in line]
+    assert len(errors) == 1 and re.search(expected, errors[0]), proc.stdout[-3000:]
+    assert _snapshot(out) == before
+
+
+def test_refused_while_starting_keeps_the_log(tmp_path: Path, tiny_model: Path) -> None:
+    """A run refused after the trainer is built (the optimizer refuses a negative learning rate) keeps the log."""
+    out = tmp_path / "out"
+    before = _previous_run(out)
+    proc = run_cli(
+        ["train", str(write_yaml(tmp_path / "c.yaml", base_config(tiny_model, out, learning_rate=-1.0)))], cwd=tmp_path
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    assert _snapshot(out) == before

@@ -163,6 +163,14 @@ class ShortToLongLogCallback(LogCallback):
     line it is about to write, so there is still exactly one line per logging step.
     """
 
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """The toolkit deletes an earlier ``trainer_log.jsonl`` here (``overwrite_output_dir``); that waits for
+        :meth:`on_train_begin`, so a run refused while it loads its checkpoint or optimizer loses no log."""
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        super().on_init_end(args, state, control, **kwargs)
+        super().on_train_begin(args, state, control, **kwargs)
+
     def on_log(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         extra = plugin_metrics(state.log_history[-1]) if state.log_history else {}
         write = type(self)._write_log
