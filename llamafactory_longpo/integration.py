@@ -323,7 +323,7 @@ def _run_plugin_stage(tuner: Any, config: dict[str, Any]) -> None:
     the dispatch, so a plugin stage could only pass through it disguised as one of the toolkit's stages.
     The repeated part is the list of callbacks, with the toolkit's own classes taken from its module.
     """
-    from .train.callbacks import NonFiniteGuardCallback, ShortToLongLogCallback, last_checkpoint_note
+    from .train.callbacks import NonFiniteGuardCallback, ShortToLongLogCallback, TerminateNoteCallback, last_checkpoint_note
     from .train.compat import shutdown_distributed
     from .train.workflow import run_short_to_long
 
@@ -335,6 +335,7 @@ def _run_plugin_stage(tuner: Any, config: dict[str, Any]) -> None:
 
     callbacks.append(NonFiniteGuardCallback())  # first: a NaN step stops before any other callback saves or logs it
     callbacks.append(ShortToLongLogCallback())  # the toolkit's LogCallback + the plugin's metrics
+    callbacks.append(TerminateNoteCallback())
     if finetuning_args.pissa_convert:
         callbacks.append(tuner.PissaConvertCallback())
     if finetuning_args.use_swanlab:

@@ -917,3 +917,32 @@ def test_refused_while_starting_keeps_the_log(tmp_path: Path, tiny_model: Path) 
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
     assert _snapshot(out) == before
+
+
+def test_sigterm_says_where_the_run_stopped(tmp_path: Path, tiny_model: Path) -> None:
+    """What a scheduler sends: one line with the step reached, the last checkpoint and how to resume; exit 143."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    config = base_config(tiny_model, out, max_steps=400, save_steps=2, plot_loss=False)
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "llamafactory-cli"), "train", str(write_yaml(tmp_path / "c.yaml", config))],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while not (out / "checkpoint-2" / "trainer_state.json").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)
+    text = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143 and "Traceback" not in text, text[-3000:]
+    errors = [line for line in text.splitlines() if "error:" in line]
+    assert len(errors) == 1, text[-3000:]
+    pattern = r"error: terminated \(SIGTERM\) at step (\d+); the last checkpoint is (\S+); "
+    found = re.search(pattern + r"to resume, run again with resume_from_checkpoint: \2$", errors[0])
+    assert found and int(found.group(1)) >= 2 and Path(found.group(2)).name.startswith("checkpoint-"), errors[0]
