@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 from .errors import TRACEBACK_ENV, ConfigError, ShortToLongError, one_line
@@ -26,10 +27,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tiny.add_argument("--heads", type=int, default=4)
     tiny.add_argument("--kv-heads", type=int, default=2)
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--force", action="store_true", help="write into a folder that is not empty (its files are replaced)")
 
     demo = sub.add_parser("make-demo-data", help="(re)write data/*.jsonl and dataset_info.json under ROOT")
     demo.add_argument("root")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--force", action="store_true", help="replace data files that differ from the demo's (edited ones)")
 
     build = sub.add_parser("build", help="build short-to-long data with the model itself (the toolkit's engines)")
     build.add_argument("kind", choices=["solopo", "longpo"])
@@ -79,7 +82,9 @@ def _resume_note(args: argparse.Namespace) -> str:
     if args.command != "build":
         return ""
     try:
-        output = _read_yaml(args.config)["output"]
+        from . import yamlio
+
+        output = yamlio.read_mapping(args.config)["output"]
     except Exception:  # the note is a courtesy: never fail on it
         return ""
     kept = 0
@@ -87,28 +92,6 @@ def _resume_note(args: argparse.Namespace) -> str:
         with open(output, "rb") as fh:
             kept = sum(1 for line in fh if line.endswith(b"\n"))
     return f"; {kept} finished record(s) are in {output}; run the same command again to resume"
-
-
-def _read_yaml(path: str) -> dict[str, Any]:
-    """A YAML file that must hold a mapping of keys (read as the toolkit reads YAML: ``1e-5`` is a number)."""
-    import yaml
-
-    from . import yamlio
-
-    try:
-        with open(path, encoding="utf-8") as fh:
-            raw = yamlio.load(fh)
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read the file ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        raise ConfigError(f"{path}: {where}invalid YAML ({getattr(err, 'problem', None) or err})") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys, got a YAML {type(raw).__name__}")
-    return raw
 
 
 _TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
@@ -163,6 +146,35 @@ def apply_overrides(path: str, raw: dict[str, Any], overrides: Sequence[str]) ->
     return raw
 
 
+def _config_ranges() -> dict[str, Any]:
+    """The numeric keys of the builders' and evaluations' configs, by name, with the values a user could mean."""
+    from .hparams import Range
+
+    tokens = Range(16, 1 << 24)  # a context or document length
+    return {
+        "num_samples": Range(1, 1024),
+        "max_turns": Range(1, 64),
+        "pool_size": Range(1, 1024),
+        "max_records": Range(1, 1e9),
+        "samples_per_cell": Range(1, 1e5),
+        "batch_size": Range(1, 4096),
+        "max_new_tokens": Range(1, 1 << 20),
+        "target_tokens": tokens,
+        "min_doc_tokens": tokens,
+        "max_doc_tokens": tokens,
+        "chunk_min_tokens": tokens,
+        "chunk_max_tokens": tokens,
+        "lengths": tokens,
+        "depths": Range(0, 1),
+        "temperature": Range(0, 10),
+        "instruct_temperature": Range(0, 10),
+        "answer_temperature": Range(0, 10),
+        "top_p": Range(0, 1, open_low=True),
+        "instruct_top_p": Range(0, 1, open_low=True),
+        "seed": Range(0, 2**32 - 1),
+    }
+
+
 def check_fields(cls: type, path: str, raw: dict[str, Any]) -> dict[str, Any]:
     """``raw`` as keyword arguments of dataclass ``cls``: no unknown key, each value of its field's plain
     type, every required field present; ``path`` (a file, or the option the values came from) leads the error."""
@@ -173,6 +185,10 @@ def check_fields(cls: type, path: str, raw: dict[str, Any]) -> dict[str, Any]:
         if key not in fields:
             raise ConfigError(f"{path}: unknown key {key!r}; allowed: {', '.join(sorted(fields))}")
         _check_type(path, key, raw[key], str(fields[key].type))
+    ranges = _config_ranges()
+    for key in set(raw) & set(ranges):
+        for value in raw[key] if isinstance(raw[key], list) else [raw[key]]:
+            ranges[key].check(f"{path}: {key}", value)
     required = [f.name for f in fields.values() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     for key in required:
         if key not in raw:
@@ -180,11 +196,49 @@ def check_fields(cls: type, path: str, raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
+def _admits_bool(cls: type) -> Callable[[str], bool]:
+    """Whether a key of dataclass ``cls`` may hold a boolean (keys it lacks are judged by :func:`check_fields`)."""
+    import dataclasses
+
+    annotations = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    return lambda key: key not in annotations or bool(re.search(r"\b(bool|Any)\b", annotations[key]))
+
+
 def _load_config(cls: type, path: str, strict: bool, overrides: Sequence[str] = ()) -> Any:
-    raw = check_fields(cls, path, apply_overrides(path, _read_yaml(path), overrides))
+    from . import yamlio
+
+    admits_bool = _admits_bool(cls)
+    for word in yamlio.override_bool_words(list(overrides)):
+        if not admits_bool(word.key):
+            raise ConfigError(yamlio.bool_word_line("command line", word))
+    raw = check_fields(cls, path, apply_overrides(path, yamlio.read_mapping(path, admits_bool), overrides))
     if strict:
         raw["strict"] = True  # only the builders have it
     return cls(**raw)
+
+
+# the sizes a tiny model can be built with: a byte-level tokenizer needs its 256 bytes and 3 special tokens
+TINY_SIZES: dict[str, tuple[int, int]] = {
+    "tokenizer_vocab": (259, 1 << 20),
+    "vocab_size": (1, 1 << 20),
+    "hidden_size": (2, 16384),
+    "intermediate_size": (1, 65536),
+    "layers": (1, 256),
+    "heads": (1, 256),
+    "kv_heads": (1, 256),
+}
+
+
+def _check_tiny_sizes(args: argparse.Namespace) -> None:
+    """``make-tiny-model``'s sizes, refused before anything is built (a zero width divided by the heads otherwise)."""
+    for name, (low, high) in TINY_SIZES.items():
+        value = getattr(args, name)
+        if value is not None and not low <= value <= high:
+            raise ConfigError(f"--{name.replace('_', '-')}: {value} must be between {low} and {high}")
+    if args.hidden_size % args.heads or (args.hidden_size // args.heads) % 2:
+        raise ConfigError(f"--hidden-size: {args.hidden_size} must be --heads ({args.heads}) times an even head size")
+    if args.heads % args.kv_heads:
+        raise ConfigError(f"--kv-heads: {args.kv_heads} must divide --heads ({args.heads})")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -193,6 +247,13 @@ def _run(args: argparse.Namespace) -> int:
 
         if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
             raise ConfigError(f"{args.out_dir}: exists and is not a folder")
+        _check_tiny_sizes(args)
+        held = sorted(os.listdir(args.out_dir)) if os.path.isdir(args.out_dir) else []
+        if held and not args.force:
+            shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+            raise ConfigError(
+                f"{args.out_dir}: not empty (holds {shown}); choose an empty folder, or add --force to write into it"
+            )
 
         out = make_tiny_model(
             args.out_dir,
@@ -212,7 +273,7 @@ def _run(args: argparse.Namespace) -> int:
         if os.path.exists(args.root) and not os.path.isdir(args.root):
             raise ConfigError(f"{args.root}: exists and is not a folder")
 
-        for name, path in write(args.root, args.seed).items():
+        for name, path in write(args.root, args.seed, args.force).items():
             print(f"{name}: {path}")
     elif args.command == "build":
         if args.kind == "solopo":
@@ -232,7 +293,11 @@ def _run(args: argparse.Namespace) -> int:
 
         run_ruler(_load_config(RulerConfig, args.config, False, args.overrides))
     elif args.command == "estimate":
+        from .hparams import Range
         from .planner import run_estimate
+
+        Range(0, 4096, open_low=True).check("--device-memory", args.device_memory)  # GiB per GPU
+        Range(1, 1 << 20).check("--response-tokens", args.response_tokens)
 
         print(
             run_estimate(
@@ -246,9 +311,10 @@ def _run(args: argparse.Namespace) -> int:
             )
         )
     elif args.command == "evolve":
+        from . import yamlio
         from .builders.evolve import run_recipe
 
-        run_recipe(_read_yaml(args.recipe))
+        run_recipe(yamlio.read_mapping(args.recipe))
     return 0
 
 

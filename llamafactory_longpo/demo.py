@@ -154,11 +154,19 @@ DATASET_INFO = {
 }
 
 
-def write(root: str, seed: int = 0) -> dict[str, str]:
+def write(root: str, seed: int = 0, force: bool = False) -> dict[str, str]:
     """Write ``root/data/*.jsonl`` and merge their entries into ``root/dataset_info.json``.
 
-    The entries are merged, never clobbering other datasets registered in the same file.
+    The entries are merged, never clobbering other datasets registered in the same file. A data file that
+    differs from the demo's (edited, or built with another seed) is kept unless ``force``.
     """
+    records = {name: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs) for name, recs in build(seed).items()}
+    for name, text in records.items():
+        path = os.path.join(root, DATASET_INFO[name]["file_name"])
+        if not force and os.path.exists(path):
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                if fh.read() != text:
+                    raise ConfigError(f"{path}: differs from the demo's data; move it away, or add --force to write over it")
     info_path = os.path.join(root, "dataset_info.json")
     info: dict[str, Any] = {}
     if os.path.exists(info_path):  # checked before anything is written
@@ -171,11 +179,10 @@ def write(root: str, seed: int = 0) -> dict[str, str]:
             raise ConfigError(f"{info_path}: expected a JSON object of datasets, got {type(info).__name__}")
     os.makedirs(os.path.join(root, "data"), exist_ok=True)
     paths = {}
-    for name, recs in build(seed).items():
+    for name, text in records.items():
         path = os.path.join(root, DATASET_INFO[name]["file_name"])
         with open(path, "w", encoding="utf-8") as fh:
-            for r in recs:
-                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+            fh.write(text)
         paths[name] = path
     info.update(DATASET_INFO)
     with open(info_path, "w", encoding="utf-8") as fh:

@@ -25,6 +25,12 @@ class Interrupted(TrainingError):
     exit_code = 130
 
 
+class Terminated(TrainingError):
+    """SIGTERM (what a scheduler sends to end a job); exits with 143 (128 + 15) like a terminated command."""
+
+    exit_code = 143
+
+
 def _first_line(err: BaseException) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__

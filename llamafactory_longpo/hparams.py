@@ -106,11 +106,42 @@ def _integer(obj: Any, name: str) -> Optional[int]:
     return int(number)
 
 
-def _positive(name: str, value: Optional[float], allow_zero: bool = True) -> None:
-    if value is None:
-        return
-    if value < 0 or (not allow_zero and value == 0):
-        raise ConfigError(f"{name}: {value!r} must be {'>= 0' if allow_zero else '> 0'}")
+@dataclass(frozen=True)
+class Range:
+    """The values of a numeric knob a user could mean; the low end is excluded when ``open_low`` (a weight of 0
+    is meaningful, a temperature-like scale of 0 is not)."""
+
+    low: float
+    high: float
+    open_low: bool = False
+
+    def check(self, name: str, value: Optional[float]) -> None:
+        """Raise a one-line :class:`ConfigError` for ``value`` outside the range (``None``: unset, accepted)."""
+        if value is None:
+            return
+        if value < self.low or value > self.high or (self.open_low and value == self.low):
+            low = f"> {_shown(self.low)}" if self.open_low else f">= {_shown(self.low)}"
+            raise ConfigError(f"{name}: {value!r} must be {low} and <= {_shown(self.high)}")
+
+
+def _shown(bound: float) -> str:
+    """A range's bound as people write it: ``1,048,576``, ``0.5``."""
+    return f"{int(bound):,}" if float(bound).is_integer() else f"{bound:g}"
+
+
+# the plugin's numeric knobs, and the toolkit's preference knobs its losses read: the papers' values lie well
+# inside (SoLoPO's alpha 1 to 4, LongPO's lambda 0.01, beta 0.1); a weight of 1e30 overflows the loss
+KNOB_RANGES: dict[str, Range] = {
+    "solopo_alpha": Range(0, 100),
+    "longpo_lambda": Range(0, 100),
+    "longpo_nll_weight": Range(0, 100),
+    "pref_beta": Range(0, 100, open_low=True),
+    "simpo_gamma": Range(0, 100),
+    "policy_rope_theta": Range(0, 1e10, open_low=True),
+    "s2l_logits_chunk": Range(1, 1 << 20),
+    "sequence_parallel_size": Range(1, 1024),
+    "short_cutoff_len": Range(1, 1 << 24),
+}
 
 
 def warn_no_effect(name: str, why: str) -> None:
@@ -213,14 +244,11 @@ class ShortToLongFinetuningArguments:
     def validate_short_to_long(self, stage: str, pref_loss: str) -> None:
         """Raise a one-line :class:`ConfigError` naming the key and the allowed values."""
         validate_choices(self, {f.name for f in fields(ShortToLongFinetuningArguments)})
-        for name in ("solopo_alpha", "longpo_lambda", "longpo_nll_weight"):
-            _positive(name, _number(self, name))
-        # the toolkit's preference knobs reach the plugin's losses too (it never checks them)
-        _positive("pref_beta", _number(self, "pref_beta"), allow_zero=False)
-        _positive("simpo_gamma", _number(self, "simpo_gamma"))
-        _positive("policy_rope_theta", _number(self, "policy_rope_theta"), allow_zero=False)
-        _positive("s2l_logits_chunk", _integer(self, "s2l_logits_chunk"), allow_zero=False)
-        _positive("sequence_parallel_size", _integer(self, "sequence_parallel_size"), allow_zero=False)
+        # the toolkit's preference knobs (pref_beta, simpo_gamma) reach the plugin's losses too (it never checks them)
+        for name in ("solopo_alpha", "longpo_lambda", "longpo_nll_weight", "pref_beta", "simpo_gamma", "policy_rope_theta"):
+            KNOB_RANGES[name].check(name, _number(self, name))
+        for name in ("s2l_logits_chunk", "sequence_parallel_size"):
+            KNOB_RANGES[name].check(name, _integer(self, name))
         cache_dir = self.s2l_ref_cache_dir
         if cache_dir and os.path.exists(cache_dir) and not os.path.isdir(cache_dir):  # found now, not after the reference pass
             raise ConfigError(f"s2l_ref_cache_dir: {cache_dir!r} is a file, not a folder")
@@ -283,9 +311,10 @@ class ShortToLongDataArguments:
 
     def validate_short_to_long(self) -> None:
         validate_choices(self, {f.name for f in fields(ShortToLongDataArguments)})
-        _positive("short_cutoff_len", _integer(self, "short_cutoff_len"), allow_zero=False)
+        KNOB_RANGES["short_cutoff_len"].check("short_cutoff_len", _integer(self, "short_cutoff_len"))
         cutoff = getattr(self, "cutoff_len", None)  # the toolkit's field, present once merged into its DataArguments
-        if isinstance(cutoff, int) and self.short_cutoff_len > cutoff:
+        # a knob left at its default says nothing: every stock run with a cutoff_len below it would warn otherwise
+        if isinstance(cutoff, int) and self.short_cutoff_len > cutoff and _changed(self, ("short_cutoff_len",)):
             warn_no_effect(
                 "short_cutoff_len",
                 f"{self.short_cutoff_len} is above cutoff_len {cutoff}; a short row that long has a long row over cutoff_len, "
@@ -321,9 +350,11 @@ def check_attention_kernels(
     kernel that takes no 4D mask (eager needs one); LongPO's shared prefix runs on sdpa, flash-attention 2 and eager.
     """
     flash_attn = str(flash_attn)
-    kernel = ATTENTION_KERNELS.get(flash_attn)
-    if kernel is None:  # "auto"
+    if flash_attn == "auto":
         return
+    kernel = ATTENTION_KERNELS.get(flash_attn)
+    if kernel is None:  # the toolkit takes the YAML's string as it is, and fails only once the model is loading
+        raise ConfigError(f"flash_attn: {flash_attn!r} is not one of auto, {', '.join(ATTENTION_KERNELS)}")
     if kernel.half_precision_only and not half_precision:
         raise ConfigError(
             f"flash_attn: {flash_attn} runs in bf16 or fp16 only; set bf16: true (or fp16: true), or flash_attn: sdpa"

@@ -35,11 +35,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import sys
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .checks import check_run
 from .data import loading
 from .errors import TRACEBACK_ENV, ConfigError, Interrupted, ShortToLongError, TrainingError, one_line
 from .hparams import PLUGIN_STAGES, ShortToLongDataArguments, ShortToLongFinetuningArguments
@@ -241,7 +244,7 @@ def _run_plugin_stage(tuner: Any, config: dict[str, Any]) -> None:
     the dispatch, so a plugin stage could only pass through it disguised as one of the toolkit's stages.
     The repeated part is the list of callbacks, with the toolkit's own classes taken from its module.
     """
-    from .train.callbacks import NonFiniteGuardCallback, ShortToLongLogCallback, last_checkpoint_note
+    from .train.callbacks import NonFiniteGuardCallback, ShortToLongLogCallback, TerminateNoteCallback, last_checkpoint_note
     from .train.compat import shutdown_distributed
     from .train.workflow import run_short_to_long
 
@@ -253,6 +256,7 @@ def _run_plugin_stage(tuner: Any, config: dict[str, Any]) -> None:
 
     callbacks.append(NonFiniteGuardCallback())  # first: a NaN step stops before any other callback saves or logs it
     callbacks.append(ShortToLongLogCallback())  # the toolkit's LogCallback + the plugin's metrics
+    callbacks.append(TerminateNoteCallback())
     if finetuning_args.pissa_convert:
         callbacks.append(tuner.PissaConvertCallback())
     if finetuning_args.use_swanlab:
@@ -298,10 +302,12 @@ def _log_start_estimate(model_args: Any, data_args: Any, training_args: Any, fin
 
 
 def patch_tuner(module: Any) -> None:
-    """Dispatch ``stage: longpo|solopo`` to the plugin; every other stage runs the toolkit's code."""
+    """Dispatch ``stage: longpo|solopo`` to the plugin; every other stage runs the toolkit's code. A training YAML
+    with a mistake (any stage: it is found before the stage is known) stops in one line."""
     if not _once(module, "tuner"):
         return
     original = module._training_function
+    original_read_args = module.read_args
 
     @functools.wraps(original)
     def _training_function(config: dict[str, Any]) -> None:
@@ -311,11 +317,54 @@ def patch_tuner(module: Any) -> None:
         plugin_stage = peek_stage(config.get("args")) in PLUGIN_STAGES
         with one_line_errors(plugin_stage):
             if plugin_stage:
+                if isinstance(config.get("args"), dict):  # a YAML's keys (command-line arguments are parsed later)
+                    config["args"] = check_run(config["args"], loading.data_warning)
                 _run_plugin_stage(module, config)
             else:
                 original(config)
 
+    @functools.wraps(original_read_args)
+    def read_args(args: Any = None) -> Any:
+        with one_line_errors(False):
+            check_train_yaml(args)
+        return original_read_args(args)
+
     module._training_function = _training_function
+    module.read_args = read_args
+
+
+def check_train_yaml(args: Any = None) -> None:
+    """The YAML file of ``llamafactory-cli train x.yaml key=value`` (``args`` None: read from ``sys.argv`` as the
+    toolkit's ``read_args`` does), checked before OmegaConf reads it: a missing file, a syntax error, a top-level
+    list and a key written twice are one :class:`ConfigError` naming the file and line instead of a traceback, and
+    a YAML 1.1 boolean word given to a key that takes no boolean (``save_strategy: no``) is refused with its quoting.
+    """
+    from . import yamlio
+
+    if args is not None or len(sys.argv) < 2 or not sys.argv[1].endswith((".yaml", ".yml")):
+        return
+    yamlio.read_mapping(sys.argv[1], admits_bool)
+    for word in yamlio.override_bool_words(sys.argv[2:]):
+        if not admits_bool(word.key):
+            raise ConfigError(yamlio.bool_word_line("command line", word))
+
+
+def _type_admits_bool(annotation: Any) -> bool:
+    if isinstance(annotation, str):
+        return bool(re.search(r"\b(bool|Any)\b", annotation))
+    if annotation is bool or annotation is Any:
+        return True
+    return any(_type_admits_bool(arg) for arg in typing.get_args(annotation) if not isinstance(arg, (str, int)))
+
+
+def admits_bool(key: str) -> bool:
+    """Whether training key ``key`` may hold ``true``/``false`` (a key no argument class has: yes, it is reported
+    as unknown elsewhere)."""
+    for cls in _train_arg_classes():
+        found = getattr(cls, "__dataclass_fields__", {}).get(key)
+        if found is not None:
+            return _type_admits_bool(found.type)
+    return True
 
 
 @contextlib.contextmanager
@@ -361,8 +410,6 @@ def unknown_keys_line(keys: list[str]) -> str:
 
 def describe_error(err: BaseException) -> str:
     """One line for a toolkit error (see :func:`errors.one_line`), with the nearest known key for a typo'd one."""
-    import re
-
     unused = re.match(r"Some keys are not used by the HfArgumentParser: \[(.*)\]", str(err))
     if unused:
         return unknown_keys_line(re.findall(r"'([^']+)'", unused.group(1)))
@@ -408,14 +455,13 @@ class _CheckedSubprocess:
     def run(self, *args: Any, **kwargs: Any) -> Any:
         from llamafactory.hparams import read_args
 
-        try:
-            raw = read_args()  # the launcher has taken "train" off sys.argv: the config and its overrides remain
-        except Exception:  # an unreadable config: the workers report it, as without the plugin
-            raw = None
-        plugin_stage = raw is not None and peek_stage(raw) in PLUGIN_STAGES
+        with one_line_errors(False):
+            check_train_yaml()  # the launcher has taken "train" off sys.argv: the config and its overrides remain
+        raw = read_args()
+        plugin_stage = peek_stage(raw) in PLUGIN_STAGES
         with one_line_errors(plugin_stage):
             if plugin_stage and isinstance(raw, dict):  # command-line arguments (no YAML) are checked by the workers
-                preflight(raw)
+                preflight(check_run(raw))
             try:
                 return self._real.run(*args, **kwargs)
             except self._real.CalledProcessError as err:

@@ -32,6 +32,6 @@ if [[ ${SETUP_BROWSER:-0} == 1 ]] && ! command -v chromium >/dev/null 2>&1 && co
 fi
 if [[ ! -f .cache/tiny/model.safetensors ]]; then
   echo "[setup] building the offline tiny model in .cache/tiny"
-  "$VENV/bin/llamafactory-longpo" make-tiny-model .cache/tiny
+  "$VENV/bin/llamafactory-longpo" make-tiny-model --force .cache/tiny  # setup owns the folder: a cut-short build is redone
 fi
 echo "[setup] ready: $VENV"

@@ -22,7 +22,7 @@ import torch
 import yaml
 from transformers import TrainerCallback
 
-from tests.conftest import ROOT, VENV_BIN, base_config, cli_env, run_command, train_in_process, write_yaml
+from tests.conftest import ROOT, VENV_BIN, base_config, cli_env, run_cli, run_command, torchrun_env, train_in_process, write_yaml
 
 GOOD = [json.loads(line) for line in (ROOT / "data" / "solopo_demo.jsonl").read_text(encoding="utf-8").splitlines()[:4]]
 LONGPO = [json.loads(line) for line in (ROOT / "data" / "longpo_demo.jsonl").read_text(encoding="utf-8").splitlines()[:3]]
@@ -505,3 +505,444 @@ def test_pth_checks_the_switch_first(tmp_path: Path) -> None:
     )
     assert on.stdout.strip() == "['llamafactory_longpo', 'llamafactory_longpo._bootstrap']"
     assert off.stdout.strip() == "[]"
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes: a refused command must leave them as they were."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _previous_run(out: Path) -> dict[str, bytes]:
+    """An output folder holding an earlier run's log and model, and its snapshot."""
+    _write(out / "trainer_log.jsonl", '{"current_steps": 1, "loss": 1.0}\n')
+    _write(out / "model.safetensors", "weights")
+    return _snapshot(out)
+
+
+# a YAML mistake -> (its text, given the command's valid config as text; the one line's pattern)
+YAML_MISTAKES: dict[str, tuple[Callable[[str], str], str]] = {
+    "syntax": (lambda good: good + "seed: [1\n", r": line \d+: invalid YAML \("),
+    "missing": (lambda good: "", r": cannot read the file \(No such file or directory\)"),
+    "list": (lambda good: "- " + good.replace("\n", "\n  "), r": expected a mapping of keys, got a YAML list"),
+    "duplicate": (
+        lambda good: good + "seed: 1\nseed: 2\n",
+        r": line \d+: invalid YAML \(duplicate key 'seed' \(first on line \d+\)\)",
+    ),
+}
+
+
+def _word_mistake(key: str) -> tuple[Callable[[str], str], str]:
+    """A YAML 1.1 boolean word given to a string-valued ``key``."""
+    return (
+        lambda good: good + f"{key}: off\n",
+        rf": line \d+: {key}: off is read as false \(a YAML 1\.1 boolean\); .*{key}: \"off\"",
+    )
+
+
+def _train_config(t: Path, tiny: Path) -> str:
+    return yaml.safe_dump(base_config(tiny, t / "out"))
+
+
+def _build_config(t: Path, tiny: Path) -> str:
+    return yaml.safe_dump(
+        {"input": str(MUSIQUE), "output": str(t / "out" / "o.jsonl"), "model": {"model_name_or_path": str(tiny)}}
+    )
+
+
+def _kv_config(t: Path, tiny: Path) -> str:
+    return yaml.safe_dump({"models": {"base": str(tiny)}, "output_dir": str(t / "out"), "items": 2})
+
+
+# command -> (argv given the config path, its valid config, a string-valued key for the boolean-word mistake)
+YAML_COMMANDS: dict[str, tuple[Callable[[str], list[str]], Callable[[Path, Path], str], str]] = {
+    "train": (lambda c: [str(VENV_BIN / "llamafactory-cli"), "train", c], _train_config, "save_strategy"),
+    "estimate": (lambda c: [str(VENV_BIN / "llamafactory-longpo"), "estimate", c], _train_config, "lr_scheduler_type"),
+    "build": (lambda c: [str(VENV_BIN / "llamafactory-longpo"), "build", "solopo", c], _build_config, "dataset_name"),
+    "eval": (lambda c: [str(VENV_BIN / "llamafactory-longpo"), "eval", "kv", c], _kv_config, "template"),
+}
+_SLOW_YAML = {("estimate", "syntax"), ("estimate", "missing"), ("estimate", "list")}  # each loads the toolkit: 7 s
+
+
+@pytest.mark.parametrize(
+    ("command", "mistake"),
+    [
+        pytest.param(c, m, marks=[pytest.mark.slow] if (c, m) in _SLOW_YAML else [])
+        for c in YAML_COMMANDS
+        for m in [*YAML_MISTAKES, "bool-word"]
+    ],
+)
+def test_yaml_mistakes(command: str, mistake: str, tmp_path: Path, tiny_model: Path) -> None:
+    """A YAML mistake is one line naming the file and line, exit status 1, in every command; nothing is written."""
+    argv, good, word_key = YAML_COMMANDS[command]
+    make, expected = YAML_MISTAKES[mistake] if mistake != "bool-word" else _word_mistake(word_key)
+    config = tmp_path / ("nope.yaml" if mistake == "missing" else "c.yaml")
+    if mistake != "missing":
+        _write(config, make(good(tmp_path, tiny_model)))
+    before = _previous_run(tmp_path / "out")
+    proc = run_command(argv(str(config)), cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    errors = [line for line in proc.stdout.splitlines() if "error:" in line]
+    assert len(errors) == 1 and re.search(re.escape(str(config)) + expected, errors[0]), proc.stdout[-3000:]
+    assert _snapshot(tmp_path / "out") == before
+
+
+def test_yaml_mistake_under_torchrun(tmp_path: Path, tiny_model: Path) -> None:
+    """Two ranks through torchrun: the launcher finds the mistake, prints its line once, and starts no worker."""
+    config = _write(tmp_path / "c.yaml", _train_config(tmp_path, tiny_model) + "seed: 1\nseed: 2\n")
+    before = _previous_run(tmp_path / "out")
+    proc = run_cli(["train", config], cwd=tmp_path, **torchrun_env(tmp_path / "norms.jsonl"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    assert proc.stdout.count("error:") == 1 and "duplicate key 'seed'" in proc.stdout, proc.stdout[-3000:]
+    assert "ChildFailedError" not in proc.stdout and _snapshot(tmp_path / "out") == before
+
+
+def _without_tokenizer(tiny: Path, folder: Path) -> Path:
+    """A model folder as many hub exports are: weights and config only."""
+    folder.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        (folder / name).write_bytes((tiny / name).read_bytes())
+    return folder
+
+
+# command -> (argv given the folder of the test and the model; the file of an earlier result it must keep)
+TOKENIZERLESS_COMMANDS: dict[str, tuple[Callable[[Path, Path], list[str]], str]] = {
+    "train": (
+        lambda t, m: [str(VENV_BIN / "llamafactory-cli"), "train", str(write_yaml(t / "c.yaml", base_config(m, t / "out")))],
+        "trainer_log.jsonl",
+    ),
+    "eval kv": (
+        lambda t, m: [
+            str(VENV_BIN / "llamafactory-longpo"),
+            *("eval", "kv", _write(t / "c.yaml", yaml.safe_dump({"models": {"base": str(m)}, "output_dir": str(t / "out")}))),
+        ],
+        "kv_eval.json",
+    ),
+    "eval ruler": (
+        lambda t, m: [
+            str(VENV_BIN / "llamafactory-longpo"),
+            *(
+                "eval",
+                "ruler",
+                _write(t / "c.yaml", yaml.safe_dump({"model": {"model_name_or_path": str(m)}, "output_dir": str(t / "out")})),
+            ),
+        ],
+        "scores.json",
+    ),
+    "build": (
+        lambda t, m: [
+            str(VENV_BIN / "llamafactory-longpo"),
+            *(
+                "build",
+                "solopo",
+                _write(
+                    t / "c.yaml",
+                    yaml.safe_dump(
+                        {"input": str(MUSIQUE), "output": str(t / "out" / "o.jsonl"), "model": {"model_name_or_path": str(m)}}
+                    ),
+                ),
+            ),
+        ],
+        "o.jsonl",
+    ),
+}
+
+
+@pytest.mark.parametrize("command", list(TOKENIZERLESS_COMMANDS))
+def test_model_without_tokenizer(command: str, tmp_path: Path, tiny_model: Path) -> None:
+    """Refused in one line naming the folder and what it lacks, before anything is loaded or written."""
+    argv, kept = TOKENIZERLESS_COMMANDS[command]
+    model = _without_tokenizer(tiny_model, tmp_path / "export")
+    _write(tmp_path / "out" / kept, '{"earlier": "result"}\n')
+    before = _snapshot(tmp_path / "out")
+    proc = run_command(argv(tmp_path, model), cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    errors = [line for line in proc.stdout.splitlines() if "error:" in line]
+    assert len(errors) == 1 and f"{model} lacks a tokenizer (none of tokenizer.json, " in errors[0], proc.stdout[-3000:]
+    assert _snapshot(tmp_path / "out") == before
+
+
+def test_missing_model_under_torchrun(tmp_path: Path, tiny_model: Path) -> None:
+    """The launcher finds a model path that does not exist: one line, no worker started."""
+    config = write_yaml(tmp_path / "c.yaml", base_config(tmp_path / "no-such-model", tmp_path / "out"))
+    proc = run_cli(["train", str(config)], cwd=tmp_path, **torchrun_env(tmp_path / "norms.jsonl"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    errors = [line for line in proc.stdout.splitlines() if "error:" in line]
+    assert errors == [f"[llamafactory-longpo] error: model_name_or_path: {tmp_path / 'no-such-model'} does not exist"], (
+        proc.stdout[-3000:]
+    )
+    assert "ChildFailedError" not in proc.stdout and not (tmp_path / "out").exists()
+
+
+def test_stock_stage_hears_nothing_from_the_plugin(tmp_path: Path, tiny_model: Path) -> None:
+    """``stage: sft`` with a stock dataset and a cutoff_len below short_cutoff_len's default: the plugin is silent."""
+    data = tmp_path / "data"
+    _write(
+        data / "a.jsonl", "".join(json.dumps({"instruction": f"say {i}", "input": "", "output": "hi"}) + "\n" for i in range(4))
+    )
+    _write(data / "dataset_info.json", json.dumps({"a": {"file_name": "a.jsonl"}}))
+    config = base_config(tiny_model, tmp_path / "out", stage="sft", dataset="a", dataset_dir=str(data), cutoff_len=1024)
+    for key in ("pref_loss", "short_cutoff_len"):
+        config.pop(key)
+    config.update(max_steps=1, save_strategy="no", plot_loss=False)
+    proc = run_cli(["train", str(write_yaml(tmp_path / "sft.yaml", config))], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert not re.search(r"longpo|short_cutoff_len|s2l_", proc.stdout), proc.stdout[-3000:]
+
+
+def _trained_model(folder: Path) -> Path:
+    _write(folder / "model.safetensors", "trained weights")
+    _write(folder / "config.json", "{}")
+    return folder
+
+
+# helper command writing over work -> (argv given the test folder, the folder it must leave unchanged, the one line)
+OVERWRITE_CASES: dict[str, tuple[Callable[[Path], list[str]], str, str]] = {
+    "tiny-onto-trained-model": (
+        lambda t: ["make-tiny-model", str(_trained_model(t / "m"))],
+        "m",
+        r"m: not empty \(holds config\.json, model\.safetensors\); .*add --force",
+    ),
+    "tiny-onto-other-files": (
+        lambda t: ["make-tiny-model", str(Path(_write(t / "m" / "notes.txt", "mine")).parent), "--layers", "1"],
+        "m",
+        r"m: not empty \(holds notes\.txt\)",
+    ),
+    "demo-onto-edited-data": (
+        lambda t: ["make-demo-data", str(Path(_write(t / "m" / "data" / "solopo_demo.jsonl", "{}\n")).parent.parent)],
+        "m",
+        r"solopo_demo\.jsonl: differs from the demo's data; .*add --force",
+    ),
+    "tiny-zero-width": (
+        lambda t: ["make-tiny-model", str(t / "m"), "--hidden-size", "0"],
+        "",
+        r"--hidden-size: 0 must be between 2 and",
+    ),
+    "tiny-heads-not-dividing": (
+        lambda t: ["make-tiny-model", str(t / "m"), "--heads", "3"],
+        "",
+        r"--hidden-size: 64 must be --heads \(3\) times an even head size",
+    ),
+    "tiny-kv-heads": (
+        lambda t: ["make-tiny-model", str(t / "m"), "--kv-heads", "3"],
+        "",
+        r"--kv-heads: 3 must divide --heads \(4\)",
+    ),
+    "tiny-small-tokenizer": (
+        lambda t: ["make-tiny-model", str(t / "m"), "--tokenizer-vocab", "-5"],
+        "",
+        r"--tokenizer-vocab: -5 must be between 259 and",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(OVERWRITE_CASES))
+def test_helpers_keep_work(name: str, tmp_path: Path) -> None:
+    """A helper refuses to write over a folder that holds something (``--force`` allows it), and impossible sizes,
+    in one line, before writing anything."""
+    argv, kept, expected = OVERWRITE_CASES[name]
+    args = argv(tmp_path)
+    before = _snapshot(tmp_path)
+    proc = run_command([str(VENV_BIN / "llamafactory-longpo"), *args], cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 and re.search(r"^llamafactory-longpo: error: .*" + expected, lines[0]), lines
+    assert _snapshot(tmp_path) == before and (kept or not (tmp_path / "m").exists())
+
+
+# a value no one could mean -> (argv given the test folder and the tiny model, the one line's pattern)
+RANGE_CASES: dict[str, tuple[Callable[[Path, Path], list[str]], str]] = {
+    "train-alpha-overflow": (
+        lambda t, m: [
+            str(VENV_BIN / "llamafactory-cli"),
+            "train",
+            str(write_yaml(t / "c.yaml", base_config(m, t / "out", solopo_alpha=1e30))),
+        ],
+        r"\[llamafactory-longpo\] error: solopo_alpha: 1e\+30 must be >= 0 and <= 100$",
+    ),
+    "train-chunk-huge": (
+        lambda t, m: [
+            str(VENV_BIN / "llamafactory-cli"),
+            "train",
+            str(write_yaml(t / "c.yaml", base_config(m, t / "out", s2l_logits_chunk=2**40))),
+        ],
+        r"error: s2l_logits_chunk: 1099511627776 must be >= 1 and <= 1,048,576$",
+    ),
+    "estimate-device-memory": (
+        lambda t, m: [
+            str(VENV_BIN / "llamafactory-longpo"),
+            "estimate",
+            str(ROOT / "examples/tiny/solo_orpo_tiny.yaml"),
+            "--device-memory",
+            "-5",
+        ],
+        r"error: --device-memory: -5\.0 must be > 0 and <= 4,096$",
+    ),
+    "build-no-samples": (
+        lambda t, m: [str(VENV_BIN / "llamafactory-longpo"), "build", "solopo", _build_yaml(t, num_samples=0)],
+        r"build\.yaml: num_samples: 0 must be >= 1 and <= 1,024$",
+    ),
+    "build-negative-temperature": (
+        lambda t, m: [str(VENV_BIN / "llamafactory-longpo"), "build", "longpo", _build_yaml(t, answer_temperature=-1.0)],
+        r"build\.yaml: answer_temperature: -1\.0 must be >= 0 and <= 10$",
+    ),
+    "eval-depth-past-the-end": (
+        lambda t, m: [
+            str(VENV_BIN / "llamafactory-longpo"),
+            *(
+                "eval",
+                "ruler",
+                _write(t / "r.yaml", yaml.safe_dump({"model": {}, "output_dir": str(t / "out"), "depths": [0.5, 2.0]})),
+            ),
+        ],
+        r"r\.yaml: depths: 2\.0 must be >= 0 and <= 1$",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(RANGE_CASES))
+def test_values_out_of_range(name: str, tmp_path: Path, tiny_model: Path) -> None:
+    argv, expected = RANGE_CASES[name]
+    before = _previous_run(tmp_path / "out")
+    proc = run_command(argv(tmp_path, tiny_model), cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    errors = [line for line in proc.stdout.splitlines() if "error:" in line]
+    assert len(errors) == 1 and re.search(expected, errors[0]), proc.stdout[-3000:]
+    assert _snapshot(tmp_path / "out") == before
+
+
+def _train_on(tmp_path: Path, tiny: Path, rows: list[Any], **overrides: Any) -> subprocess.CompletedProcess:
+    """``llamafactory-cli train`` (one step) over ``rows`` as dataset ``d``."""
+    folder = _dataset(tmp_path / "data", rows)
+    config = base_config(tiny, tmp_path / "out", dataset="d", dataset_dir=str(folder), max_steps=1, plot_loss=False)
+    config.update(s2l_ref_cache_dir=str(tmp_path / "ref_cache"), save_strategy="no", **overrides)
+    return run_cli(["train", str(write_yaml(tmp_path / "c.yaml", config))], cwd=tmp_path)
+
+
+def test_record_text_with_a_lone_surrogate(tmp_path: Path, tiny_model: Path) -> None:
+    """JSON's ``"\\ud800"`` decodes to a character no UTF-8 text holds: one line naming file, record and field."""
+    before = _previous_run(tmp_path / "out")
+    proc = _train_on(tmp_path, tiny_model, _mutate(lambda rs: rs[1]["turns"][0].update(chosen="ok \ud83d then")))
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    errors = [line for line in proc.stdout.splitlines() if "error:" in line]
+    expected = "d.jsonl: record 1 (line 2): field 'turns[0].chosen' holds a lone UTF-16 surrogate (\\ud83d at character 3)"
+    assert len(errors) == 1 and expected in errors[0], proc.stdout[-3000:]
+    assert _snapshot(tmp_path / "out") == before
+
+
+def test_record_text_with_nul_is_counted(tmp_path: Path, tiny_model: Path) -> None:
+    proc = _train_on(
+        tmp_path, tiny_model, _mutate(lambda rs: [r.update(long_context=r["long_context"] + "\x00") for r in rs[:2]])
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert proc.stdout.count("hold NUL characters") == 1, proc.stdout[-3000:]
+    assert re.search(r"2 of 4 records hold NUL characters \(\\u0000; .*first: \S*d\.jsonl: record 0 \(line 1\)", proc.stdout)
+
+
+def test_unknown_attention_kernel_under_torchrun(tmp_path: Path, tiny_model: Path) -> None:
+    """A ``flash_attn`` the toolkit does not have, with sequence parallelism over the 2 ranks: the launcher's line,
+    once, before any worker loads the model."""
+    config = base_config(tiny_model, tmp_path / "out", flash_attn="fa4", sequence_parallel_size=2)
+    before = _previous_run(tmp_path / "out")
+    proc = run_cli(
+        ["train", str(write_yaml(tmp_path / "c.yaml", config))], cwd=tmp_path, **torchrun_env(tmp_path / "norms.jsonl")
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    errors = [line for line in proc.stdout.splitlines() if "error:" in line]
+    assert errors == ["[llamafactory-longpo] error: flash_attn: 'fa4' is not one of auto, disabled, sdpa, fa2, fa3"], proc.stdout[
+        -3000:
+    ]
+    assert "ChildFailedError" not in proc.stdout and _snapshot(tmp_path / "out") == before
+
+
+def _checkpoint(folder: Path, tiny: Path, files: dict[str, str | None]) -> Path:
+    """A checkpoint folder: the tiny model's weights and config, a trainer state, then ``files`` (None: removed)."""
+    folder.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).write_bytes((tiny / name).read_bytes())
+    (folder / "trainer_state.json").write_text('{"global_step": 4}')
+    for name, text in files.items():
+        if text is None:
+            (folder / name).unlink()
+        else:
+            (folder / name).write_text(text)
+    return folder
+
+
+def _other_shape(tiny: Path) -> str:
+    config = json.loads((tiny / "config.json").read_text())
+    return json.dumps({**config, "hidden_size": config["hidden_size"] // 2})
+
+
+# a checkpoint that cannot be resumed from -> (overrides given the output folder and the model; the line's pattern)
+RESUME_CASES: dict[str, tuple[Callable[[Path, Path], dict[str, Any]], str]] = {
+    "missing": (lambda out, m: {"resume_from_checkpoint": str(out / "checkpoint-9")}, r"checkpoint-9 does not exist$"),
+    "garbage-weights": (
+        lambda out, m: {"resume_from_checkpoint": str(_checkpoint(out / "checkpoint-4", m, {"model.safetensors": "garbage"}))},
+        r"checkpoint-4 is damaged \(model\.safetensors is not a safetensors file\)$",
+    ),
+    "other-shape": (
+        lambda out, m: {"resume_from_checkpoint": str(_checkpoint(out / "checkpoint-4", m, {"config.json": _other_shape(m)}))},
+        r"checkpoint-4 holds a model of another shape \(hidden_size 32, the model's 64\)$",
+    ),
+    "torn-newest-auto": (
+        lambda out, m: {"overwrite_output_dir": False, "_": _checkpoint(out / "checkpoint-4", m, {"trainer_state.json": None})},
+        r"output_dir: its newest checkpoint \S*checkpoint-4 is incomplete \(no trainer_state\.json: its save was cut short\), "
+        r"and no other can be resumed from; remove it, or set overwrite_output_dir: true",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(RESUME_CASES))
+def test_resume_target_is_checked_first(name: str, tmp_path: Path, tiny_model: Path) -> None:
+    """With ``overwrite_output_dir: true`` a refused run deleted the earlier log first; now nothing changes."""
+    out = tmp_path / "out"
+    _previous_run(out)
+    make, expected = RESUME_CASES[name]
+    overrides = make(out, tiny_model)
+    overrides.pop("_", None)
+    before = _snapshot(out)
+    proc = run_cli(["train", str(write_yaml(tmp_path / "c.yaml", base_config(tiny_model, out, **overrides)))], cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    errors = [line for line in proc.stdout.splitlines() if "error:" in line]
+    assert len(errors) == 1 and re.search(expected, errors[0]), proc.stdout[-3000:]
+    assert _snapshot(out) == before
+
+
+def test_refused_while_starting_keeps_the_log(tmp_path: Path, tiny_model: Path) -> None:
+    """A run refused after the trainer is built (the optimizer refuses a negative learning rate) keeps the log."""
+    out = tmp_path / "out"
+    before = _previous_run(out)
+    proc = run_cli(
+        ["train", str(write_yaml(tmp_path / "c.yaml", base_config(tiny_model, out, learning_rate=-1.0)))], cwd=tmp_path
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    assert _snapshot(out) == before
+
+
+def test_sigterm_says_where_the_run_stopped(tmp_path: Path, tiny_model: Path) -> None:
+    """What a scheduler sends: one line with the step reached, the last checkpoint and how to resume; exit 143."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    config = base_config(tiny_model, out, max_steps=400, save_steps=2, plot_loss=False)
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "llamafactory-cli"), "train", str(write_yaml(tmp_path / "c.yaml", config))],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while not (out / "checkpoint-2" / "trainer_state.json").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)
+    text = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143 and "Traceback" not in text, text[-3000:]
+    errors = [line for line in text.splitlines() if "error:" in line]
+    assert len(errors) == 1, text[-3000:]
+    pattern = r"error: terminated \(SIGTERM\) at step (\d+); the last checkpoint is (\S+); "
+    found = re.search(pattern + r"to resume, run again with resume_from_checkpoint: \2$", errors[0])
+    assert found and int(found.group(1)) >= 2 and Path(found.group(2)).name.startswith("checkpoint-"), errors[0]

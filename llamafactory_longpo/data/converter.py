@@ -80,6 +80,9 @@ def validate_files(
             if digest in seen:
                 note("duplicate", where)
             seen.add(digest)
+            texts = [record.system or "", record.long_context, *(v for turn in record.turns for v in vars(turn).values())]
+            if any("\x00" in text for text in texts):
+                note("nul", where)
             for t, turn in enumerate(record.turns):
                 turns += 1
                 if turn.chosen.strip() == turn.rejected.strip():
@@ -102,6 +105,7 @@ def validate_files(
         + ")",
         "shorter": "turn(s) have a long_context shorter than their short_context (the long input should contain the short one)",
         "duplicate": f"of {count} records repeat an earlier record (they weigh twice)",
+        "nul": f"of {count} records hold NUL characters (\\u0000; the tokenizer reads them as text)",
     }
     for kind, places in odd.items():
         if warn is not None:

@@ -60,7 +60,8 @@ class Originals:
     get_dataset_list: Callable[..., Any]
 
 
-def _warn(message: str) -> None:
+def data_warning(message: str) -> None:
+    """One warning line of the data checks, through the toolkit's logger (rank 0 only)."""
     from llamafactory.extras import logging
 
     logging.get_logger("llamafactory.longpo.data").warning_rank0(message)
@@ -105,7 +106,7 @@ def _validate_files(attrs: list[Any], names: dict[int, str], dataset_dir: str) -
         if not files:
             raise ConfigError(f"dataset {names[id(a)]}: file {a.dataset_name!r} not found in {dataset_dir}")
         columns = columns_of(a)
-        converter.validate_files(files, columns, warn=_warn)
+        converter.validate_files(files, columns, warn=data_warning)
         VALIDATED.update({os.path.abspath(f): columns for f in files})
 
 

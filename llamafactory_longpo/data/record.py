@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -20,6 +21,7 @@ RECORD_FIELDS: tuple[str, ...] = ("system", "long_context", "turns")
 TURN_FIELDS: tuple[str, ...] = ("short_context", "instruction", "chosen", "rejected")
 ALL_FIELDS: tuple[str, ...] = RECORD_FIELDS + TURN_FIELDS
 DEFAULT_JOINER = "\n\n"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -84,6 +86,12 @@ def parse_record(
             raise fail(label, f"must be a string, got {type(value).__name__}")
         if required and not value.strip():
             raise fail(label, "is empty")
+        lone = _SURROGATE.search(value)
+        if lone:  # JSON's "\ud800" escapes decode to one; no tokenizer, Arrow nor UTF-8 file can hold it
+            raise fail(
+                label,
+                f"holds a lone UTF-16 surrogate (\\u{ord(lone.group()):04x} at character {lone.start()}), which is not text",
+            )
         return value
 
     system = text(raw, "system", cols["system"], required=False)

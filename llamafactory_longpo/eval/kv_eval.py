@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
+from ..checks import check_model_folder
 from ..errors import ConfigError
 from . import kv_hops as kv
 
@@ -59,6 +60,7 @@ class KVEvalConfig:
         for name, path in self.models.items():
             if not os.path.isdir(str(path)):
                 raise ConfigError(f"models: {name}: {path!r} is not a folder")
+            check_model_folder(str(path), f"models: {name}")
         if self.items < 1:
             raise ConfigError(f"items: {self.items} must be at least 1")
         if not self.mults or any(not isinstance(m, int) or m < 1 for m in self.mults):

@@ -90,19 +90,10 @@ def resolve_model_config(name: str) -> tuple[Any, str]:
 
 def load_run_config(path: str, overrides: Optional[dict[str, Any]] = None) -> RunConfig:
     """Parse a ``llamafactory-cli train`` YAML as training does; ``deepspeed`` is read, not initialised."""
-    import yaml
-
     from .. import yamlio
+    from ..integration import admits_bool
 
-    try:
-        with open(path, encoding="utf-8") as fh:
-            raw = yamlio.load(fh) or {}
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of training arguments")
+    raw = yamlio.read_mapping(path, admits_bool)
     raw.update(overrides or {})
     zero = ZeroConfig.from_file(raw.pop("deepspeed", None), Path(path).parent)
     return load_run_config_from_dict(raw, zero, path)

@@ -18,6 +18,9 @@ class Generator:
     def __init__(self, engine_args: dict[str, Any]) -> None:
         from llamafactory.chat import ChatModel
 
+        from ..checks import check_model_folder
+
+        check_model_folder(str(engine_args.get("model_name_or_path", "")))
         self.args = dict(engine_args)
         self.chat_model = ChatModel(self.args)
         self.backend = str(self.args.get("infer_backend", "huggingface"))

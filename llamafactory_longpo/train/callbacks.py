@@ -27,7 +27,7 @@ from llamafactory.extras import logging
 from llamafactory.train.callbacks import LogCallback
 from transformers import TrainerCallback
 
-from ..errors import TrainingError
+from ..errors import Terminated, TrainingError
 from .metrics import is_plugin_metric
 
 logger = logging.get_logger(f"llamafactory.longpo.{__name__.rsplit('.', 1)[-1]}")  # under the toolkit's root: its handlers apply
@@ -90,6 +90,38 @@ def last_checkpoint_note(output_dir: str) -> str:
 
     last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
     return f"the last checkpoint is {last}" if last else f"no checkpoint was saved in {output_dir}"
+
+
+class TerminateNoteCallback(TrainerCallback):
+    """SIGTERM during training ends the run with one line: the step reached, the last checkpoint, how to resume.
+
+    Python's default for SIGTERM is to die at once, without a word; a scheduler's job then simply stops. The
+    handler raises instead, so the output folder's lock and the process groups are released as on any error.
+    A checkpoint cut short by it has no ``trainer_state.json`` and is skipped when the run resumes. Only global
+    rank 0 speaks; torchrun forwards the signal to every rank.
+    """
+
+    def __init__(self) -> None:
+        self.previous: Any = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        import signal
+
+        def stop(signum: int, frame: Any) -> None:
+            if os.environ.get("RANK", "0") != "0":
+                raise SystemExit(Terminated.exit_code)
+            note = last_checkpoint_note(args.output_dir)
+            last = note.removeprefix("the last checkpoint is ")
+            how = f"to resume, run again with resume_from_checkpoint: {last}" if last != note else "a new run starts over"
+            raise Terminated(f"terminated (SIGTERM) at step {state.global_step}; {note}; {how}")
+
+        self.previous = signal.signal(signal.SIGTERM, stop)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 class NonFiniteGuardCallback(TrainerCallback):
@@ -158,6 +190,14 @@ class ShortToLongLogCallback(LogCallback):
     The toolkit writes a fixed set of keys to ``trainer_log.jsonl``; the extra keys are added to the
     line it is about to write, so there is still exactly one line per logging step.
     """
+
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """The toolkit deletes an earlier ``trainer_log.jsonl`` here (``overwrite_output_dir``); that waits for
+        :meth:`on_train_begin`, so a run refused while it loads its checkpoint or optimizer loses no log."""
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        super().on_init_end(args, state, control, **kwargs)
+        super().on_train_begin(args, state, control, **kwargs)
 
     def on_log(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         extra = plugin_metrics(state.log_history[-1]) if state.log_history else {}

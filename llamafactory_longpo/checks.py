@@ -1,0 +1,141 @@
+"""Checks made before a command writes or loads anything, each failing as one :class:`ConfigError` line.
+
+A run that fails after it started has often changed something already (an output folder's log, an evaluation's
+results file), and under torchrun a failure in the workers is printed once per rank. What can be known from the
+files alone is therefore checked here first: by the launching process before torchrun starts, by each worker
+again (silently when it passes), and by the helper commands before they load a model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any, Optional
+
+from .errors import ConfigError
+
+# any one of these holds a tokenizer's vocabulary (fast tokenizers, sentencepiece, GPT-2 BPE, WordPiece, tiktoken)
+TOKENIZER_FILES: tuple[str, ...] = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.tiktoken",
+)
+
+
+def _looks_local(name: str) -> bool:
+    """A path, not a hub id (``org/name``): hub ids have exactly one slash and no leading ``.``, ``/`` or ``~``."""
+    return name.startswith((".", "/", "~")) or name.count("/") != 1 or os.sep != "/" and os.sep in name
+
+
+def check_model_folder(name: str, key: str = "model_name_or_path", tokenizer: bool = True) -> None:
+    """A local model folder must exist and hold a ``config.json`` and, when ``tokenizer``, a tokenizer's files.
+
+    Hub exports often carry only the weights and ``config.json``; transformers then builds an empty tokenizer,
+    and training and evaluation run on empty text without an error. A hub id is left to the toolkit's download.
+    """
+    path = os.path.expanduser(name)
+    if not os.path.isdir(path):
+        if os.path.exists(path):
+            raise ConfigError(f"{key}: {name} is a file, not a model folder")
+        if _looks_local(name):
+            raise ConfigError(f"{key}: {name} does not exist")
+        return
+    files = set(os.listdir(path))
+    missing = [] if "config.json" in files else ["config.json"]
+    if tokenizer and not files.intersection(TOKENIZER_FILES) and not any(f.endswith(".tiktoken") for f in files):
+        missing.append(f"a tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    if missing:
+        held = ", ".join(sorted(files)[:6]) + (", ..." if len(files) > 6 else "") if files else "nothing"
+        raise ConfigError(
+            f"{key}: {name} lacks {' and '.join(missing)}; it holds {held}; copy the missing files from the model "
+            "it was exported from"
+        )
+
+
+def _safetensors_readable(path: str) -> bool:
+    """Whether ``path`` starts with a safetensors header: 8 bytes of length, then that much JSON."""
+    import json
+
+    try:
+        with open(path, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if not 2 <= size <= os.path.getsize(path) - 8:
+                return False
+            return isinstance(json.loads(fh.read(size)), dict)
+    except (OSError, ValueError):
+        return False
+
+
+SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+
+
+def checkpoint_problem(folder: str, model: Any = None) -> str:
+    """Why ``folder`` cannot be resumed from ("" when it can): the Trainer writes ``trainer_state.json`` last, so a
+    save cut short (a full disk, a kill) lacks it; weights must read as safetensors, and be of ``model``'s shape."""
+    import json
+
+    if not os.path.isdir(folder):
+        return "does not exist" if not os.path.exists(folder) else "is a file, not a checkpoint folder"
+    files = set(os.listdir(folder))
+    if "trainer_state.json" not in files:
+        return "is incomplete (no trainer_state.json: its save was cut short)"
+    for name in sorted(f for f in files if f.endswith(".safetensors")):
+        if not _safetensors_readable(os.path.join(folder, name)):
+            return f"is damaged ({name} is not a safetensors file)"
+    if isinstance(model, str) and "config.json" in files and os.path.isfile(os.path.join(model, "config.json")):
+        try:
+            with (
+                open(os.path.join(folder, "config.json"), encoding="utf-8") as a,
+                open(os.path.join(model, "config.json"), encoding="utf-8") as b,
+            ):
+                ours, theirs = json.load(a), json.load(b)
+        except ValueError:
+            return "is damaged (its config.json is not JSON)"
+        for key in SHAPE_KEYS:
+            if key in ours and key in theirs and ours[key] != theirs[key]:
+                return f"holds a model of another shape ({key} {ours[key]}, the model's {theirs[key]})"
+    return ""
+
+
+def _checkpoints(output_dir: str) -> list[str]:
+    """The ``checkpoint-N`` folders of ``output_dir``, newest (highest N) first, as transformers finds them."""
+    import re
+
+    found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", name))]
+    return [os.path.join(output_dir, name) for _, name in sorted(found, reverse=True)]
+
+
+def check_run(raw: dict[str, Any], warn: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+    """The file checks of a ``longpo``/``solopo`` training run's arguments, made before anything is loaded or
+    written: the model folder, and the checkpoint it resumes from. ``warn`` (``None`` in the launcher, whose
+    workers warn) hears about skipped checkpoints; the arguments come back with the checkpoint to resume from.
+    """
+    model = raw.get("model_name_or_path")
+    if isinstance(model, str):
+        check_model_folder(model)
+    resume = raw.get("resume_from_checkpoint")
+    if isinstance(resume, str):
+        problem = checkpoint_problem(resume, model)
+        if problem:
+            raise ConfigError(f"resume_from_checkpoint: {resume} {problem}")
+        return raw
+    output_dir = raw.get("output_dir")
+    if resume is not None or not raw.get("do_train") or raw.get("overwrite_output_dir") or not isinstance(output_dir, str):
+        return raw
+    checkpoints = _checkpoints(output_dir) if os.path.isdir(output_dir) else []
+    for checkpoint in checkpoints:  # the toolkit resumes from the newest: the newest that can be resumed from
+        problem = checkpoint_problem(checkpoint, model)
+        if not problem:
+            if checkpoint != checkpoints[0] and warn is not None:
+                warn(f"{checkpoints[0]} {checkpoint_problem(checkpoints[0], model)}; resuming from {checkpoint}")
+            return {**raw, "resume_from_checkpoint": checkpoint}
+    if checkpoints:
+        raise ConfigError(
+            f"output_dir: its newest checkpoint {checkpoints[0]} {checkpoint_problem(checkpoints[0], model)}, and no "
+            "other can be resumed from; remove it, or set overwrite_output_dir: true to start over"
+        )
+    return raw
