@@ -258,7 +258,7 @@ def test_output_dir_lock(tmp_path: Path, capfd: pytest.CaptureFixture, logs: Any
         [
             sys.executable,
             "-c",
-            "import sys, time\nfrom llamafactory_longpo.integration import lock_output_dir\n"
+            "import sys, time\nfrom llamafactory_longpo.dispatch import lock_output_dir\n"
             "with lock_output_dir(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(600)",
             str(folder / "out"),
         ],
@@ -818,6 +818,7 @@ def _train_on(tmp_path: Path, tiny: Path, rows: list[Any], **overrides: Any) -> 
     return run_cli(["train", str(write_yaml(tmp_path / "c.yaml", config))], cwd=tmp_path)
 
 
+@pytest.mark.slow
 def test_record_text_with_a_lone_surrogate(tmp_path: Path, tiny_model: Path) -> None:
     """JSON's ``"\\ud800"`` decodes to a character no UTF-8 text holds: one line naming file, record and field."""
     before = _previous_run(tmp_path / "out")
@@ -829,6 +830,7 @@ def test_record_text_with_a_lone_surrogate(tmp_path: Path, tiny_model: Path) -> 
     assert _snapshot(tmp_path / "out") == before
 
 
+@pytest.mark.slow
 def test_record_text_with_nul_is_counted(tmp_path: Path, tiny_model: Path) -> None:
     proc = _train_on(
         tmp_path, tiny_model, _mutate(lambda rs: [r.update(long_context=r["long_context"] + "\x00") for r in rs[:2]])
@@ -892,6 +894,7 @@ RESUME_CASES: dict[str, tuple[Callable[[Path, Path], dict[str, Any]], str]] = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(RESUME_CASES))
 def test_resume_target_is_checked_first(name: str, tmp_path: Path, tiny_model: Path) -> None:
     """With ``overwrite_output_dir: true`` a refused run deleted the earlier log first; now nothing changes."""
@@ -908,6 +911,7 @@ def test_resume_target_is_checked_first(name: str, tmp_path: Path, tiny_model: P
     assert _snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_refused_while_starting_keeps_the_log(tmp_path: Path, tiny_model: Path) -> None:
     """A run refused after the trainer is built (the optimizer refuses a negative learning rate) keeps the log."""
     out = tmp_path / "out"
@@ -919,6 +923,7 @@ def test_refused_while_starting_keeps_the_log(tmp_path: Path, tiny_model: Path) 
     assert _snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_sigterm_says_where_the_run_stopped(tmp_path: Path, tiny_model: Path) -> None:
     """What a scheduler sends: one line with the step reached, the last checkpoint and how to resume; exit 143."""
     import os

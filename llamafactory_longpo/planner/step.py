@@ -91,7 +91,7 @@ def resolve_model_config(name: str) -> tuple[Any, str]:
 def load_run_config(path: str, overrides: Optional[dict[str, Any]] = None) -> RunConfig:
     """Parse a ``llamafactory-cli train`` YAML as training does; ``deepspeed`` is read, not initialised."""
     from .. import yamlio
-    from ..integration import admits_bool
+    from ..dispatch import admits_bool
 
     raw = yamlio.read_mapping(path, admits_bool)
     raw.update(overrides or {})
