@@ -7,11 +7,11 @@ import contextlib
 import os
 import re
 import sys
-import typing
 from collections.abc import Iterator
 from typing import Any
 
 from .errors import TRACEBACK_ENV, ConfigError, Interrupted, ShortToLongError, TrainingError, one_line
+from .keys import admits_bool, unknown_keys_line
 
 
 def peek_stage(args: Any) -> Any:
@@ -66,12 +66,13 @@ def lock_output_dir(output_dir: str) -> Iterator[None]:
         os.close(fd)
 
 
-def check_kernels(flash_attn: Any, half_precision: bool, finetuning_args: Any) -> None:
-    """The attention-kernel checks of a plugin-stage run (:func:`hparams.check_attention_kernels`), on its spec."""
+def check_kernels(flash_attn: Any, half_precision: bool, finetuning_args: Any, spec: Any = None) -> None:
+    """The attention-kernel checks of a plugin-stage run (:func:`hparams.check_attention_kernels`), on its spec
+    (``spec``: the run's :class:`.train.spec.RunSpec`, when the caller has made it)."""
     from .hparams import check_attention_kernels
     from .train.spec import RunSpec
 
-    spec = RunSpec.from_args(finetuning_args)
+    spec = spec or RunSpec.from_args(finetuning_args)
     check_attention_kernels(
         stage=spec.stage,
         flash_attn=str(flash_attn),
@@ -92,13 +93,15 @@ def run_plugin_stage(tuner: Any, config: dict[str, Any]) -> None:
     """
     from .train.callbacks import NonFiniteGuardCallback, ShortToLongLogCallback, TerminateNoteCallback, last_checkpoint_note
     from .train.compat import shutdown_distributed
+    from .train.spec import RunSpec
     from .train.workflow import run_short_to_long
 
     callbacks: list[Any] = config.get("callbacks")
     model_args, data_args, training_args, finetuning_args, generating_args = tuner.get_train_args(config.get("args"))
     # two forwards per step with reentrant checkpointing desync DDP's gradient reduction: gradients go silently wrong
     model_args.use_reentrant_gc = False
-    check_kernels(model_args.flash_attn, bool(training_args.bf16 or training_args.fp16), finetuning_args)
+    spec = RunSpec.for_run(finetuning_args, training_args)  # made once: the checks and the workflow read it
+    check_kernels(model_args.flash_attn, bool(training_args.bf16 or training_args.fp16), finetuning_args, spec)
 
     callbacks.append(NonFiniteGuardCallback())  # first: a NaN step stops before any other callback saves or logs it
     callbacks.append(ShortToLongLogCallback())  # the toolkit's LogCallback + the plugin's metrics
@@ -119,7 +122,7 @@ def run_plugin_stage(tuner: Any, config: dict[str, Any]) -> None:
         try:
             if training_args.do_train and finetuning_args.s2l_estimate_at_start:
                 _log_start_estimate(model_args, data_args, training_args, finetuning_args)
-            run_short_to_long(model_args, data_args, training_args, finetuning_args, callbacks)
+            run_short_to_long(model_args, data_args, training_args, finetuning_args, callbacks, spec)
         except KeyboardInterrupt:
             note = last_checkpoint_note(training_args.output_dir)
             resume = " (resume_from_checkpoint continues from it)" if note.startswith("the last") else ""
@@ -163,24 +166,6 @@ def check_train_yaml(args: Any = None) -> None:
             raise ConfigError(yamlio.bool_word_line("command line", word))
 
 
-def _type_admits_bool(annotation: Any) -> bool:
-    if isinstance(annotation, str):
-        return bool(re.search(r"\b(bool|Any)\b", annotation))
-    if annotation is bool or annotation is Any:
-        return True
-    return any(_type_admits_bool(arg) for arg in typing.get_args(annotation) if not isinstance(arg, (str, int)))
-
-
-def admits_bool(key: str) -> bool:
-    """Whether training key ``key`` may hold ``true``/``false`` (a key no argument class has: yes, it is reported
-    as unknown elsewhere)."""
-    for cls in train_arg_classes():
-        found = getattr(cls, "__dataclass_fields__", {}).get(key)
-        if found is not None:
-            return _type_admits_bool(found.type)
-    return True
-
-
 @contextlib.contextmanager
 def one_line_errors(plugin_stage: bool) -> Iterator[None]:
     """Bad input stops with one clear line and exit status 1, no traceback: the plugin's own errors in any stage,
@@ -197,29 +182,6 @@ def one_line_errors(plugin_stage: bool) -> Iterator[None]:
         hint = "" if text.startswith("unknown key") else f" (set {TRACEBACK_ENV}=1 for the traceback)"  # a typo, not a bug
         print(f"[llamafactory-longpo] error: {text}{hint}", file=sys.stderr)
         raise SystemExit(1) from None
-
-
-def train_arg_classes() -> list[type]:
-    from llamafactory.hparams import parser
-
-    return list(parser._TRAIN_ARGS)
-
-
-def known_keys() -> list[str]:
-    """Every key a training run accepts: the fields of the toolkit's (patched) argument classes."""
-    return sorted({f for cls in train_arg_classes() for f in getattr(cls, "__dataclass_fields__", {})})
-
-
-def unknown_keys_line(keys: list[str]) -> str:
-    """``unknown key 'lerning_rate' (did you mean 'learning_rate'?)`` for keys no training argument class has."""
-    import difflib
-
-    known = known_keys()
-    parts = []
-    for key in keys:
-        close = difflib.get_close_matches(key, known, n=1)
-        parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    return f"unknown key {', '.join(parts)}"
 
 
 def describe_error(err: BaseException) -> str:

@@ -38,7 +38,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from . import dispatch
+from . import dispatch, keys
 from .checks import check_run
 from .data import loading
 from .errors import ConfigError
@@ -210,11 +210,11 @@ def preflight(raw: dict[str, Any]) -> None:
     from llamafactory.hparams import ModelArguments
     from transformers import HfArgumentParser, TrainingArguments
 
-    known = set(dispatch.known_keys())
+    known = set(keys.known_keys())
     unknown = [key for key in raw if key not in known]
     if unknown:
-        raise ConfigError(dispatch.unknown_keys_line(unknown))
-    classes = [c for c in dispatch.train_arg_classes() if not issubclass(c, TrainingArguments)]
+        raise ConfigError(keys.unknown_keys_line(unknown))
+    classes = [c for c in keys.train_arg_classes() if not issubclass(c, TrainingArguments)]
     parsed = HfArgumentParser(classes).parse_dict(raw, allow_extra_keys=True)
     finetuning_cls, _ = plugin_argument_classes()
     finetuning = next(p for p in parsed if isinstance(p, finetuning_cls))

@@ -91,15 +91,15 @@ def _check_entries(attrs: list[Any], names: dict[int, str], plan: Any, stage: st
             f"dataset {names[id(s2l[0])]}: short_to_long records cannot feed stage {stage!r}; "
             "use stage solopo, longpo, dpo, rm or sft"
         )
-    for a in s2l:
-        if not a.ranking:
-            raise ConfigError(f'dataset {names[id(a)]}: a short_to_long entry in dataset_info.json needs "ranking": true')
     return s2l
 
 
-def _validate_files(attrs: list[Any], names: dict[int, str], dataset_dir: str) -> None:
-    """Every record of the entries' local files, before the toolkit loads them (see the module docstring)."""
+def _validate_entries(attrs: list[Any], names: dict[int, str], dataset_dir: str) -> None:
+    """Each entry in turn: its ``ranking``, then every record of its local files, before the toolkit loads them
+    (see the module docstring)."""
     for a in attrs:
+        if not a.ranking:
+            raise ConfigError(f'dataset {names[id(a)]}: a short_to_long entry in dataset_info.json needs "ranking": true')
         if a.load_from != "file":
             continue
         files = converter.dataset_files(dataset_dir, a.dataset_name)
@@ -131,7 +131,7 @@ def merged_dataset(
         return orig.merged(dataset_names, model_args, data_args, training_args, stage, return_dict)
     if plan is None:
         data_args.s2l_plan = RowPlan.for_toolkit(stage)  # the toolkit's stages: their own view of the records
-    _validate_files(s2l, names, data_args.dataset_dir)
+    _validate_entries(s2l, names, data_args.dataset_dir)
     return orig.merged(dataset_names, model_args, data_args, training_args, "rm", return_dict)
 
 

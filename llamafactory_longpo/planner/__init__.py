@@ -162,10 +162,8 @@ def _train_start_line(model_args: Any, data_args: Any, training_args: Any, finet
     raw: dict[str, Any] = {}
     for obj in (model_args, data_args, finetuning_args):
         raw.update(_fresh_args(obj))
-    ds = training_args.deepspeed
     raw.update(_fresh_args(training_args, drop=("deepspeed",)))
-    zero = ZeroConfig.from_dict(ds) if isinstance(ds, dict) else ZeroConfig.from_file(ds, None)
-    run = load_run_config_from_dict(raw, zero, "the running training")
+    run = load_run_config_from_dict(raw, ZeroConfig.from_training_args(training_args), "the running training")
     world = max(1, int(training_args.world_size))
     with hidden_from_transformers():
         e = estimate(run, data_args.cutoff_len, world)

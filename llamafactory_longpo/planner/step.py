@@ -22,7 +22,7 @@ import torch
 
 from ..errors import ConfigError
 from ..hparams import PLUGIN_STAGES
-from ..train.spec import RunSpec
+from ..train.spec import RunSpec, separate_reference_model
 from ..train.zero3 import ZeroConfig
 
 SHAPES_DIR = Path(__file__).with_name("shapes")
@@ -91,7 +91,7 @@ def resolve_model_config(name: str) -> tuple[Any, str]:
 def load_run_config(path: str, overrides: Optional[dict[str, Any]] = None) -> RunConfig:
     """Parse a ``llamafactory-cli train`` YAML as training does; ``deepspeed`` is read, not initialised."""
     from .. import yamlio
-    from ..dispatch import admits_bool
+    from ..keys import admits_bool
 
     raw = yamlio.read_mapping(path, admits_bool)
     raw.update(overrides or {})
@@ -322,9 +322,8 @@ def step_setup(
         spec = traced_spec(run, sequence_parallel_size)
         wiring = wire_model(model, spec, make_reference=make_reference)
         ref_model = wiring.ref_model
-    elif uses_live_reference(run):  # the toolkit's create_ref_model: under LoRA the policy with its adapters off
-        fa = run.finetuning_args
-        ref_model = make_reference() if fa.ref_model is not None or fa.finetuning_type != "lora" else None
+    elif uses_live_reference(run) and separate_reference_model(run.finetuning_args, live=True):  # the toolkit's dpo
+        ref_model = make_reference()
     try:
         trainer = build_trainer(run, model, ref_model, device, spec=spec, wiring=wiring)
         optimizer = trainer.create_optimizer()

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
@@ -124,27 +123,26 @@ class TerminateNoteCallback(TrainerCallback):
             signal.signal(signal.SIGTERM, self.previous)
 
 
+def stop_non_finite(args: Any, step: int, what: str) -> None:
+    """Stop the run: ``what`` (the gradient, a logged value) is NaN or infinite at ``step``."""
+    raise TrainingError(
+        f"step {step}: {what} is NaN or infinite; training stopped before saving it, {last_checkpoint_note(args.output_dir)} "
+        "(lower learning_rate, or check the data and the loss weights)"
+    )
+
+
 class NonFiniteGuardCallback(TrainerCallback):
     """Stop the run at the first NaN/infinite gradient or logged loss, before it is saved.
 
     The Trainer hides a NaN loss (``logging_nan_inf_filter`` logs the running mean instead) and steps the
     optimizer anyway, so one bad step writes NaN weights into every later checkpoint and the final model.
     Gradients are checked after the all-reduce and clipping, before the optimizer step. DeepSpeed keeps them
-    out of ``param.grad`` and has stepped by then (its step runs inside the backward): the trainer hands the
-    guard its engine's global gradient norm (``engine_grad_norm``), the same value on every rank, and the run
-    stops before that step's checkpoint. The logged ``loss`` and ``grad_norm`` are checked too. Under fp16
-    the loss scaler owns this case: an overflowing step is skipped (the weights stay finite) and the scale
-    lowered, so the guard stands aside.
+    out of ``param.grad`` and has stepped by then (its step runs inside the backward): the plugin's trainer
+    checks its engine's global gradient norm itself, right after the step (:func:`.zero3.engine_grad_norm`),
+    the same value on every rank, and the run stops before that step's checkpoint. The logged ``loss`` and
+    ``grad_norm`` are checked too. Under fp16 the loss scaler owns this case: an overflowing step is skipped
+    (the weights stay finite) and the scale lowered, so the guard stands aside.
     """
-
-    def __init__(self) -> None:
-        self.engine_grad_norm: Optional[Callable[[], Any]] = None  # set by the trainer under DeepSpeed
-
-    def _stop(self, args: Any, step: int, what: str) -> None:
-        raise TrainingError(
-            f"step {step}: {what} is NaN or infinite; training stopped before saving it, {last_checkpoint_note(args.output_dir)} "
-            "(lower learning_rate, or check the data and the loss weights)"
-        )
 
     def on_pre_optimizer_step(
         self, args: Any, state: Any, control: Any, model: Optional[torch.nn.Module] = None, **kw: Any
@@ -152,19 +150,14 @@ class NonFiniteGuardCallback(TrainerCallback):
         if args.fp16:
             return
         grads = [p.grad for p in model.parameters() if p.grad is not None] if model is not None else []
-        if grads:
-            finite = bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=math.inf)))
-        else:
-            norm = self.engine_grad_norm() if self.engine_grad_norm is not None else None
-            finite = norm is None or math.isfinite(float(norm))
-        if not finite:
-            self._stop(args, state.global_step + 1, "the gradient")
+        if grads and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=math.inf))):
+            stop_non_finite(args, state.global_step + 1, "the gradient")
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Optional[dict[str, Any]] = None, **kw: Any) -> None:
         for key in ("loss", "grad_norm") if not args.fp16 else ():
             value = (logs or {}).get(key)
             if isinstance(value, float) and not math.isfinite(value):
-                self._stop(args, state.global_step, key)
+                stop_non_finite(args, state.global_step, key)
 
 
 def diagnostic_callbacks() -> list[TrainerCallback]:

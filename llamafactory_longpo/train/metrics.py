@@ -11,22 +11,26 @@ from typing import Any
 
 import torch
 
+# the names more than one place reads (the trainer's dicts, the plots, the log callback)
+PO_LOSS, ALIGN_LOSS, PREF_LOSS, NLL_LOSS = "po_loss", "align_loss", "pref_loss", "nll_loss"
+CHOSEN, REJECTED, LONG_CHOSEN = "rewards/chosen", "rewards/rejected", "rewards/long_chosen"
+MARGINS, ACCURACIES, DISTANCE = "rewards/margins", "rewards/accuracies", "rewards/distance"
 # each stage's parts of the loss, logged beside ``loss``
-LOSS_PARTS = {"solopo": ("po_loss", "align_loss"), "longpo": ("pref_loss", "nll_loss")}
+LOSS_PARTS = {"solopo": (PO_LOSS, ALIGN_LOSS), "longpo": (PREF_LOSS, NLL_LOSS)}
 # the reward curves of ``training_rewards.png``: metric -> legend
 REWARD_CURVES = {
     "solopo": {
-        "rewards/chosen": "short chosen",
-        "rewards/rejected": "short rejected",
-        "rewards/long_chosen": "long chosen",
-        "rewards/distance": "|short - long| (chosen)",
+        CHOSEN: "short chosen",
+        REJECTED: "short rejected",
+        LONG_CHOSEN: "long chosen",
+        DISTANCE: "|short - long| (chosen)",
     },
-    "longpo": {"rewards/chosen": "long chosen", "rewards/rejected": "long rejected", "rewards/margins": "margin"},
+    "longpo": {CHOSEN: "long chosen", REJECTED: "long rejected", MARGINS: "margin"},
 }
 # the curves of the toolkit's loss plot (``plot_loss``), one PNG each
 PLOT_KEYS = {
-    "solopo": ["loss", *LOSS_PARTS["solopo"], "rewards/accuracies", "rewards/distance"],
-    "longpo": ["loss", *LOSS_PARTS["longpo"], "rewards/accuracies"],
+    "solopo": ["loss", *LOSS_PARTS["solopo"], ACCURACIES, DISTANCE],
+    "longpo": ["loss", *LOSS_PARTS["longpo"], ACCURACIES],
 }
 _GROUPS = ("rewards/", "logps/")
 
@@ -43,14 +47,14 @@ def solopo_metrics(
     """SoLoPO's metrics of one batch: ``out`` a :class:`..losses.SoLoPOOutput`; ``short`` / ``long`` the policy's
     ``[2n]`` / ``[n or 2n]`` response log-prob sums (chosen first)."""
     m = {
-        "po_loss": out.po_losses.mean(),
-        "align_loss": out.align_losses.mean(),
-        "rewards/chosen": out.short_chosen_rewards.mean(),
-        "rewards/rejected": out.short_rejected_rewards.mean(),
-        "rewards/long_chosen": out.long_chosen_rewards.mean(),
-        "rewards/distance": (out.short_chosen_rewards - out.long_chosen_rewards).abs().mean(),
-        "rewards/accuracies": (out.short_chosen_rewards > out.short_rejected_rewards).float().mean(),
-        "rewards/margins": (out.short_chosen_rewards - out.short_rejected_rewards).mean(),
+        PO_LOSS: out.po_losses.mean(),
+        ALIGN_LOSS: out.align_losses.mean(),
+        CHOSEN: out.short_chosen_rewards.mean(),
+        REJECTED: out.short_rejected_rewards.mean(),
+        LONG_CHOSEN: out.long_chosen_rewards.mean(),
+        DISTANCE: (out.short_chosen_rewards - out.long_chosen_rewards).abs().mean(),
+        ACCURACIES: (out.short_chosen_rewards > out.short_rejected_rewards).float().mean(),
+        MARGINS: (out.short_chosen_rewards - out.short_rejected_rewards).mean(),
         "logps/chosen": short["logps"][:n].mean(),
         "logps/rejected": short["logps"][n:].mean(),
         "logps/long_chosen": long["logps"][:n].mean(),
@@ -65,12 +69,12 @@ def longpo_metrics(out: Any, policy: dict[str, torch.Tensor], ref: torch.Tensor,
     """LongPO's metrics of one batch: ``out`` a :class:`..losses.LongPOOutput`; ``policy`` the ``[2n]`` long-input
     response log-prob sums (chosen first); ``ref`` the ``[2, n]`` short-input reference sums."""
     return {
-        "pref_loss": out.pref_losses.mean(),
-        "nll_loss": out.nll,
-        "rewards/chosen": out.chosen_rewards.mean(),
-        "rewards/rejected": out.rejected_rewards.mean(),
-        "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean(),
-        "rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean(),
+        PREF_LOSS: out.pref_losses.mean(),
+        NLL_LOSS: out.nll,
+        CHOSEN: out.chosen_rewards.mean(),
+        REJECTED: out.rejected_rewards.mean(),
+        ACCURACIES: (out.chosen_rewards > out.rejected_rewards).float().mean(),
+        MARGINS: (out.chosen_rewards - out.rejected_rewards).mean(),
         "logps/chosen": policy["logps"][:n].mean(),
         "logps/rejected": policy["logps"][n:].mean(),
         "logps/ref_chosen": ref[0].mean(),

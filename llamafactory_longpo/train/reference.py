@@ -255,4 +255,4 @@ def precompute_reference(
         trainer.eval_dataset = {name: with_columns(d, f"eval {name}") for name, d in trainer.eval_dataset.items()}
     elif trainer.eval_dataset is not None:
         trainer.eval_dataset = with_columns(trainer.eval_dataset, "eval")
-    trainer.ref_model = None  # training reads the columns: no reference model is kept
+    trainer.ref_model = trainer.wiring.ref_model = None  # training reads the columns: no reference model is kept

@@ -15,6 +15,14 @@ from ..data.plan import RowPlan
 ReferenceKind = Literal["none", "precomputed", "live"]
 
 
+def separate_reference_model(finetuning_args: Any, live: bool) -> bool:
+    """Whether the reference is a separate frozen model: an explicit ``ref_model`` always (to score once, or in every
+    step); without one, a ``live`` reference under full or freeze fine-tuning is a frozen copy of the start model,
+    and under LoRA the policy with its adapters disabled (the toolkit's ``create_ref_model`` makes the same choice).
+    A reference scored once before training without ``ref_model`` is the policy itself, before its first update."""
+    return finetuning_args.ref_model is not None or (live and finetuning_args.finetuning_type != "lora")
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """How one ``solopo`` / ``longpo`` run is wired."""
@@ -29,25 +37,28 @@ class RunSpec:
     zero_stage: int  # DeepSpeed ZeRO stage of the run's config (0: no DeepSpeed)
 
     @classmethod
-    def from_args(cls, finetuning_args: Any, *, do_train: bool = True, zero_stage: int = 0) -> RunSpec:
-        """The spec of a plugin-stage run from its parsed ``FinetuningArguments``.
+    def for_run(cls, finetuning_args: Any, training_args: Any) -> RunSpec:
+        """The spec of a training run from its parsed arguments (the ZeRO stage as transformers resolved it)."""
+        from .zero3 import ZeroConfig
 
-        The reference model: an explicit ``ref_model`` is always loaded (to score once, or in every step); without
-        one, a live reference under LoRA is the policy with its adapters disabled, and under full or freeze
-        fine-tuning a frozen copy of the start model (the toolkit's ``create_ref_model`` makes the same choice).
-        A precomputed reference without ``ref_model`` is scored by the policy itself before its first update.
-        """
+        return cls.from_args(
+            finetuning_args, do_train=training_args.do_train, zero_stage=ZeroConfig.from_training_args(training_args).stage
+        )
+
+    @classmethod
+    def from_args(cls, finetuning_args: Any, *, do_train: bool = True, zero_stage: int = 0) -> RunSpec:
+        """The spec of a plugin-stage run from its parsed ``FinetuningArguments`` (the checks made before the
+        training arguments exist read it too)."""
         fa = finetuning_args
         plan = RowPlan.for_stage(fa, do_train)
         reference: ReferenceKind = "none" if not plan.reference else "precomputed" if plan.precomputed else "live"
-        explicit = fa.ref_model is not None
         return cls(
             stage=fa.stage,
             plan=plan,
             shared_prefix=fa.stage == "longpo" and bool(fa.s2l_shared_prefix) and bool(fa.s2l_response_logits),
             sequence_parallel_size=int(fa.sequence_parallel_size or 1),
             reference=reference,
-            reference_model=reference != "none" and (explicit or (reference == "live" and fa.finetuning_type != "lora")),
+            reference_model=reference != "none" and separate_reference_model(fa, live=reference == "live"),
             policy_rope_theta=fa.policy_rope_theta,
             zero_stage=zero_stage,
         )

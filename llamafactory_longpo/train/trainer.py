@@ -7,7 +7,7 @@ come from :mod:`.logps` (response positions only) and the losses from :mod:`llam
 
 from __future__ import annotations
 
-import functools
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any, Literal, Optional
@@ -17,7 +17,7 @@ from llamafactory.train.dpo.trainer import CustomDPOTrainer
 
 from ..losses import SoLoPOLogps, SoLoPOOutput, SoLoPOReference, longpo_loss, solo_dpo_loss, solo_orpo_loss, solo_simpo_loss
 from . import zero3
-from .callbacks import NonFiniteGuardCallback
+from .callbacks import stop_non_finite
 from .compat import accept_indexed_cpu_locations
 from .logps import plain_sequence_logps, sequence_logps
 from .metrics import logged, longpo_metrics, solopo_metrics
@@ -29,7 +29,7 @@ from .wiring import Wiring
 
 
 class ShortToLongTrainer(GroupSamplingMixin, CustomDPOTrainer):
-    """One trainer for both stages; ``finetuning_args.stage`` picks the loss. Its reference pass is
+    """One trainer for both stages; the run spec's stage picks the loss. Its reference pass is
     :func:`.reference.precompute_reference`; its batch order under sequence parallelism,
     :class:`.sequence_parallel.GroupSamplingMixin`."""
 
@@ -49,9 +49,6 @@ class ShortToLongTrainer(GroupSamplingMixin, CustomDPOTrainer):
         self.add_group_sampling()
         if self.args.device.type == "cpu" and self.args.device.index is not None:  # several CPU ranks: resumable
             accept_indexed_cpu_locations()
-        for callback in self.callback_handler.callbacks:
-            if isinstance(callback, NonFiniteGuardCallback):
-                callback.engine_grad_norm = functools.partial(zero3.engine_grad_norm, self)
 
     # ------------------------------------------------------------------ log-probs
     @contextmanager
@@ -166,6 +163,8 @@ class ShortToLongTrainer(GroupSamplingMixin, CustomDPOTrainer):
             return solo_simpo_loss(policy, gamma=fa.simpo_gamma, **common)
         if fa.pref_loss == "orpo":
             return solo_orpo_loss(policy, **common)
+        if fa.pref_loss != "sigmoid":  # the knob's check refuses it first; this keeps the choice explicit
+            raise ValueError(f"pref_loss: {fa.pref_loss!r} is not one of sigmoid, simpo, orpo")
         ref = self.reference_values(model, batch)
         reference = SoLoPOReference(
             short_chosen=ref["ref_chosen_logps"],
@@ -201,6 +200,15 @@ class ShortToLongTrainer(GroupSamplingMixin, CustomDPOTrainer):
             nll_weight=fa.longpo_nll_weight,
         )
         return out.loss, logged(longpo_metrics(out, policy, ref, n), prefix)
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The toolkit's step, then, under DeepSpeed, the engine's gradient norm checked: the engine has stepped
+        inside the backward, out of the non-finite guard's sight (its gradients never reach ``param.grad``)."""
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        norm = zero3.engine_grad_norm(self)
+        if norm is not None and not math.isfinite(norm) and not self.args.fp16:  # fp16: the loss scaler skips it
+            stop_non_finite(self.args, self.state.global_step + 1, "the gradient")
+        return loss
 
     def get_batch_loss_metrics(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], train_eval: Literal["train", "eval"] = "train"

@@ -19,7 +19,6 @@ from .rope import set_rope_theta
 from .spec import RunSpec
 from .trainer import ShortToLongTrainer
 from .wiring import wire_model
-from .zero3 import ZeroConfig
 
 if TYPE_CHECKING:
     from transformers import Seq2SeqTrainingArguments, TrainerCallback
@@ -33,12 +32,12 @@ def build_trainer(
     training_args: Seq2SeqTrainingArguments,
     finetuning_args: Any,
     callbacks: Optional[list[TrainerCallback]] = None,
+    spec: Optional[RunSpec] = None,
 ) -> ShortToLongTrainer:
     """Tokenizer, dataset, policy (wired by :func:`.wiring.wire_model`, with its reference), collator and trainer
-    for a plugin stage; the reference pass, when the spec precomputes it, before the policy's RoPE base is raised."""
-    spec = RunSpec.from_args(
-        finetuning_args, do_train=training_args.do_train, zero_stage=ZeroConfig.from_training_args(training_args).stage
-    )
+    for a plugin stage; the reference pass, when the spec precomputes it, before the policy's RoPE base is raised.
+    ``spec``: the run's (:meth:`.spec.RunSpec.for_run`), when the caller has made it already."""
+    spec = spec or RunSpec.for_run(finetuning_args, training_args)
     data_args.s2l_plan = spec.plan  # the loader's processor reads it
     tokenizer_module = load_tokenizer(model_args)
     tokenizer = tokenizer_module["tokenizer"]
@@ -101,10 +100,11 @@ def run_short_to_long(
     training_args: Seq2SeqTrainingArguments,
     finetuning_args: Any,
     callbacks: Optional[list[TrainerCallback]] = None,
+    spec: Optional[RunSpec] = None,
 ) -> None:
     """Train stage ``solopo`` or ``longpo`` (``finetuning_args.stage``), like the toolkit's ``run_dpo``."""
     stage = finetuning_args.stage
-    trainer = build_trainer(model_args, data_args, training_args, finetuning_args, callbacks)
+    trainer = build_trainer(model_args, data_args, training_args, finetuning_args, callbacks, spec)
     try:
         _train_and_evaluate(trainer, model_args, data_args, training_args, finetuning_args, stage)
     finally:

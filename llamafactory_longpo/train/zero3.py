@@ -10,8 +10,8 @@ DeepSpeed gathers a module's weights around each call of it. For the plugin's st
   (DeepSpeed does not gather frozen modules there again);
 - :func:`gathered_model`: the one-off reference pass runs before DeepSpeed's engine (and its gathering hooks)
   exists, so it gathers the whole model for its duration;
-- :func:`engine_grad_norm`: DeepSpeed keeps gradients out of ``param.grad``; the non-finite guard reads the
-  engine's global norm instead;
+- :func:`engine_grad_norm`: DeepSpeed keeps gradients out of ``param.grad``; the trainer checks the engine's
+  global norm instead;
 - :class:`ZeroConfig` and :func:`hidden_from_transformers`: what a run's DeepSpeed JSON says about model states
   (the planner's formulas), and hiding a running ZeRO-3 from a traced copy of the model.
 """
@@ -34,7 +34,8 @@ from ..errors import ConfigError
 
 
 def partitioned() -> bool:
-    """Whether ZeRO-3 partitions this process's parameters (transformers' own switch, set by the run's config)."""
+    """Whether ZeRO-3 partitions this process's parameters: transformers' own switch, set when the training
+    arguments are parsed (from ``deepspeed:`` or from accelerate's DeepSpeed plugin)."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     return is_deepspeed_zero3_enabled()
@@ -122,9 +123,12 @@ class ZeroConfig:
 
     @classmethod
     def from_training_args(cls, training_args: Any) -> ZeroConfig:
-        """The config a parsed ``TrainingArguments`` holds (a path or an inline dict under ``deepspeed``)."""
-        ds = getattr(training_args, "deepspeed", None)
-        return cls.from_dict(ds) if isinstance(ds, dict) else cls.from_file(ds, None)
+        """The config of parsed ``TrainingArguments`` as transformers resolved it (``deepspeed:`` a path, a dict, a
+        JSON or base64 string); with accelerate's DeepSpeed plugin instead, stage 3 when it partitions."""
+        resolved = getattr(training_args, "hf_deepspeed_config", None)
+        if resolved is not None:
+            return cls.from_dict(resolved.config)
+        return cls(stage=3) if partitioned() else cls()
 
 
 @contextmanager
