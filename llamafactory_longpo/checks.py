@@ -9,6 +9,8 @@ again (silently when it passes), and by the helper commands before they load a m
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -24,6 +26,49 @@ TOKENIZER_FILES: tuple[str, ...] = (
     "sentencepiece.bpe.model",
     "tokenizer.tiktoken",
 )
+
+
+GIB = 1 << 30
+
+
+def size(nbytes: float) -> str:
+    """``12.3 GiB``, or ``45.6 MiB`` under a GiB."""
+    return f"{nbytes / GIB:.1f} GiB" if nbytes >= GIB else f"{nbytes / (1 << 20):.1f} MiB"
+
+
+def free_bytes(path: str) -> int:
+    """Bytes an unprivileged writer may still use on the disk that holds ``path`` (or its nearest existing folder)."""
+    folder = os.path.abspath(path)
+    while not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    return shutil.disk_usage(folder).free
+
+
+def write_failure(err: BaseException, path: str) -> str:
+    """Why a write under ``path`` failed, in words a user can act on.
+
+    A full disk reaches Python in three dialects: ``OSError`` (``[Errno 28] No space left on device``), safetensors'
+    ``I/O error: No space left on device (os error 28)``, and torch.save's C++ writer, which drops the reason
+    (``[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534``). The system's reason is taken from
+    the first two; every line then adds the two limits a user can change: the free space on the disk, and the
+    largest file this process may write (``ulimit -f``, which schedulers set) when there is one.
+    """
+    import resource
+
+    found = re.search(r"\[Errno (\d+)\]|\(os error (\d+)\)", str(err))
+    if isinstance(err, OSError) and err.strerror:
+        reason = err.strerror
+    elif found:
+        reason = os.strerror(int(found.group(1) or found.group(2)))
+    else:
+        from .errors import one_line
+
+        reason = one_line(err)
+    limits = f"{size(free_bytes(path))} free on its disk"
+    most = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if most != resource.RLIM_INFINITY:
+        limits += f", files limited to {size(most)} (ulimit -f)"
+    return f"{reason}; {limits}"
 
 
 def _looks_local(name: str) -> bool:

@@ -946,3 +946,38 @@ def test_sigterm_says_where_the_run_stopped(tmp_path: Path, tiny_model: Path) ->
     pattern = r"error: terminated \(SIGTERM\) at step (\d+); the last checkpoint is (\S+); "
     found = re.search(pattern + r"to resume, run again with resume_from_checkpoint: \2$", errors[0])
     assert found and int(found.group(1)) >= 2 and Path(found.group(2)).name.startswith("checkpoint-"), errors[0]
+
+
+def _file_size_limit(limit: int) -> Callable[[], None]:
+    """In the child before it runs: files larger than ``limit`` bytes cannot be written, and a write past it fails
+    with EFBIG instead of killing the process (SIGXFSZ ignored, as a shell's ``ulimit -f`` under a scheduler does)."""
+    import resource
+    import signal
+
+    def limit_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return limit_files
+
+
+def test_failed_save_leaves_no_torn_checkpoint(tmp_path: Path, tiny_model: Path) -> None:
+    """A save that cannot be written, simulated without root by a 1 MiB file-size limit (RLIMIT_FSIZE: the tiny
+    model's 0.6 MiB weights fit, its 1.2 MiB of Adam moments do not; a full disk fails the same writes with
+    ENOSPC): one line naming the checkpoint and the limit, and no checkpoint folder left behind."""
+    out = tmp_path / "out"
+    config = base_config(tiny_model, out, max_steps=2, save_steps=1, plot_loss=False)
+    proc = subprocess.run(
+        [str(VENV_BIN / "llamafactory-cli"), "train", str(write_yaml(tmp_path / "c.yaml", config))],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=_file_size_limit(1 << 20),
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    errors = [line for line in proc.stdout.splitlines() if "error:" in line]
+    pattern = r"error: saving checkpoint \S+checkpoint-1 failed: .+ free on its disk, files limited to 1\.0 MiB \(ulimit -f\); "
+    assert len(errors) == 1 and re.search(pattern + r"no checkpoint was saved in \S+out$", errors[0]), proc.stdout[-3000:]
+    assert [p.name for p in out.iterdir() if "checkpoint" in p.name] == [], errors[0]

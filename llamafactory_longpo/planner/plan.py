@@ -24,20 +24,15 @@ from typing import Optional
 
 import torch
 
+from ..checks import GIB, size
 from .attention import gpu_attention
 from .step import DEFAULT_RESPONSE_TOKENS, Lengths, RunConfig, StepSetup, autocast_context, step_setup
 from .trace import GRADIENTS, KINDS, OPTIMIZER, REFERENCE, WEIGHTS, StepTrace, fake_mode, trace_step
 
-GIB = 1 << 30
 NOT_MODELLED = (
     "not modelled: allocator fragmentation and cache, CUDA context, NCCL buffers, cuBLAS/cuDNN workspaces, "
     "DeepSpeed bucket and prefetch buffers, padding (rows are traced at full length)"
 )
-
-
-def size(nbytes: float) -> str:
-    """``12.3 GiB``, or ``45.6 MiB`` under a GiB."""
-    return f"{nbytes / GIB:.1f} GiB" if nbytes >= GIB else f"{nbytes / (1 << 20):.1f} MiB"
 
 
 @dataclass

@@ -8,16 +8,23 @@ come from :mod:`.logps` (response positions only) and the losses from :mod:`llam
 from __future__ import annotations
 
 import functools
+import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any, Literal, Optional
 
 import torch
 from llamafactory.train.dpo.trainer import CustomDPOTrainer
+from safetensors import SafetensorError
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from ..checks import write_failure
+from ..errors import TrainingError
 from ..losses import SoLoPOLogps, SoLoPOOutput, SoLoPOReference, longpo_loss, solo_dpo_loss, solo_orpo_loss, solo_simpo_loss
 from . import zero3
-from .callbacks import NonFiniteGuardCallback
+from .callbacks import NonFiniteGuardCallback, last_checkpoint_note
 from .compat import accept_indexed_cpu_locations
 from .logps import plain_sequence_logps, sequence_logps
 from .metrics import logged, longpo_metrics, solopo_metrics
@@ -26,6 +33,8 @@ from .sequence_parallel import GroupSamplingMixin
 from .shared_prefix import shared_prefix_logps
 from .spec import RunSpec
 from .wiring import Wiring
+
+STAGING = ".partial-checkpoint"  # a checkpoint is written in this folder of output_dir, then renamed into place
 
 
 class ShortToLongTrainer(GroupSamplingMixin, CustomDPOTrainer):
@@ -46,12 +55,60 @@ class ShortToLongTrainer(GroupSamplingMixin, CustomDPOTrainer):
         self.original_rope_theta = wiring.original_rope_theta
         # under ZeRO-3 each LM-head call gathers its weight over all ranks: they must make the same number of calls
         self.lockstep_head: bool = spec.zero_stage == 3
+        self._staging = False  # True while _save_checkpoint writes: the run folder is then STAGING inside it
         self.add_group_sampling()
         if self.args.device.type == "cpu" and self.args.device.index is not None:  # several CPU ranks: resumable
             accept_indexed_cpu_locations()
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, NonFiniteGuardCallback):
                 callback.engine_grad_norm = functools.partial(zero3.engine_grad_norm, self)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _get_output_dir(self, trial: Any) -> str:
+        """The run's folder; while :meth:`_save_checkpoint` writes, the staging folder inside it."""
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, STAGING) if self._staging else run_dir
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        """Write ``checkpoint-N`` whole or not at all.
+
+        transformers writes a checkpoint's files one by one into ``checkpoint-N`` itself: a full disk or a kill
+        part-way leaves a folder that looks like the newest checkpoint. Here the Trainer's own save writes into
+        ``<output_dir>/.partial-checkpoint/checkpoint-N`` (:meth:`_get_output_dir` points it there), every rank
+        waits, and the saving rank renames the folder into place; ``rename(2)`` within one file system is atomic
+        (POSIX), so ``checkpoint-N`` appears complete or not at all. A failed write stops the run with one line
+        naming the checkpoint and why (:func:`..checks.write_failure`), and the staging folder is removed.
+        """
+        run_dir = self._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging, final = os.path.join(run_dir, STAGING), os.path.join(run_dir, name)
+        staged = os.path.join(staging, name)
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while it saved
+        self.accelerator.wait_for_everyone()
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError, SafetensorError) as err:
+            why = write_failure(err, staged)
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise TrainingError(f"saving checkpoint {final} failed: {why}; {last_checkpoint_note(run_dir)}") from None
+        finally:
+            self._staging = False
+        if self.state.best_model_checkpoint == staged:  # the Trainer recorded the folder it wrote to
+            self.state.best_model_checkpoint = final
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            if os.path.isdir(final):  # the same step, saved by an earlier run into this output_dir
+                os.replace(final, os.path.join(staging, "replaced"))
+            os.replace(staged, final)
+            shutil.rmtree(staging)
+            # the Trainer rotated its staging folder (one checkpoint: nothing to delete); the run folder's turn
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------ log-probs
     @contextmanager
