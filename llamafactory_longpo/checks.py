@@ -154,14 +154,56 @@ def _checkpoints(output_dir: str) -> list[str]:
     return [os.path.join(output_dir, name) for _, name in sorted(found, reverse=True)]
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def check_checkpoint_space(raw: dict[str, Any]) -> None:
+    """Refuse a run whose ``output_dir`` lies on a disk with less free space than one checkpoint needs.
+
+    A full disk is otherwise found at the first save, after the reference pass and the first ``save_steps``
+    steps. The need is a lower bound: the model folder's weight files (a full or freeze checkpoint holds the whole
+    model; an adapter's holds a small part of it: not checked), plus, for full fine-tuning with a full-precision
+    AdamW, its two moments per weight (Kingma and Ba, arXiv 1412.6980) at the weights' own size; the toolkit keeps
+    trainable weights in fp32, so a bf16 model's checkpoint is larger still.
+    """
+    model, output_dir = raw.get("model_name_or_path"), raw.get("output_dir")
+    finetuning = raw.get("finetuning_type", "lora")  # the toolkit's default
+    if not (raw.get("do_train") and isinstance(output_dir, str) and isinstance(model, str) and os.path.isdir(model)):
+        return
+    if finetuning not in ("full", "freeze"):
+        return
+    weights = sum(os.path.getsize(os.path.join(model, name)) for name in os.listdir(model) if name.endswith(WEIGHT_SUFFIXES))
+    optim = str(raw.get("optim", "adamw_torch_fused"))  # transformers' default
+    adam = finetuning == "full" and optim.startswith("adamw") and "bit" not in optim and not raw.get("save_only_model")
+    saving = str(raw.get("save_strategy", "steps")) != "no"  # without checkpoints, the final model still is saved
+    need = weights * (3 if adam and saving else 1)
+    free = free_bytes(output_dir)
+    if free < need:
+        parts = f"the weights {size(weights)}" + (f" and AdamW's two moments {size(2 * weights)}" if need > weights else "")
+        raise ConfigError(
+            f"output_dir: {output_dir} is on a disk with {size(free)} free, and one checkpoint of this run needs at "
+            f"least {size(need)} ({parts}); free space, or choose an output_dir on another disk"
+        )
+
+
 def check_run(raw: dict[str, Any], warn: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
     """The file checks of a ``longpo``/``solopo`` training run's arguments, made before anything is loaded or
-    written: the model folder, and the checkpoint it resumes from. ``warn`` (``None`` in the launcher, whose
-    workers warn) hears about skipped checkpoints; the arguments come back with the checkpoint to resume from.
+    written: the model folder, the checkpoint it resumes from, and the free space for one checkpoint. ``warn``
+    (``None`` in the launcher, whose workers warn) hears about skipped checkpoints; the arguments come back with
+    the checkpoint to resume from.
     """
     model = raw.get("model_name_or_path")
     if isinstance(model, str):
         check_model_folder(model)
+    raw = _resume_target(raw, warn)
+    check_checkpoint_space(raw)
+    return raw
+
+
+def _resume_target(raw: dict[str, Any], warn: Optional[Callable[[str], None]]) -> dict[str, Any]:
+    """``raw`` with the checkpoint it resumes from: a ``resume_from_checkpoint`` that can be resumed from, or under
+    auto-resume the newest checkpoint of ``output_dir`` that can (``warn`` hears about the ones skipped)."""
+    model = raw.get("model_name_or_path")
     resume = raw.get("resume_from_checkpoint")
     if isinstance(resume, str):
         problem = checkpoint_problem(resume, model)

@@ -961,6 +961,7 @@ def _file_size_limit(limit: int) -> Callable[[], None]:
     return limit_files
 
 
+@pytest.mark.slow  # trains to its first save: 12 s
 def test_failed_save_leaves_no_torn_checkpoint(tmp_path: Path, tiny_model: Path) -> None:
     """A save that cannot be written, simulated without root by a 1 MiB file-size limit (RLIMIT_FSIZE: the tiny
     model's 0.6 MiB weights fit, its 1.2 MiB of Adam moments do not; a full disk fails the same writes with
@@ -981,3 +982,26 @@ def test_failed_save_leaves_no_torn_checkpoint(tmp_path: Path, tiny_model: Path)
     pattern = r"error: saving checkpoint \S+checkpoint-1 failed: .+ free on its disk, files limited to 1\.0 MiB \(ulimit -f\); "
     assert len(errors) == 1 and re.search(pattern + r"no checkpoint was saved in \S+out$", errors[0]), proc.stdout[-3000:]
     assert [p.name for p in out.iterdir() if "checkpoint" in p.name] == [], errors[0]
+
+
+def test_too_little_disk_for_one_checkpoint(tmp_path: Path, tiny_model: Path) -> None:
+    """A model whose weights take half the free space (a sparse file: it takes no disk itself) cannot be
+    checkpointed with AdamW's two moments: the run is refused before anything is loaded or written."""
+    import shutil
+
+    model = tmp_path / "big"
+    shutil.copytree(tiny_model, model)
+    weights = shutil.disk_usage(tmp_path).free // 2
+    with open(model / "model.safetensors", "r+b") as fh:
+        fh.truncate(weights)
+    out = tmp_path / "out"
+    before = _previous_run(out)
+    proc = run_cli(["train", str(write_yaml(tmp_path / "c.yaml", base_config(model, out)))], cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    errors = [line for line in proc.stdout.splitlines() if "error:" in line]
+    pattern = (
+        rf"error: output_dir: {re.escape(str(out))} is on a disk with [\d.]+ GiB free, and one checkpoint of this run "
+        r"needs at least [\d.]+ GiB \(the weights [\d.]+ GiB and AdamW's two moments [\d.]+ GiB\); free space"
+    )
+    assert len(errors) == 1 and re.search(pattern, errors[0]), proc.stdout[-3000:]
+    assert _snapshot(out) == before
