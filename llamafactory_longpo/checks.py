@@ -200,6 +200,44 @@ def check_run(raw: dict[str, Any], warn: Optional[Callable[[str], None]] = None)
     return raw
 
 
+RUN_RECORD = "llamafactory_longpo_run.json"  # in each checkpoint of a plugin stage: run_identity of its run
+
+
+def run_identity(stage: Any, pref_loss: Any, dataset: Any) -> dict[str, str]:
+    """What a resumed run must share with the run that wrote its checkpoint: the stage, ``pref_loss`` and the
+    dataset names (the toolkit's comma-separated string or its list, as one comma-separated string)."""
+    names = dataset.split(",") if isinstance(dataset, str) else list(dataset or [])
+    return {"stage": str(stage), "pref_loss": str(pref_loss), "dataset": ",".join(str(n).strip() for n in names)}
+
+
+def check_same_run(checkpoint: str, raw: dict[str, Any], key: str, instead: str) -> None:
+    """Refuse to resume from ``checkpoint`` when it was written by a run of another stage, loss or dataset, unless
+    ``s2l_resume_other_run: true``.
+
+    Refused rather than warned about: resuming restores the optimizer's moments (of the other loss), the learning
+    rate schedule's position and the number of batches to skip (counted in the other dataset), so the run is
+    neither a continuation nor a fresh start from those weights (which is ``model_name_or_path: <checkpoint>``),
+    and a warning scrolls away among a run's log lines. Datasets are compared by name; a checkpoint without the
+    record (a stock stage's, or one saved before the record existed) is not compared.
+    """
+    import json
+
+    try:
+        with open(os.path.join(checkpoint, RUN_RECORD), encoding="utf-8") as fh:
+            theirs = json.load(fh)
+    except (OSError, ValueError):
+        return
+    if not isinstance(theirs, dict):
+        return
+    ours = run_identity(raw.get("stage"), raw.get("pref_loss", "sigmoid"), raw.get("dataset"))  # the toolkit's default
+    differs = [f"{k} {theirs[k]} (this run: {v})" for k, v in ours.items() if theirs.get(k, v) != v]
+    if differs and raw.get("s2l_resume_other_run") is not True:
+        raise ConfigError(
+            f"{key} {checkpoint} was written by a run with {', '.join(differs)}; resuming would carry its optimizer "
+            f"state, schedule and data position into this run: set s2l_resume_other_run: true to resume anyway, {instead}"
+        )
+
+
 def _resume_target(raw: dict[str, Any], warn: Optional[Callable[[str], None]]) -> dict[str, Any]:
     """``raw`` with the checkpoint it resumes from: a ``resume_from_checkpoint`` that can be resumed from, or under
     auto-resume the newest checkpoint of ``output_dir`` that can (``warn`` hears about the ones skipped)."""
@@ -209,6 +247,7 @@ def _resume_target(raw: dict[str, Any], warn: Optional[Callable[[str], None]]) -
         problem = checkpoint_problem(resume, model)
         if problem:
             raise ConfigError(f"resume_from_checkpoint: {resume} {problem}")
+        check_same_run(resume, raw, "resume_from_checkpoint:", f"or model_name_or_path: {resume} to start from its weights")
         return raw
     output_dir = raw.get("output_dir")
     if resume is not None or not raw.get("do_train") or raw.get("overwrite_output_dir") or not isinstance(output_dir, str):
@@ -219,6 +258,7 @@ def _resume_target(raw: dict[str, Any], warn: Optional[Callable[[str], None]]) -
         if not problem:
             if checkpoint != checkpoints[0] and warn is not None:
                 warn(f"{checkpoints[0]} {checkpoint_problem(checkpoints[0], model)}; resuming from {checkpoint}")
+            check_same_run(checkpoint, raw, "output_dir: its checkpoint", "or overwrite_output_dir: true to start over")
             return {**raw, "resume_from_checkpoint": checkpoint}
     if checkpoints:
         raise ConfigError(

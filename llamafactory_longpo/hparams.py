@@ -233,6 +233,13 @@ class ShortToLongFinetuningArguments:
         default=None,
         metadata={"help": "Folder of the reference log-prob cache (default: ~/.cache/llamafactory_longpo/ref_logps)."},
     )
+    s2l_resume_other_run: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from a checkpoint written by a run of another stage, pref_loss or dataset (refused by "
+            "default: its optimizer state, schedule and data position would carry over)."
+        },
+    )
     sequence_parallel_size: int = field(
         default=1,
         metadata={

@@ -22,7 +22,18 @@ import torch
 import yaml
 from transformers import TrainerCallback
 
-from tests.conftest import ROOT, VENV_BIN, base_config, cli_env, run_cli, run_command, torchrun_env, train_in_process, write_yaml
+from tests.conftest import (
+    LONGPO_RUN,
+    ROOT,
+    VENV_BIN,
+    base_config,
+    cli_env,
+    run_cli,
+    run_command,
+    torchrun_env,
+    train_in_process,
+    write_yaml,
+)
 
 GOOD = [json.loads(line) for line in (ROOT / "data" / "solopo_demo.jsonl").read_text(encoding="utf-8").splitlines()[:4]]
 LONGPO = [json.loads(line) for line in (ROOT / "data" / "longpo_demo.jsonl").read_text(encoding="utf-8").splitlines()[:3]]
@@ -1005,3 +1016,29 @@ def test_too_little_disk_for_one_checkpoint(tmp_path: Path, tiny_model: Path) ->
     )
     assert len(errors) == 1 and re.search(pattern, errors[0]), proc.stdout[-3000:]
     assert _snapshot(out) == before
+
+
+@pytest.mark.slow  # one training run to its first checkpoint, then two refused runs: 25 s
+def test_resume_from_another_run_is_refused(tmp_path: Path, tiny_model: Path) -> None:
+    """A checkpoint written by a solopo run, resumed by a longpo run on another dataset (named, then found by
+    auto-resume): one line naming what differs and the knob, nothing changed."""
+    out = tmp_path / "out"
+    config = base_config(tiny_model, out, max_steps=1, save_steps=1, plot_loss=False)
+    first = run_cli(["train", str(write_yaml(tmp_path / "c.yaml", config))], cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:]
+    before = _snapshot(out)
+    differs = r"was written by a run with stage solopo \(this run: longpo\), pref_loss orpo \(this run: sigmoid\), "
+    differs += r"dataset solopo_demo \(this run: longpo_demo\); .*set s2l_resume_other_run: true to resume anyway, "
+    cases = {
+        r"resume_from_checkpoint: \S+checkpoint-1 " + differs + "or model_name_or_path": {
+            "resume_from_checkpoint": str(out / "checkpoint-1")
+        },
+        r"output_dir: its checkpoint \S+checkpoint-1 " + differs + "or overwrite_output_dir": {"overwrite_output_dir": False},
+    }
+    for expected, overrides in cases.items():
+        other = base_config(tiny_model, out, **{**LONGPO_RUN, **overrides})
+        proc = run_cli(["train", str(write_yaml(tmp_path / "c.yaml", other))], cwd=tmp_path)
+        assert proc.returncode == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+        errors = [line for line in proc.stdout.splitlines() if "error:" in line]
+        assert len(errors) == 1 and re.search(expected, errors[0]), proc.stdout[-3000:]
+        assert _snapshot(out) == before

@@ -8,6 +8,7 @@ come from :mod:`.logps` (response positions only) and the losses from :mod:`llam
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from safetensors import SafetensorError
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from ..checks import write_failure
+from ..checks import RUN_RECORD, write_failure
 from ..errors import TrainingError
 from ..losses import SoLoPOLogps, SoLoPOOutput, SoLoPOReference, longpo_loss, solo_dpo_loss, solo_orpo_loss, solo_simpo_loss
 from . import zero3
@@ -42,10 +43,15 @@ class ShortToLongTrainer(GroupSamplingMixin, CustomDPOTrainer):
     :func:`.reference.precompute_reference`; its batch order under sequence parallelism,
     :class:`.sequence_parallel.GroupSamplingMixin`."""
 
-    def __init__(self, *args: Any, spec: RunSpec, wiring: Wiring, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, spec: RunSpec, wiring: Wiring, identity: Optional[dict[str, str]] = None, **kwargs: Any
+    ) -> None:
         """``spec``: how the run is put together (:mod:`.spec`); ``wiring``: what :func:`.wiring.wire_model` set up
-        on the model (this rank's sequence-parallel group, the reference model, the policy's original RoPE base)."""
+        on the model (this rank's sequence-parallel group, the reference model, the policy's original RoPE base);
+        ``identity``: :func:`..checks.run_identity`, recorded in each checkpoint (None: the planner's trace, which
+        never saves)."""
         super().__init__(*args, ref_model=wiring.ref_model, **kwargs)
+        self.identity = identity
         self.plan = spec.plan
         self.stage: str = spec.stage
         self.reference_cache: dict[str, tuple[str, str]] = {}  # split -> (cache file, "hit" | "miss")
@@ -100,6 +106,9 @@ class ShortToLongTrainer(GroupSamplingMixin, CustomDPOTrainer):
             self.state.best_model_checkpoint = final
             if self.args.should_save:
                 self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        if self.args.should_save and self.identity is not None:  # what a resumed run is compared with
+            with open(os.path.join(staged, RUN_RECORD), "w", encoding="utf-8") as fh:
+                json.dump(self.identity, fh)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             if os.path.isdir(final):  # the same step, saved by an earlier run into this output_dir
