@@ -1042,3 +1042,23 @@ def test_resume_from_another_run_is_refused(tmp_path: Path, tiny_model: Path) ->
         errors = [line for line in proc.stdout.splitlines() if "error:" in line]
         assert len(errors) == 1 and re.search(expected, errors[0]), proc.stdout[-3000:]
         assert _snapshot(out) == before
+
+
+@pytest.mark.slow  # one estimate at 2M tokens: 11 s
+def test_estimate_at_two_million_tokens() -> None:
+    """At 2,097,152 tokens the batch's token ids outgrow the 4M elements the trace used to compute for real; what
+    is scored was then decided from a fake tensor (DataDependentOutputException). Now the estimate is made."""
+    proc = run_command(
+        [
+            str(VENV_BIN / "llamafactory-longpo"),
+            "estimate",
+            str(ROOT / "examples/tiny/solo_orpo_tiny.yaml"),
+            "--lengths",
+            "2097152",
+        ],
+        cwd=ROOT,  # the example's model path is relative to the repository
+    )
+    assert proc.returncode == 0 and "Traceback" not in proc.stdout and "error:" not in proc.stdout, proc.stdout[-3000:]
+    assert re.search(r"per rank \(GiB\) +2,097,152\n", proc.stdout) and re.search(r"\n  total +[\d.]+\n", proc.stdout), (
+        proc.stdout
+    )
