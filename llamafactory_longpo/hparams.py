@@ -14,10 +14,10 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal, Optional
 
+from ._bootstrap import PLUGIN_STAGES as PLUGIN_STAGES  # defined where the off switch reads it
 from .errors import ConfigError
 
 logger = logging.getLogger("llamafactory.longpo.hparams")  # under the toolkit's root logger: its handlers apply
-PLUGIN_STAGES: tuple[str, ...] = ("longpo", "solopo")
 SOLOPO_PREF_LOSSES: tuple[str, ...] = ("sigmoid", "simpo", "orpo")
 
 

@@ -1062,3 +1062,35 @@ def test_estimate_at_two_million_tokens() -> None:
     assert re.search(r"per rank \(GiB\) +2,097,152\n", proc.stdout) and re.search(r"\n  total +[\d.]+\n", proc.stdout), (
         proc.stdout
     )
+
+
+def test_disabled_plugin_stage_is_one_line(tmp_path: Path, tiny_model: Path) -> None:
+    """``LLAMAFACTORY_LONGPO_DISABLE=1`` with ``stage: solopo`` was the toolkit's traceback about keys it does not
+    know. ``llamafactory-cli train`` as its script runs it, with the repository's ``.pth`` in a site folder of its
+    own (the installed copy may be older): one line naming the switch, before the toolkit is imported."""
+    import llamafactory
+
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    (site_dir / "llamafactory_longpo.pth").write_text((ROOT / "llamafactory_longpo.pth").read_text())
+    out = tmp_path / "out"
+    before = _previous_run(out)
+    config = write_yaml(tmp_path / "c.yaml", base_config(tiny_model, out))
+    code = (
+        f"import site, sys; sys.argv = ['llamafactory-cli', 'train', {str(config)!r}]; site.addsitedir({str(site_dir)!r}); "
+        f"site.addsitedir({str(Path(llamafactory.__file__).parents[1])!r}); from llamafactory.cli import main; sys.exit(main())"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", code],
+        cwd=tmp_path,
+        env=cli_env(PYTHONPATH=str(ROOT), LLAMAFACTORY_LONGPO_DISABLE="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    assert proc.stdout.splitlines() == [
+        "[llamafactory-longpo] error: stage solopo comes from the llamafactory-longpo plugin, which "
+        "LLAMAFACTORY_LONGPO_DISABLE=1 turns off; unset LLAMAFACTORY_LONGPO_DISABLE to run it"
+    ], proc.stdout[-3000:]
+    assert _snapshot(out) == before
