@@ -95,6 +95,13 @@ class ShortToLongTrainer(GroupSamplingMixin, CustomDPOTrainer):
         self._staging = True
         try:
             super()._save_checkpoint(model, trial)
+            if self.state.best_model_checkpoint == staged:  # the Trainer recorded the folder it wrote to
+                self.state.best_model_checkpoint = final
+                if self.args.should_save:
+                    self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+            if self.args.should_save and self.identity is not None:  # what a resumed run is compared with
+                with open(os.path.join(staged, RUN_RECORD), "w", encoding="utf-8") as fh:
+                    json.dump(self.identity, fh)
         except (OSError, RuntimeError, SafetensorError) as err:
             why = write_failure(err, staged)
             if self.args.should_save:
@@ -102,13 +109,6 @@ class ShortToLongTrainer(GroupSamplingMixin, CustomDPOTrainer):
             raise TrainingError(f"saving checkpoint {final} failed: {why}; {last_checkpoint_note(run_dir)}") from None
         finally:
             self._staging = False
-        if self.state.best_model_checkpoint == staged:  # the Trainer recorded the folder it wrote to
-            self.state.best_model_checkpoint = final
-            if self.args.should_save:
-                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
-        if self.args.should_save and self.identity is not None:  # what a resumed run is compared with
-            with open(os.path.join(staged, RUN_RECORD), "w", encoding="utf-8") as fh:
-                json.dump(self.identity, fh)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             if os.path.isdir(final):  # the same step, saved by an earlier run into this output_dir
