@@ -995,9 +995,11 @@ def test_failed_save_leaves_no_torn_checkpoint(tmp_path: Path, tiny_model: Path)
     assert [p.name for p in out.iterdir() if "checkpoint" in p.name] == [], errors[0]
 
 
-def test_too_little_disk_for_one_checkpoint(tmp_path: Path, tiny_model: Path) -> None:
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_too_little_disk_for_one_checkpoint(ranks: int, tmp_path: Path, tiny_model: Path) -> None:
     """A model whose weights take half the free space (a sparse file: it takes no disk itself) cannot be
-    checkpointed with AdamW's two moments: the run is refused before anything is loaded or written."""
+    checkpointed with AdamW's two moments: the run is refused before anything is loaded or written (with 2
+    ranks, by the launcher before torchrun starts them)."""
     import shutil
 
     model = tmp_path / "big"
@@ -1007,8 +1009,9 @@ def test_too_little_disk_for_one_checkpoint(tmp_path: Path, tiny_model: Path) ->
         fh.truncate(weights)
     out = tmp_path / "out"
     before = _previous_run(out)
-    proc = run_cli(["train", str(write_yaml(tmp_path / "c.yaml", base_config(model, out)))], cwd=tmp_path)
-    assert proc.returncode == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    env = torchrun_env(tmp_path / "norms.jsonl") if ranks > 1 else {}
+    proc = run_cli(["train", str(write_yaml(tmp_path / "c.yaml", base_config(model, out)))], cwd=tmp_path, **env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout and "ChildFailedError" not in proc.stdout, proc.stdout[-3000:]
     errors = [line for line in proc.stdout.splitlines() if "error:" in line]
     pattern = (
         rf"error: output_dir: {re.escape(str(out))} is on a disk with [\d.]+ GiB free, and one checkpoint of this run "
