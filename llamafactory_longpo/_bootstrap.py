@@ -7,13 +7,16 @@ nothing may raise: a Python process that never imports LLaMA-Factory pays nothin
 before it reads ``.pth`` files (``importlib.abc`` or ``typing`` would pull in dozens of modules, tens of
 milliseconds for every Python process of the environment). The finder and loader therefore follow the
 import protocols by duck typing, and there is no ``from __future__`` import (``__future__`` is a module).
-Set ``LLAMAFACTORY_LONGPO_DISABLE=1`` to turn the plugin off; it is checked before anything else.
+Set ``LLAMAFACTORY_LONGPO_DISABLE=1`` to turn the plugin off; it is checked before anything else. The ``.pth``
+then imports this module only for ``llamafactory-cli train``, whose run of a plugin stage would otherwise end in
+the toolkit's traceback about keys or a stage it does not know: :func:`refuse_plugin_stage` says why in one line.
 """
 
 import os
 import sys
 
 DISABLE_ENV = "LLAMAFACTORY_LONGPO_DISABLE"
+PLUGIN_STAGES = ("longpo", "solopo")
 # module name -> name of the integration function that patches it once it has executed
 WATCHED = {
     "llamafactory.extras.constants": "patch_constants",
@@ -73,8 +76,44 @@ class _Finder:
         return None
 
 
+def train_stage(argv: list) -> str:
+    """The ``stage`` of ``llamafactory-cli train`` with ``argv`` ("" when none is found): a ``stage=``/``--stage``
+    argument, else the top-level ``stage:`` line of its YAML file, read as text (no YAML parser is loaded at
+    interpreter start; a file the toolkit cannot read either is left to its own error)."""
+    stage = ""
+    if len(argv) > 2 and argv[2].endswith((".yaml", ".yml")):
+        try:
+            with open(argv[2], encoding="utf-8") as fh:
+                for line in fh:
+                    key, colon, value = line.split("#")[0].partition(":")
+                    if colon and key == "stage":
+                        stage = value.strip().strip("\"'")
+        except (OSError, ValueError):
+            pass
+    for i, arg in enumerate(argv[2:], 2):
+        if arg.startswith(("stage=", "--stage=")):
+            stage = arg.split("=", 1)[1]
+        elif arg == "--stage" and i + 1 < len(argv):
+            stage = argv[i + 1]
+    return stage
+
+
+def refuse_plugin_stage() -> None:
+    """With the plugin off, ``llamafactory-cli train`` of a plugin stage stops at interpreter start, in one line:
+    nothing is loaded or written yet (``os._exit``: ``SystemExit`` cannot leave a ``.pth`` line cleanly)."""
+    stage = train_stage(sys.argv) if sys.argv[1:2] == ["train"] else ""
+    if stage in PLUGIN_STAGES:
+        sys.stderr.write(
+            f"[llamafactory-longpo] error: stage {stage} comes from the llamafactory-longpo plugin, which "
+            f"{DISABLE_ENV}={os.environ.get(DISABLE_ENV)} turns off; unset {DISABLE_ENV} to run it\n"
+        )
+        sys.stderr.flush()
+        os._exit(1)
+
+
 def install() -> None:
     if disabled():
+        refuse_plugin_stage()
         return
     if not any(isinstance(f, _Finder) for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder())

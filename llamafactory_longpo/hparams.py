@@ -14,10 +14,10 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal, Optional
 
+from ._bootstrap import PLUGIN_STAGES as PLUGIN_STAGES  # defined where the off switch reads it
 from .errors import ConfigError
 
 logger = logging.getLogger("llamafactory.longpo.hparams")  # under the toolkit's root logger: its handlers apply
-PLUGIN_STAGES: tuple[str, ...] = ("longpo", "solopo")
 SOLOPO_PREF_LOSSES: tuple[str, ...] = ("sigmoid", "simpo", "orpo")
 
 
@@ -232,6 +232,13 @@ class ShortToLongFinetuningArguments:
     s2l_ref_cache_dir: Optional[str] = field(
         default=None,
         metadata={"help": "Folder of the reference log-prob cache (default: ~/.cache/llamafactory_longpo/ref_logps)."},
+    )
+    s2l_resume_other_run: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from a checkpoint written by a run of another stage, pref_loss or dataset (refused by "
+            "default: its optimizer state, schedule and data position would carry over)."
+        },
     )
     sequence_parallel_size: int = field(
         default=1,

@@ -22,7 +22,18 @@ import torch
 import yaml
 from transformers import TrainerCallback
 
-from tests.conftest import ROOT, VENV_BIN, base_config, cli_env, run_cli, run_command, torchrun_env, train_in_process, write_yaml
+from tests.conftest import (
+    LONGPO_RUN,
+    ROOT,
+    VENV_BIN,
+    base_config,
+    cli_env,
+    run_cli,
+    run_command,
+    torchrun_env,
+    train_in_process,
+    write_yaml,
+)
 
 GOOD = [json.loads(line) for line in (ROOT / "data" / "solopo_demo.jsonl").read_text(encoding="utf-8").splitlines()[:4]]
 LONGPO = [json.loads(line) for line in (ROOT / "data" / "longpo_demo.jsonl").read_text(encoding="utf-8").splitlines()[:3]]
@@ -951,3 +962,143 @@ def test_sigterm_says_where_the_run_stopped(tmp_path: Path, tiny_model: Path) ->
     pattern = r"error: terminated \(SIGTERM\) at step (\d+); the last checkpoint is (\S+); "
     found = re.search(pattern + r"to resume, run again with resume_from_checkpoint: \2$", errors[0])
     assert found and int(found.group(1)) >= 2 and Path(found.group(2)).name.startswith("checkpoint-"), errors[0]
+
+
+def _file_size_limit(limit: int) -> Callable[[], None]:
+    """In the child before it runs: files larger than ``limit`` bytes cannot be written, and a write past it fails
+    with EFBIG instead of killing the process (SIGXFSZ ignored, as a shell's ``ulimit -f`` under a scheduler does)."""
+    import resource
+    import signal
+
+    def limit_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return limit_files
+
+
+@pytest.mark.slow  # trains to its first save: 12 s
+def test_failed_save_leaves_no_torn_checkpoint(tmp_path: Path, tiny_model: Path) -> None:
+    """A save that cannot be written, simulated without root by a 1 MiB file-size limit (RLIMIT_FSIZE: the tiny
+    model's 0.6 MiB weights fit, its 1.2 MiB of Adam moments do not; a full disk fails the same writes with
+    ENOSPC): one line naming the checkpoint and the limit, and no checkpoint folder left behind."""
+    out = tmp_path / "out"
+    config = base_config(tiny_model, out, max_steps=2, save_steps=1, plot_loss=False)
+    proc = subprocess.run(
+        [str(VENV_BIN / "llamafactory-cli"), "train", str(write_yaml(tmp_path / "c.yaml", config))],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=_file_size_limit(1 << 20),
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    errors = [line for line in proc.stdout.splitlines() if "error:" in line]
+    pattern = r"error: saving checkpoint \S+checkpoint-1 failed: .+ free on its disk, files limited to 1\.0 MiB \(ulimit -f\); "
+    assert len(errors) == 1 and re.search(pattern + r"no checkpoint was saved in \S+out$", errors[0]), proc.stdout[-3000:]
+    assert [p.name for p in out.iterdir() if "checkpoint" in p.name] == [], errors[0]
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_too_little_disk_for_one_checkpoint(ranks: int, tmp_path: Path, tiny_model: Path) -> None:
+    """A model whose weights take half the free space (a sparse file: it takes no disk itself) cannot be
+    checkpointed with AdamW's two moments: the run is refused before anything is loaded or written (with 2
+    ranks, by the launcher before torchrun starts them)."""
+    import shutil
+
+    model = tmp_path / "big"
+    shutil.copytree(tiny_model, model)
+    weights = shutil.disk_usage(tmp_path).free // 2
+    with open(model / "model.safetensors", "r+b") as fh:
+        fh.truncate(weights)
+    out = tmp_path / "out"
+    before = _previous_run(out)
+    env = torchrun_env(tmp_path / "norms.jsonl") if ranks > 1 else {}
+    proc = run_cli(["train", str(write_yaml(tmp_path / "c.yaml", base_config(model, out)))], cwd=tmp_path, **env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout and "ChildFailedError" not in proc.stdout, proc.stdout[-3000:]
+    errors = [line for line in proc.stdout.splitlines() if "error:" in line]
+    pattern = (
+        rf"error: output_dir: {re.escape(str(out))} is on a disk with [\d.]+ GiB free, and one checkpoint of this run "
+        r"needs at least [\d.]+ GiB \(the weights [\d.]+ GiB and AdamW's two moments [\d.]+ GiB\); free space"
+    )
+    assert len(errors) == 1 and re.search(pattern, errors[0]), proc.stdout[-3000:]
+    assert _snapshot(out) == before
+
+
+@pytest.mark.slow  # one training run to its first checkpoint, then two refused runs: 25 s
+def test_resume_from_another_run_is_refused(tmp_path: Path, tiny_model: Path) -> None:
+    """A checkpoint written by a solopo run, resumed by a longpo run on another dataset (named, then found by
+    auto-resume): one line naming what differs and the knob, nothing changed."""
+    out = tmp_path / "out"
+    config = base_config(tiny_model, out, max_steps=1, save_steps=1, plot_loss=False)
+    first = run_cli(["train", str(write_yaml(tmp_path / "c.yaml", config))], cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:]
+    before = _snapshot(out)
+    differs = r"was written by a run with stage solopo \(this run: longpo\), pref_loss orpo \(this run: sigmoid\), "
+    differs += r"dataset solopo_demo \(this run: longpo_demo\); .*set s2l_resume_other_run: true to resume anyway, "
+    cases = {
+        r"resume_from_checkpoint: \S+checkpoint-1 " + differs + "or model_name_or_path": {
+            "resume_from_checkpoint": str(out / "checkpoint-1")
+        },
+        r"output_dir: its checkpoint \S+checkpoint-1 " + differs + "or overwrite_output_dir": {"overwrite_output_dir": False},
+    }
+    for expected, overrides in cases.items():
+        other = base_config(tiny_model, out, **{**LONGPO_RUN, **overrides})
+        proc = run_cli(["train", str(write_yaml(tmp_path / "c.yaml", other))], cwd=tmp_path)
+        assert proc.returncode == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+        errors = [line for line in proc.stdout.splitlines() if "error:" in line]
+        assert len(errors) == 1 and re.search(expected, errors[0]), proc.stdout[-3000:]
+        assert _snapshot(out) == before
+
+
+@pytest.mark.slow  # one estimate at 2M tokens: 11 s
+def test_estimate_at_two_million_tokens() -> None:
+    """At 2,097,152 tokens the batch's token ids outgrow the 4M elements the trace used to compute for real; what
+    is scored was then decided from a fake tensor (DataDependentOutputException). Now the estimate is made."""
+    proc = run_command(
+        [
+            str(VENV_BIN / "llamafactory-longpo"),
+            "estimate",
+            str(ROOT / "examples/tiny/solo_orpo_tiny.yaml"),
+            "--lengths",
+            "2097152",
+        ],
+        cwd=ROOT,  # the example's model path is relative to the repository
+    )
+    assert proc.returncode == 0 and "Traceback" not in proc.stdout and "error:" not in proc.stdout, proc.stdout[-3000:]
+    assert re.search(r"per rank \(GiB\) +2,097,152\n", proc.stdout) and re.search(r"\n  total +[\d.]+\n", proc.stdout), (
+        proc.stdout
+    )
+
+
+def test_disabled_plugin_stage_is_one_line(tmp_path: Path, tiny_model: Path) -> None:
+    """``LLAMAFACTORY_LONGPO_DISABLE=1`` with ``stage: solopo`` was the toolkit's traceback about keys it does not
+    know. ``llamafactory-cli train`` as its script runs it, with the repository's ``.pth`` in a site folder of its
+    own (the installed copy may be older): one line naming the switch, before the toolkit is imported."""
+    import llamafactory
+
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    (site_dir / "llamafactory_longpo.pth").write_text((ROOT / "llamafactory_longpo.pth").read_text())
+    out = tmp_path / "out"
+    before = _previous_run(out)
+    config = write_yaml(tmp_path / "c.yaml", base_config(tiny_model, out))
+    code = (
+        f"import site, sys; sys.argv = ['llamafactory-cli', 'train', {str(config)!r}]; site.addsitedir({str(site_dir)!r}); "
+        f"site.addsitedir({str(Path(llamafactory.__file__).parents[1])!r}); from llamafactory.cli import main; sys.exit(main())"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", code],
+        cwd=tmp_path,
+        env=cli_env(PYTHONPATH=str(ROOT), LLAMAFACTORY_LONGPO_DISABLE="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    assert proc.stdout.splitlines() == [
+        "[llamafactory-longpo] error: stage solopo comes from the llamafactory-longpo plugin, which "
+        "LLAMAFACTORY_LONGPO_DISABLE=1 turns off; unset LLAMAFACTORY_LONGPO_DISABLE to run it"
+    ], proc.stdout[-3000:]
+    assert _snapshot(out) == before

@@ -24,20 +24,15 @@ from typing import Optional
 
 import torch
 
+from ..checks import GIB, size
 from .attention import gpu_attention
 from .step import DEFAULT_RESPONSE_TOKENS, Lengths, RunConfig, StepSetup, autocast_context, step_setup
-from .trace import GRADIENTS, KINDS, OPTIMIZER, REFERENCE, WEIGHTS, StepTrace, fake_mode, trace_step
+from .trace import GRADIENTS, KINDS, OPTIMIZER, REAL_LIMIT, REFERENCE, WEIGHTS, StepTrace, fake_mode, trace_step
 
-GIB = 1 << 30
 NOT_MODELLED = (
     "not modelled: allocator fragmentation and cache, CUDA context, NCCL buffers, cuBLAS/cuDNN workspaces, "
     "DeepSpeed bucket and prefetch buffers, padding (rows are traced at full length)"
 )
-
-
-def size(nbytes: float) -> str:
-    """``12.3 GiB``, or ``45.6 MiB`` under a GiB."""
-    return f"{nbytes / GIB:.1f} GiB" if nbytes >= GIB else f"{nbytes / (1 << 20):.1f} MiB"
 
 
 @dataclass
@@ -114,10 +109,18 @@ def traced_step(run: RunConfig, setup: StepSetup, layers: int) -> StepTrace:
     return trace_step(step, setup.optimizer_step, track, run.model_config.vocab_size, layers, reference=setup.ref_model)
 
 
+def bookkeeping_limit(run: RunConfig, lengths: Lengths) -> int:
+    """The most elements of an integer or boolean tensor the trace computes for real: 4M, or four full-length rows
+    per sample of the micro-batch when that is more. The batch's token ids and labels, the packed rows of a shared
+    prefix and the scored-token masks are that big at any length, and the code under trace decides from their
+    values (a fake one has none: ``.item()`` of it fails); a ``[T, T]`` mask is ``T`` times bigger and stays fake."""
+    return max(REAL_LIMIT, 4 * run.training_args.per_device_train_batch_size * lengths.long)
+
+
 def trace_depth(run: RunConfig, layers: int, lengths: Lengths, attention: Optional[str]) -> DepthTrace:
     """Trace one step of the run at ``layers`` layers on fake tensors (``attention``: see :func:`estimate`)."""
     with (
-        fake_mode(),
+        fake_mode(bookkeeping_limit(run, lengths)),
         gpu_attention() if attention is None else nullcontext(),
         step_setup(run, layers, lengths, attention or "sdpa") as setup,
     ):

@@ -60,8 +60,10 @@ class HybridFakeMode(FakeTensorMode):
     logged metric) returns NaN: its value is never used to decide anything.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, real_limit: int = REAL_LIMIT) -> None:
+        """``real_limit``: the most elements of an integer or boolean result computed for real."""
         super().__init__(allow_non_fake_inputs=True)
+        self.real_limit = real_limit
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         try:
@@ -86,7 +88,7 @@ class HybridFakeMode(FakeTensorMode):
         except (DynamicOutputShapeException, DataDependentOutputException):
             return func(*args, **kwargs)
         leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-        if leaves and all(not t.is_floating_point() and t.numel() <= REAL_LIMIT for t in leaves):
+        if leaves and all(not t.is_floating_point() and t.numel() <= self.real_limit for t in leaves):
             return func(*args, **kwargs)
         return out
 
@@ -234,9 +236,10 @@ def _materialized_causal_lower_right(*size: int) -> torch.Tensor:
 
 
 @contextmanager
-def fake_mode() -> Iterator[HybridFakeMode]:
-    """Build models and batches inside this: floating-point tensors are fake, nothing is allocated."""
-    with HybridFakeMode() as mode:
+def fake_mode(real_limit: int = REAL_LIMIT) -> Iterator[HybridFakeMode]:
+    """Build models and batches inside this: floating-point tensors are fake, nothing is allocated (``real_limit``:
+    see :class:`HybridFakeMode`)."""
+    with HybridFakeMode(real_limit) as mode:
         yield mode
 
 

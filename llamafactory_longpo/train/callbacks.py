@@ -96,8 +96,8 @@ class TerminateNoteCallback(TrainerCallback):
 
     Python's default for SIGTERM is to die at once, without a word; a scheduler's job then simply stops. The
     handler raises instead, so the output folder's lock and the process groups are released as on any error.
-    A checkpoint cut short by it has no ``trainer_state.json`` and is skipped when the run resumes. Only global
-    rank 0 speaks; torchrun forwards the signal to every rank.
+    A save cut short by it stays in the trainer's staging folder (never resumed from; the next save removes it).
+    Only global rank 0 speaks; torchrun forwards the signal to every rank.
     """
 
     def __init__(self) -> None:

@@ -18,6 +18,7 @@ from llamafactory.train.dpo.trainer import CustomDPOTrainer
 from ..losses import SoLoPOLogps, SoLoPOOutput, SoLoPOReference, longpo_loss, solo_dpo_loss, solo_orpo_loss, solo_simpo_loss
 from . import zero3
 from .callbacks import stop_non_finite
+from .checkpoints import AtomicCheckpointMixin
 from .compat import accept_indexed_cpu_locations
 from .logps import plain_sequence_logps, sequence_logps
 from .metrics import logged, longpo_metrics, solopo_metrics
@@ -28,15 +29,20 @@ from .spec import RunSpec
 from .wiring import Wiring
 
 
-class ShortToLongTrainer(GroupSamplingMixin, CustomDPOTrainer):
+class ShortToLongTrainer(AtomicCheckpointMixin, GroupSamplingMixin, CustomDPOTrainer):
     """One trainer for both stages; the run spec's stage picks the loss. Its reference pass is
     :func:`.reference.precompute_reference`; its batch order under sequence parallelism,
-    :class:`.sequence_parallel.GroupSamplingMixin`."""
+    :class:`.sequence_parallel.GroupSamplingMixin`; its checkpoints, :class:`.checkpoints.AtomicCheckpointMixin`."""
 
-    def __init__(self, *args: Any, spec: RunSpec, wiring: Wiring, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, spec: RunSpec, wiring: Wiring, identity: Optional[dict[str, str]] = None, **kwargs: Any
+    ) -> None:
         """``spec``: how the run is put together (:mod:`.spec`); ``wiring``: what :func:`.wiring.wire_model` set up
-        on the model (this rank's sequence-parallel group, the reference model, the policy's original RoPE base)."""
+        on the model (this rank's sequence-parallel group, the reference model, the policy's original RoPE base);
+        ``identity``: :func:`..checks.run_identity`, recorded in each checkpoint (None: the planner's trace, which
+        never saves)."""
         super().__init__(*args, ref_model=wiring.ref_model, **kwargs)
+        self.identity = identity
         self.plan = spec.plan
         self.stage: str = spec.stage
         self.reference_cache: dict[str, tuple[str, str]] = {}  # split -> (cache file, "hit" | "miss")

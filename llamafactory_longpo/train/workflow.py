@@ -11,6 +11,7 @@ from llamafactory.extras.ploting import plot_loss
 from llamafactory.model import load_model, load_tokenizer
 from llamafactory.train.trainer_utils import create_modelcard_and_push, create_ref_model
 
+from ..checks import run_identity
 from ..data.collator import ShortToLongDataCollator
 from .metrics import PLOT_KEYS
 from .plots import plot_rewards
@@ -62,6 +63,7 @@ def build_trainer(
             callbacks=callbacks,
             spec=spec,
             wiring=wiring,
+            identity=run_identity(finetuning_args.stage, finetuning_args.pref_loss, data_args.dataset),
             **dataset_module,
             **tokenizer_module,
         )
