@@ -145,6 +145,13 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600, **env: str) -> subpr
     return run_command([str(VENV_BIN / "llamafactory-cli"), *args], cwd, timeout, **env)
 
 
+def start_cli(args: list[str], cwd: Path, **popen: Any) -> subprocess.Popen:
+    """``llamafactory-cli`` started as a real subprocess in the CLI environment (stdout and stderr together), for a
+    test that signals it while it runs or limits it (``popen``: more ``subprocess.Popen`` keywords)."""
+    cmd = [str(VENV_BIN / "llamafactory-cli"), *args]
+    return subprocess.Popen(cmd, cwd=cwd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
 def run_command(cmd: list[str], cwd: Path, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
     """Any command as a real subprocess, in the CLI environment (stdout and stderr captured together)."""
     return subprocess.run(

@@ -30,6 +30,7 @@ from tests.conftest import (
     cli_env,
     run_cli,
     run_command,
+    start_cli,
     torchrun_env,
     train_in_process,
     write_yaml,
@@ -943,14 +944,7 @@ def test_sigterm_says_where_the_run_stopped(tmp_path: Path, tiny_model: Path) ->
 
     out = tmp_path / "out"
     config = base_config(tiny_model, out, max_steps=400, save_steps=2, plot_loss=False)
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "llamafactory-cli"), "train", str(write_yaml(tmp_path / "c.yaml", config))],
-        cwd=tmp_path,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_cli(["train", str(write_yaml(tmp_path / "c.yaml", config))], tmp_path)
     deadline = time.time() + 300
     while not (out / "checkpoint-2" / "trainer_state.json").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -984,19 +978,12 @@ def test_failed_save_leaves_no_torn_checkpoint(tmp_path: Path, tiny_model: Path)
     ENOSPC): one line naming the checkpoint and the limit, and no checkpoint folder left behind."""
     out = tmp_path / "out"
     config = base_config(tiny_model, out, max_steps=2, save_steps=1, plot_loss=False)
-    proc = subprocess.run(
-        [str(VENV_BIN / "llamafactory-cli"), "train", str(write_yaml(tmp_path / "c.yaml", config))],
-        cwd=tmp_path,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        preexec_fn=_file_size_limit(1 << 20),
-    )
-    assert proc.returncode == 1 and "Traceback" not in proc.stdout, proc.stdout[-3000:]
-    errors = [line for line in proc.stdout.splitlines() if "error:" in line]
+    proc = start_cli(["train", str(write_yaml(tmp_path / "c.yaml", config))], tmp_path, preexec_fn=_file_size_limit(1 << 20))
+    text = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 1 and "Traceback" not in text, text[-3000:]
+    errors = [line for line in text.splitlines() if "error:" in line]
     pattern = r"error: saving checkpoint \S+checkpoint-1 failed: .+ free on its disk, files limited to 1\.0 MiB \(ulimit -f\); "
-    assert len(errors) == 1 and re.search(pattern + r"no checkpoint was saved in \S+out$", errors[0]), proc.stdout[-3000:]
+    assert len(errors) == 1 and re.search(pattern + r"no checkpoint was saved in \S+out$", errors[0]), text[-3000:]
     assert [p.name for p in out.iterdir() if "checkpoint" in p.name] == [], errors[0]
 
 
