@@ -67,9 +67,9 @@ def lock_output_dir(output_dir: str) -> Iterator[None]:
 
 
 def check_kernels(flash_attn: Any, half_precision: bool, finetuning_args: Any, spec: Any = None) -> None:
-    """The attention-kernel checks of a plugin-stage run (:func:`hparams.check_attention_kernels`), on its spec
+    """The attention-kernel checks of a plugin-stage run (:func:`.attention_kernels.check_attention_kernels`), on its spec
     (``spec``: the run's :class:`.train.spec.RunSpec`, when the caller has made it)."""
-    from .hparams import check_attention_kernels
+    from .attention_kernels import check_attention_kernels
     from .train.spec import RunSpec
 
     spec = spec or RunSpec.from_args(finetuning_args)

@@ -29,8 +29,8 @@ GOOD = {
 
 @pytest.mark.parametrize("name", list(BAD))
 def test_impossible_kernel_settings_fail(name: str) -> None:
+    from llamafactory_longpo.attention_kernels import check_attention_kernels
     from llamafactory_longpo.errors import ConfigError
-    from llamafactory_longpo.hparams import check_attention_kernels
 
     change, message = BAD[name]
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -39,7 +39,7 @@ def test_impossible_kernel_settings_fail(name: str) -> None:
 
 @pytest.mark.parametrize("name", list(GOOD))
 def test_possible_kernel_settings_pass(name: str) -> None:
-    from llamafactory_longpo.hparams import check_attention_kernels
+    from llamafactory_longpo.attention_kernels import check_attention_kernels
 
     check_attention_kernels(**{**OK, **GOOD[name]})
 

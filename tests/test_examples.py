@@ -18,7 +18,7 @@ def test_example_parses(path: Path) -> None:
     from llamafactory.hparams import parser
     from transformers import HfArgumentParser
 
-    from llamafactory_longpo.hparams import check_attention_kernels
+    from llamafactory_longpo.attention_kernels import check_attention_kernels
 
     config = yaml.safe_load(path.read_text(encoding="utf-8"))
     assert config["stage"] in ("solopo", "longpo")

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch.utils.data import Sampler
 from transformers import TrainerCallback
 
+from ..attention_kernels import ATTENTION_KERNELS
 from ..errors import ConfigError
-from ..hparams import ATTENTION_KERNELS
 
 # the kernels that work without a materialized 4D mask (DeepSpeed drops masks under SP): flash_attn value by name
 SUPPORTED_ATTENTION = {k.implementation: name for name, k in ATTENTION_KERNELS.items() if k.sequence_parallel}

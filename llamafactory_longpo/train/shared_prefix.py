@@ -47,8 +47,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from ..attention_kernels import ATTENTION_KERNELS
 from ..errors import ConfigError
-from ..hparams import ATTENTION_KERNELS
 from .logps import chosen_nll, scored_sums
 
 IGNORE_INDEX = -100
