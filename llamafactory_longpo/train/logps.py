@@ -282,7 +282,8 @@ def plain_sequence_logps(
 
     def sums(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         valid = targets != IGNORE_INDEX
-        per_token = logp[: targets.size(0)].gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        rows = logp if targets.size(0) == logp.size(0) else logp[: targets.size(0)]  # a slice's backward copies [B, L, V]
+        per_token = rows.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         return (per_token * valid).sum(-1), valid.sum(-1)
 
     targets = scored_targets(input_ids, attention_mask, labels, nll_rows=nll_rows, nll_scope=nll_scope)
