@@ -150,7 +150,7 @@ def _config_ranges() -> dict[str, Any]:
     """The numeric keys of the builders' and evaluations' configs, by name, with the values a user could mean."""
     from .hparams import Range
 
-    tokens = Range(16, 1 << 24)  # a context or document length
+    tokens = Range(1, 1 << 24)  # a context, document or chunk length (the laptop replication's chunks are 13 tokens)
     return {
         "num_samples": Range(1, 1024),
         "max_turns": Range(1, 64),
