@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Optional
 
 from .errors import TRACEBACK_ENV, ConfigError, ShortToLongError, one_line
@@ -196,21 +195,14 @@ def check_fields(cls: type, path: str, raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
-def _admits_bool(cls: type) -> Callable[[str], bool]:
-    """Whether a key of dataclass ``cls`` may hold a boolean (keys it lacks are judged by :func:`check_fields`)."""
-    import dataclasses
-
-    annotations = {f.name: str(f.type) for f in dataclasses.fields(cls)}
-    return lambda key: key not in annotations or bool(re.search(r"\b(bool|Any)\b", annotations[key]))
-
-
 def _load_config(cls: type, path: str, strict: bool, overrides: Sequence[str] = ()) -> Any:
-    from . import yamlio
+    import functools
 
-    admits_bool = _admits_bool(cls)
-    for word in yamlio.override_bool_words(list(overrides)):
-        if not admits_bool(word.key):
-            raise ConfigError(yamlio.bool_word_line("command line", word))
+    from . import yamlio
+    from .keys import admits_bool_in
+
+    admits_bool = functools.partial(admits_bool_in, [cls])  # keys cls lacks are judged by check_fields
+    yamlio.check_override_bool_words(list(overrides), admits_bool)
     raw = check_fields(cls, path, apply_overrides(path, yamlio.read_mapping(path, admits_bool), overrides))
     if strict:
         raw["strict"] = True  # only the builders have it

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from .errors import TRACEBACK_ENV, ConfigError, Interrupted, ShortToLongError, TrainingError, one_line
+from .errors import TRACEBACK_ENV, Interrupted, ShortToLongError, TrainingError, one_line
 from .keys import admits_bool, unknown_keys_line
 
 
@@ -91,7 +91,13 @@ def run_plugin_stage(tuner: Any, config: dict[str, Any]) -> None:
     the dispatch, so a plugin stage could only pass through it disguised as one of the toolkit's stages.
     The repeated part is the list of callbacks, with the toolkit's own classes taken from its module.
     """
-    from .train.callbacks import NonFiniteGuardCallback, ShortToLongLogCallback, TerminateNoteCallback, last_checkpoint_note
+    from .train.callbacks import (
+        NonFiniteGuardCallback,
+        ShortToLongLogCallback,
+        TerminateNoteCallback,
+        checkpoint_note,
+        last_checkpoint,
+    )
     from .train.compat import shutdown_distributed
     from .train.spec import RunSpec
     from .train.workflow import run_short_to_long
@@ -124,9 +130,9 @@ def run_plugin_stage(tuner: Any, config: dict[str, Any]) -> None:
                 _log_start_estimate(model_args, data_args, training_args, finetuning_args)
             run_short_to_long(model_args, data_args, training_args, finetuning_args, callbacks, spec)
         except KeyboardInterrupt:
-            note = last_checkpoint_note(training_args.output_dir)
-            resume = " (resume_from_checkpoint continues from it)" if note.startswith("the last") else ""
-            raise Interrupted(f"interrupted; {note}{resume}") from None
+            last = last_checkpoint(training_args.output_dir)
+            resume = " (resume_from_checkpoint continues from it)" if last else ""
+            raise Interrupted(f"interrupted; {checkpoint_note(training_args.output_dir, last)}{resume}") from None
 
     if tuner.is_ray_available():
         import ray
@@ -161,9 +167,7 @@ def check_train_yaml(args: Any = None) -> None:
     if args is not None or len(sys.argv) < 2 or not sys.argv[1].endswith((".yaml", ".yml")):
         return
     yamlio.read_mapping(sys.argv[1], admits_bool)
-    for word in yamlio.override_bool_words(sys.argv[2:]):
-        if not admits_bool(word.key):
-            raise ConfigError(yamlio.bool_word_line("command line", word))
+    yamlio.check_override_bool_words(sys.argv[2:], admits_bool)
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import typing
+from collections.abc import Iterable
 from typing import Any
 
 
@@ -32,18 +33,23 @@ def unknown_keys_line(keys: list[str]) -> str:
 
 
 def _type_admits_bool(annotation: Any) -> bool:
-    if isinstance(annotation, str):
+    if isinstance(annotation, str):  # postponed annotations (``from __future__ import annotations``)
         return bool(re.search(r"\b(bool|Any)\b", annotation))
     if annotation is bool or annotation is Any:
         return True
     return any(_type_admits_bool(arg) for arg in typing.get_args(annotation) if not isinstance(arg, (str, int)))
 
 
-def admits_bool(key: str) -> bool:
-    """Whether training key ``key`` may hold ``true``/``false`` (a key no argument class has: yes, it is reported
-    as unknown elsewhere)."""
-    for cls in train_arg_classes():
+def admits_bool_in(classes: Iterable[type], key: str) -> bool:
+    """Whether ``key``, a field of one of the dataclasses ``classes``, may hold ``true``/``false`` (a key none of
+    them has: yes, it is reported as unknown elsewhere)."""
+    for cls in classes:
         found = getattr(cls, "__dataclass_fields__", {}).get(key)
         if found is not None:
             return _type_admits_bool(found.type)
     return True
+
+
+def admits_bool(key: str) -> bool:
+    """Whether training key ``key`` may hold ``true``/``false``."""
+    return admits_bool_in(train_arg_classes(), key)

@@ -121,11 +121,10 @@ def bool_word_line(where: str, word: BoolWord) -> str:
     )
 
 
-def override_bool_words(overrides: list[str]) -> list[BoolWord]:
-    """The ``key=value`` overrides of a command line whose value is a YAML 1.1 boolean word (line 0: no line)."""
-    words = []
+def check_override_bool_words(overrides: list[str], admits_bool: Callable[[str], bool]) -> None:
+    """Refuse a command line's ``key=value`` override whose value is a YAML 1.1 boolean word for a key that takes
+    no boolean (the toolkit's OmegaConf reads ``save_strategy=no`` as false, as YAML does)."""
     for item in overrides:
         key, sep, value = item.partition("=")
-        if sep and _BOOL_WORDS.match(value):
-            words.append(BoolWord(key, 0, value))
-    return words
+        if sep and _BOOL_WORDS.match(value) and not admits_bool(key):
+            raise ConfigError(bool_word_line("command line", BoolWord(key, 0, value)))

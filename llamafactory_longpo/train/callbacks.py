@@ -83,12 +83,21 @@ class StepTimeCallback(TrainerCallback):
             fh.write(json.dumps({"step": state.global_step, "seconds": time.perf_counter() - self.start}) + "\n")
 
 
-def last_checkpoint_note(output_dir: str) -> str:
-    """Where the newest checkpoint of a run is, in words, for one-line messages."""
+def last_checkpoint(output_dir: str) -> Optional[str]:
+    """The newest checkpoint of a run, as transformers finds it (``None``: none was saved)."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+
+
+def checkpoint_note(output_dir: str, last: Optional[str]) -> str:
+    """Where the newest checkpoint ``last`` of a run is, in words, for one-line messages."""
     return f"the last checkpoint is {last}" if last else f"no checkpoint was saved in {output_dir}"
+
+
+def last_checkpoint_note(output_dir: str) -> str:
+    """:func:`checkpoint_note` of the newest checkpoint in ``output_dir``."""
+    return checkpoint_note(output_dir, last_checkpoint(output_dir))
 
 
 class TerminateNoteCallback(TrainerCallback):
@@ -109,9 +118,9 @@ class TerminateNoteCallback(TrainerCallback):
         def stop(signum: int, frame: Any) -> None:
             if os.environ.get("RANK", "0") != "0":
                 raise SystemExit(Terminated.exit_code)
-            note = last_checkpoint_note(args.output_dir)
-            last = note.removeprefix("the last checkpoint is ")
-            how = f"to resume, run again with resume_from_checkpoint: {last}" if last != note else "a new run starts over"
+            last = last_checkpoint(args.output_dir)
+            how = f"to resume, run again with resume_from_checkpoint: {last}" if last else "a new run starts over"
+            note = checkpoint_note(args.output_dir, last)
             raise Terminated(f"terminated (SIGTERM) at step {state.global_step}; {note}; {how}")
 
         self.previous = signal.signal(signal.SIGTERM, stop)
