@@ -107,10 +107,10 @@ def _safetensors_readable(path: str) -> bool:
 
     try:
         with open(path, "rb") as fh:
-            size = int.from_bytes(fh.read(8), "little")
-            if not 2 <= size <= os.path.getsize(path) - 8:
+            header = int.from_bytes(fh.read(8), "little")
+            if not 2 <= header <= os.path.getsize(path) - 8:
                 return False
-            return isinstance(json.loads(fh.read(size)), dict)
+            return isinstance(json.loads(fh.read(header)), dict)
     except (OSError, ValueError):
         return False
 
@@ -148,8 +148,6 @@ def checkpoint_problem(folder: str, model: Any = None) -> str:
 
 def _checkpoints(output_dir: str) -> list[str]:
     """The ``checkpoint-N`` folders of ``output_dir``, newest (highest N) first, as transformers finds them."""
-    import re
-
     found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", name))]
     return [os.path.join(output_dir, name) for _, name in sorted(found, reverse=True)]
 
@@ -253,16 +251,18 @@ def _resume_target(raw: dict[str, Any], warn: Optional[Callable[[str], None]]) -
     if resume is not None or not raw.get("do_train") or raw.get("overwrite_output_dir") or not isinstance(output_dir, str):
         return raw
     checkpoints = _checkpoints(output_dir) if os.path.isdir(output_dir) else []
+    newest_problem = ""  # why the newest cannot be resumed from, once found
     for checkpoint in checkpoints:  # the toolkit resumes from the newest: the newest that can be resumed from
         problem = checkpoint_problem(checkpoint, model)
         if not problem:
-            if checkpoint != checkpoints[0] and warn is not None:
-                warn(f"{checkpoints[0]} {checkpoint_problem(checkpoints[0], model)}; resuming from {checkpoint}")
+            if newest_problem and warn is not None:
+                warn(f"{checkpoints[0]} {newest_problem}; resuming from {checkpoint}")
             check_same_run(checkpoint, raw, "output_dir: its checkpoint", "or overwrite_output_dir: true to start over")
             return {**raw, "resume_from_checkpoint": checkpoint}
+        newest_problem = newest_problem or problem
     if checkpoints:
         raise ConfigError(
-            f"output_dir: its newest checkpoint {checkpoints[0]} {checkpoint_problem(checkpoints[0], model)}, and no "
+            f"output_dir: its newest checkpoint {checkpoints[0]} {newest_problem}, and no "
             "other can be resumed from; remove it, or set overwrite_output_dir: true to start over"
         )
     return raw

@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional
 import torch
 from llamafactory.train.dpo.trainer import CustomDPOTrainer
 
+from ..data.plan import RowPlan
 from ..losses import SoLoPOLogps, SoLoPOOutput, SoLoPOReference, longpo_loss, solo_dpo_loss, solo_orpo_loss, solo_simpo_loss
 from . import zero3
 from .callbacks import stop_non_finite
@@ -23,7 +24,7 @@ from .compat import accept_indexed_cpu_locations
 from .logps import plain_sequence_logps, sequence_logps
 from .metrics import logged, longpo_metrics, solopo_metrics
 from .rope import rope_theta_override
-from .sequence_parallel import GroupSamplingMixin
+from .sequence_parallel import GroupSamplingMixin, SequenceParallel
 from .shared_prefix import shared_prefix_logps
 from .spec import RunSpec
 from .wiring import Wiring
@@ -42,19 +43,24 @@ class ShortToLongTrainer(AtomicCheckpointMixin, GroupSamplingMixin, CustomDPOTra
         ``identity``: :func:`..checks.run_identity`, recorded in each checkpoint (None: the planner's trace, which
         never saves)."""
         super().__init__(*args, ref_model=wiring.ref_model, **kwargs)
-        self.identity = identity
-        self.plan = spec.plan
-        self.stage: str = spec.stage
+        self.spec, self.wiring, self.identity = spec, wiring, identity
         self.reference_cache: dict[str, tuple[str, str]] = {}  # split -> (cache file, "hit" | "miss")
-        self.wiring = wiring
-        self.sequence_parallel = wiring.sequence_parallel
-        self.shared_prefix = spec.shared_prefix
-        self.original_rope_theta = wiring.original_rope_theta
-        # under ZeRO-3 each LM-head call gathers its weight over all ranks: they must make the same number of calls
-        self.lockstep_head: bool = spec.zero_stage == 3
         self.add_group_sampling()
         if self.args.device.type == "cpu" and self.args.device.index is not None:  # several CPU ranks: resumable
             accept_indexed_cpu_locations()
+
+    @property
+    def plan(self) -> RowPlan:
+        return self.spec.plan
+
+    @property
+    def sequence_parallel(self) -> Optional[SequenceParallel]:
+        return self.wiring.sequence_parallel
+
+    @property
+    def lockstep_head(self) -> bool:
+        """Under ZeRO-3 each LM-head call gathers its weight over all ranks: they must make as many calls."""
+        return self.spec.zero_stage == 3
 
     # ------------------------------------------------------------------ log-probs
     @contextmanager
@@ -94,12 +100,13 @@ class ShortToLongTrainer(AtomicCheckpointMixin, GroupSamplingMixin, CustomDPOTra
                 raise RuntimeError("no reference model: full fine-tuning needs s2l_precompute_ref or a reference copy")
             return model, nullcontext()
         ctx = unwrapped.disable_adapter()
-        if self.original_rope_theta is not None:  # the reference keeps its original RoPE (LongPO, arXiv 2502.13922)
+        original_theta = self.wiring.original_rope_theta
+        if original_theta is not None:  # the reference keeps its original RoPE (LongPO, arXiv 2502.13922)
             from contextlib import ExitStack
 
             stack = ExitStack()
             stack.enter_context(ctx)
-            stack.enter_context(rope_theta_override(unwrapped, self.original_rope_theta))
+            stack.enter_context(rope_theta_override(unwrapped, original_theta))
             ctx = stack
         return model, ctx
 
@@ -185,7 +192,7 @@ class ShortToLongTrainer(AtomicCheckpointMixin, GroupSamplingMixin, CustomDPOTra
     ) -> tuple[torch.Tensor, dict[str, float]]:
         fa = self.finetuning_args
         n = batch["input_ids"].size(0) // 2
-        if self.shared_prefix:
+        if self.spec.shared_prefix:
             chosen, rejected = (
                 tuple(batch[k][rows] for k in ("input_ids", "attention_mask", "labels")) for rows in (slice(0, n), slice(n, None))
             )
@@ -220,7 +227,7 @@ class ShortToLongTrainer(AtomicCheckpointMixin, GroupSamplingMixin, CustomDPOTra
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], train_eval: Literal["train", "eval"] = "train"
     ) -> tuple[torch.Tensor, dict[str, float]]:
         prefix = "eval_" if train_eval == "eval" else ""
-        if self.stage == "solopo":
+        if self.spec.stage == "solopo":
             return self._solopo(model, batch, prefix)
         return self._longpo(model, batch, prefix)
 
