@@ -42,7 +42,7 @@ def test_a_traced_step_leaves_the_attention_registry_as_it_found_it(tmp_path: Pa
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     from llamafactory_longpo.planner.plan import estimate
-    from llamafactory_longpo.planner.step import load_run_config
+    from llamafactory_longpo.planner.step import Lengths, load_run_config, step_setup
 
     raw = yaml.safe_load((ROOT / "examples" / "tiny" / "longpo_tiny.yaml").read_text())
     raw.update(model_name_or_path=str(tiny_model))
@@ -50,6 +50,9 @@ def test_a_traced_step_leaves_the_attention_registry_as_it_found_it(tmp_path: Pa
     config.write_text(yaml.safe_dump(raw))
     before = dict(ALL_ATTENTION_FUNCTIONS.items())
     run = load_run_config(str(config))
+    with step_setup(run, 2, Lengths(long=64, short=32, response=8), "sdpa"):  # the step the estimate traces
+        wired = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    assert getattr(wired, "shared_prefix_kernel", None) == "sdpa", "the traced step was not wired as training is"
     assert estimate(run, 256, 1).total > 0
     after = dict(ALL_ATTENTION_FUNCTIONS.items())
     assert {k for k in before if after.get(k) is not before[k]} == set()
