@@ -91,6 +91,8 @@ def run_plugin_stage(tuner: Any, config: dict[str, Any]) -> None:
     the dispatch, so a plugin stage could only pass through it disguised as one of the toolkit's stages.
     The repeated part is the list of callbacks, with the toolkit's own classes taken from its module.
     """
+    from llamafactory.extras import logging
+
     from .train.callbacks import (
         NonFiniteGuardCallback,
         ShortToLongLogCallback,
@@ -99,13 +101,14 @@ def run_plugin_stage(tuner: Any, config: dict[str, Any]) -> None:
         last_checkpoint,
     )
     from .train.compat import shutdown_distributed
+    from .train.offload import settle_checkpointing
     from .train.spec import RunSpec
     from .train.workflow import run_short_to_long
 
     callbacks: list[Any] = config.get("callbacks")
     model_args, data_args, training_args, finetuning_args, generating_args = tuner.get_train_args(config.get("args"))
-    # two forwards per step with reentrant checkpointing desync DDP's gradient reduction: gradients go silently wrong
-    model_args.use_reentrant_gc = False
+    for note in settle_checkpointing(model_args, finetuning_args):
+        logging.get_logger("llamafactory.longpo.dispatch").warning_rank0(note)
     spec = RunSpec.for_run(finetuning_args, training_args)  # made once: the checks and the workflow read it
     check_kernels(model_args.flash_attn, bool(training_args.bf16 or training_args.fp16), finetuning_args, spec)
 

@@ -240,6 +240,20 @@ class ShortToLongFinetuningArguments:
             "default: its optimizer state, schedule and data position would carry over)."
         },
     )
+    s2l_offload_activations: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep each checkpointed layer's input in (pinned) host memory and copy it back for that layer's "
+            "recompute; needs gradient checkpointing. The toolkit's use_unsloth_gc becomes this under the plugin's stages."
+        },
+    )
+    s2l_tiled_mlp: bool = field(
+        default=False,
+        metadata={
+            "help": "Run each decoder MLP over slices of hidden_size tokens, recomputed one slice at a time in backward, "
+            "so no [tokens, intermediate] tensor is ever whole (dense gated MLPs: Llama, Qwen2, Mistral, ...)."
+        },
+    )
     sequence_parallel_size: int = field(
         default=1,
         metadata={

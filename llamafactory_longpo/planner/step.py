@@ -22,6 +22,7 @@ import torch
 
 from ..errors import ConfigError
 from ..hparams import PLUGIN_STAGES
+from ..train.offload import OffloadLedger, settle_checkpointing
 from ..train.spec import RunSpec, separate_reference_model
 from ..train.zero3 import ZeroConfig
 
@@ -126,7 +127,8 @@ def load_run_config_from_dict(raw: dict[str, Any], zero: ZeroConfig, path: str) 
         model_args.compute_dtype = torch.float16
     else:
         model_args.compute_dtype = infer_optim_dtype(getattr(model_config, "dtype", None) or torch.float32)
-    model_args.use_reentrant_gc = False  # as the plugin's stages force it
+    if hasattr(finetuning_args, "s2l_offload_activations"):  # the plugin's knobs merged (any stage parsed here)
+        settle_checkpointing(model_args, finetuning_args)  # as the plugin's stages run it
     return RunConfig(path, model_args, data_args, training_args, finetuning_args, zero, model_config, source, tmp)
 
 
@@ -264,6 +266,7 @@ class StepSetup:
     trainer: Any
     batch: dict[str, torch.Tensor]
     optimizer: Any
+    offloaded: Optional[OffloadLedger] = None  # what the offload hooks moved (s2l_offload_activations)
 
     def run_step(self) -> None:
         self.trainer.training_step(self.model, self.batch)
@@ -328,7 +331,7 @@ def step_setup(
         trainer = build_trainer(run, model, ref_model, device, spec=spec, wiring=wiring)
         optimizer = trainer.create_optimizer()
         batch = make_batch(run, lengths, config.vocab_size)
-        yield StepSetup(model, ref_model, trainer, batch, optimizer)
+        yield StepSetup(model, ref_model, trainer, batch, optimizer, wiring.offloaded if wiring else None)
     finally:
         if wiring is not None:
             wiring.undo()

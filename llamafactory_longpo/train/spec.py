@@ -35,6 +35,8 @@ class RunSpec:
     reference_model: bool  # a separate frozen model is loaded for it (else: the policy, adapters off under LoRA)
     policy_rope_theta: Optional[float]  # the policy's RoPE base after the reference pass (the reference keeps its own)
     zero_stage: int  # DeepSpeed ZeRO stage of the run's config (0: no DeepSpeed)
+    offload_activations: bool = False  # checkpointed layer inputs in host memory (:mod:`.offload`)
+    tiled_mlp: bool = False  # decoder MLPs in sequence tiles (:mod:`.tiling`)
 
     @classmethod
     def for_run(cls, finetuning_args: Any, training_args: Any) -> RunSpec:
@@ -61,4 +63,6 @@ class RunSpec:
             reference_model=reference != "none" and separate_reference_model(fa, live=reference == "live"),
             policy_rope_theta=fa.policy_rope_theta,
             zero_stage=zero_stage,
+            offload_activations=bool(fa.s2l_offload_activations),
+            tiled_mlp=bool(fa.s2l_tiled_mlp),
         )

@@ -6,12 +6,16 @@ planner measures is put together exactly as the step that trains. What it change
 1. LongPO's shared-prefix attention (:mod:`.shared_prefix`), when the spec has it;
 2. Ulysses sequence parallelism (:mod:`.sequence_parallel`), which wraps whatever attention step 1 left: its
    all-to-all runs outside, so the shared prefix's pieces see the whole sequence of their heads;
-3. the reference model, loaded when the spec needs a separate one (after 1 and 2: the attention registry is
-   process-wide, so the reference's forwards take the same path as the policy's).
+3. decoder MLPs in sequence tiles (:mod:`.tiling`) and checkpointed layer inputs in host memory
+   (:mod:`.offload`), when the spec has them: both change the policy's own modules only;
+4. the reference model, loaded when the spec needs a separate one (after 1 and 2: the attention registry is
+   process-wide, so the reference's forwards take the same path as the policy's; a frozen reference runs no
+   backward, so it neither tiles nor offloads).
 
 Steps 1 and 2 replace entries of transformers' attention registry, which every model in the process reads.
 :meth:`Wiring.undo` puts back each entry it replaced (a traced copy must leave the registry as it found it, and a
-finished run must drop the Ulysses wrapper, which holds its process group, before the group is destroyed).
+finished run must drop the Ulysses wrapper, which holds its process group, before the group is destroyed), and
+the policy's modules as step 3 found them.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any, Optional
 
 import torch
 
+from .offload import OffloadLedger
 from .rope import current_rope_theta
 from .sequence_parallel import SequenceParallel
 from .spec import RunSpec
@@ -34,15 +39,19 @@ class Wiring:
     sequence_parallel: Optional[SequenceParallel] = None  # this rank's group (sequence_parallel_size > 1)
     ref_model: Optional[torch.nn.Module] = None  # the separate frozen reference, when the spec has one
     original_rope_theta: Optional[float] = None  # the RoPE base the reference keeps when the policy's is raised
+    offloaded: Optional[OffloadLedger] = None  # bytes the offload hooks moved (s2l_offload_activations)
     replaced: dict[str, Any] = field(default_factory=dict)  # attention registry name -> the entry before wiring
+    restores: list[Callable[[], None]] = field(default_factory=list)  # put the policy's modules back as they were
 
     def undo(self) -> None:
-        """Put back every attention registry entry the wiring replaced (idempotent)."""
+        """Put back every attention registry entry and module the wiring replaced (idempotent)."""
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         for name, function in self.replaced.items():
             ALL_ATTENTION_FUNCTIONS[name] = function
         self.replaced.clear()
+        while self.restores:
+            self.restores.pop()()
 
 
 def _remember(wiring: Wiring, model: torch.nn.Module) -> None:
@@ -78,6 +87,17 @@ def wire_model(
             sp = enable_sequence_parallel(model, spec.sequence_parallel_size)
             wiring.sequence_parallel = sp
             log(f"sequence parallel: {sp.size} ranks per row (DeepSpeed Ulysses), {sp.dp_size} data-parallel group(s)")
+        if spec.tiled_mlp:
+            from .tiling import install_tiled_mlp
+
+            wiring.restores.append(install_tiled_mlp(model))
+            log("tiled MLP: each decoder MLP runs in slices of hidden_size tokens, recomputed slice by slice")
+        if spec.offload_activations:
+            from .offload import install_offload
+
+            wiring.offloaded = OffloadLedger()
+            wiring.restores.append(install_offload(model, wiring.offloaded))
+            log("offloaded checkpoints: each checkpointed layer's input waits in host memory until its recompute")
         if spec.reference_model:
             wiring.ref_model = make_reference()
         if spec.policy_rope_theta is not None:

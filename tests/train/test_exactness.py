@@ -140,3 +140,64 @@ def test_filler_head_calls_are_exact_zeros() -> None:
     sums.sum().backward()
     assert head.weight.grad is not None and hidden.grad is not None
     assert not head.weight.grad.any() and not hidden.grad.any()
+
+
+MEMORY_CASES = {
+    "solo-orpo": dict(stage="solopo", pref_loss="orpo"),
+    # LoRA with a live reference: the policy with its adapters disabled runs beside the tiled, offloaded policy
+    "solo-dpo-lora-live": dict(
+        stage="solopo", pref_loss="sigmoid", finetuning_type="lora", lora_rank=4, s2l_precompute_ref=False
+    ),
+    "longpo-shared-prefix": dict(LONGPO_RUN, s2l_logits_chunk=64),
+}
+
+
+def _knobbed(trainer, batch, offload: bool, tiled: bool):
+    """Loss and gradients with the knobs switched on the trainer's own model (as the wiring installs them)."""
+    from llamafactory_longpo.train.offload import OffloadLedger, install_offload
+    from llamafactory_longpo.train.tiling import install_tiled_mlp
+
+    ledger, undo = OffloadLedger(), []
+    if tiled:
+        undo.append(install_tiled_mlp(trainer.model))
+    if offload:
+        undo.append(install_offload(trainer.model, ledger))
+    try:
+        return (*loss_and_grads(trainer, batch), ledger)
+    finally:
+        for step in undo:
+            step()
+
+
+@pytest.mark.parametrize("name", list(MEMORY_CASES))
+def test_memory_knobs_change_no_loss_and_no_gradient(tmp_path: Path, tiny_model: Path, name: str) -> None:
+    """Offloaded checkpoints and tiled MLPs, alone (switched on the same model) and together (from the YAML
+    keys, through the run's wiring), give the loss and every gradient of the run without them (float64; the
+    tiles sum a weight's gradient in another order). The offload hooks must have moved every layer input down
+    and up once, and the MLPs must have run in more than one tile."""
+    from llamafactory_longpo.train.tiling import tile_count
+
+    plain, batch = build(tmp_path / "plain", tiny_model, **MEMORY_CASES[name])
+    assert plain.model.is_gradient_checkpointing and plain.model.training
+    assert tile_count(batch["input_ids"].shape[-1], plain.model.config.hidden_size) > 1
+    in_float64(plain, batch, {})
+    loss, grads = loss_and_grads(plain, batch)
+    both, both_batch = build(
+        tmp_path / "both", tiny_model, **MEMORY_CASES[name], s2l_offload_activations=True, s2l_tiled_mlp=True
+    )
+    assert all(torch.equal(both_batch[k], batch[k]) for k in batch if isinstance(batch[k], torch.Tensor))
+    in_float64(both, both_batch, {})
+    runs = {
+        "offload": _knobbed(plain, batch, offload=True, tiled=False),
+        "tiled": _knobbed(plain, batch, offload=False, tiled=True),
+        "both": (*loss_and_grads(both, both_batch), both.wiring.offloaded),
+    }
+    assert [m for m in both.model.modules() if "forward" in vars(m)]  # the wiring tiled the MLPs
+    both.wiring.undo()
+    assert not [m for m in both.model.modules() if "forward" in vars(m)]
+    for knobs, (got_loss, got, ledger) in runs.items():
+        assert_within_eps32(torch.tensor(got_loss), torch.tensor(loss), f"{knobs}: loss")
+        assert got.keys() == grads.keys() and got
+        for key in got:
+            assert_within_eps32(got[key], grads[key], f"{knobs}: {key}")
+        assert (ledger.down == ledger.up > 0) if knobs != "tiled" else ledger.down == 0, knobs
