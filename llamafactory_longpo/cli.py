@@ -59,6 +59,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     est.add_argument("--sequence-parallel", type=int, default=None, help="override sequence_parallel_size")
     est.add_argument("--response-tokens", type=int, default=None, help="scored tokens per row (default 512)")
     est.add_argument("--validate", action="store_true", help="on a GPU: run a reduced-depth real step and compare")
+    est.add_argument("--gpus-per-node", type=int, default=8, help="GPUs sharing one host's memory (default 8)")
+    est.add_argument("--host-memory", type=float, default=None, help="GiB of host memory per node for a host verdict")
+    est.add_argument("--pcie-gbps", type=float, default=25.0, help="GB/s each way between a GPU and the host (default 25)")
+    est.add_argument("--tflops", type=float, default=400.0, help="dense TFLOP/s one GPU sustains (default 400)")
 
     args = parser.parse_args(argv)
     try:
@@ -290,6 +294,11 @@ def _run(args: argparse.Namespace) -> int:
 
         Range(0, 4096, open_low=True).check("--device-memory", args.device_memory)  # GiB per GPU
         Range(1, 1 << 20).check("--response-tokens", args.response_tokens)
+        Range(1, 1024).check("--gpus-per-node", args.gpus_per_node)
+        Range(0, 1 << 20, open_low=True).check("--host-memory", args.host_memory)  # GiB per node
+        Range(0, 1 << 20, open_low=True).check("--pcie-gbps", args.pcie_gbps)
+        Range(0, 1 << 20, open_low=True).check("--tflops", args.tflops)
+        from .planner.plan import Node
 
         print(
             run_estimate(
@@ -300,6 +309,7 @@ def _run(args: argparse.Namespace) -> int:
                 sp=args.sequence_parallel,
                 response=args.response_tokens,
                 validate=args.validate,
+                node=Node(args.gpus_per_node, args.host_memory, args.pcie_gbps, args.tflops),
             )
         )
     elif args.command == "evolve":

@@ -15,9 +15,12 @@ import logging
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from .plan import Node
 
 __all__ = ["quiet", "run_estimate", "train_start_line"]
 
@@ -57,10 +60,14 @@ def run_estimate(
     sp: Optional[int] = None,
     response: Optional[int] = None,
     validate: bool = False,
+    node: Optional[Node] = None,
 ) -> str:
-    """The ``estimate`` command: the report for ``config`` at each of ``lengths`` (default ``cutoff_len``)."""
+    """The ``estimate`` command: the report for ``config`` at each of ``lengths`` (default ``cutoff_len``);
+    ``node``: GPUs per node, host memory, PCIe and compute rates (:class:`.plan.Node`, whose defaults apply)."""
+    from .plan import Node
+
     with quiet():
-        return _report(config, gpus, lengths, device_gib, sp, response, validate)
+        return _report(config, gpus, lengths, device_gib, sp, response, validate, node or Node())
 
 
 def _report(
@@ -71,6 +78,7 @@ def _report(
     sp: Optional[int],
     response: Optional[int],
     validate: bool,
+    node: Node,
 ) -> str:
     from .plan import GIB, estimate, format_report
     from .step import load_run_config
@@ -82,7 +90,7 @@ def _report(
     for length in lengths:
         if length < 16:
             raise ConfigError(f"--lengths: {length} tokens is too short to trace (at least 16)")
-    estimates = [estimate(run, length, gpus, sp, device_gib, response) for length in lengths]
+    estimates = [estimate(run, length, gpus, sp, device_gib, response, node=node) for length in lengths]
     counts = estimates[0].counts
     counts_line = (
         f"{_count(counts.total)} parameters, {_count(counts.trainable)} trainable, "

@@ -18,6 +18,7 @@ How a prediction is made (:func:`estimate`):
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
@@ -56,21 +57,62 @@ class DepthTrace:
     counts: ModelCounts
     transient: dict[str, float]  # see StepTrace
     reference_weights: float = 0.0  # bytes of a separate reference model's weights (inside the reference part)
+    host: float = 0.0  # offloaded checkpoint inputs in host memory at their most (see StepTrace)
+    moved: float = 0.0  # bytes the offload hooks copied to the host and back in the step
+
+
+@dataclass(frozen=True)
+class Node:
+    """What the planner assumes of each node; the report states every value.
+
+    ``pcie_gbps``: GB/s each way between one GPU and pinned host memory (25: what a PCIe 4.0 x16 link sustains;
+    PCIe 5.0 hosts reach about twice that). ``tflops``: dense bf16 TFLOP/s one GPU sustains in training (400:
+    40% of an H100's 989)."""
+
+    gpus: int = 8  # GPUs per node: the ranks whose offloaded inputs share one host's memory
+    host_gib: Optional[float] = None  # host memory per node for the verdict (None: not checked)
+    pcie_gbps: float = 25.0
+    tflops: float = 400.0
 
 
 @dataclass
 class Estimate:
-    """Predicted peak of one rank at one length, with its parts (bytes) and the step's FLOPs."""
+    """Predicted peak of one rank at one length, with its parts (bytes), the step's FLOPs and what the rank puts
+    in host memory: offloaded checkpoint inputs (``host_activations``, their copies down and up: ``moved``) and,
+    per node, the model states DeepSpeed offloads (``host_states``)."""
 
     length: int
     parts: dict[str, float]
     flops: float
     counts: ModelCounts
     device_bytes: Optional[float] = None
+    sp: int = 1
+    host_activations: float = 0.0
+    moved: float = 0.0
+    host_states: float = 0.0
+    node: Node = Node()
 
     @property
     def total(self) -> float:
         return sum(self.parts.values())
+
+    @property
+    def host_per_node(self) -> float:
+        return self.node.gpus * self.host_activations + self.host_states
+
+    @property
+    def host_fits(self) -> Optional[bool]:
+        return None if self.node.host_gib is None else self.host_per_node <= self.node.host_gib * GIB
+
+    @property
+    def pcie_seconds(self) -> float:
+        """Seconds one rank's offload copies take at the node's PCIe rate (down and up share no direction)."""
+        return self.moved / 2 / (self.node.pcie_gbps * 1e9)
+
+    @property
+    def compute_seconds(self) -> float:
+        """Seconds of one rank's share of the step's FLOPs (``1/P`` of each row under sequence parallelism)."""
+        return self.flops / self.sp / (self.node.tflops * 1e12)
 
     @property
     def fits(self) -> Optional[bool]:
@@ -117,18 +159,24 @@ def bookkeeping_limit(run: RunConfig, lengths: Lengths) -> int:
     return max(REAL_LIMIT, 4 * run.training_args.per_device_train_batch_size * lengths.long)
 
 
-def trace_depth(run: RunConfig, layers: int, lengths: Lengths, attention: Optional[str]) -> DepthTrace:
-    """Trace one step of the run at ``layers`` layers on fake tensors (``attention``: see :func:`estimate`)."""
+def trace_depth(
+    run: RunConfig, layers: int, lengths: Lengths, attention: Optional[str], spec_changes: Optional[dict] = None
+) -> DepthTrace:
+    """Trace one step of the run at ``layers`` layers on fake tensors (``attention``: see :func:`estimate`;
+    ``spec_changes``: see :func:`.step.traced_spec`)."""
     with (
         fake_mode(bookkeeping_limit(run, lengths)),
         gpu_attention() if attention is None else nullcontext(),
-        step_setup(run, layers, lengths, attention or "sdpa") as setup,
+        step_setup(run, layers, lengths, attention or "sdpa", spec_changes=spec_changes) as setup,
     ):
         traced = traced_step(run, setup, layers)
         ref = setup.ref_model
         ref_bytes = sum(t.nbytes for t in [*ref.parameters(), *ref.buffers()]) if ref is not None else 0
         counts = _counts(setup.model)
-        return DepthTrace(layers, traced.fwd_bwd, traced.optimizer_step, traced.flops, counts, traced.transient, ref_bytes)
+        moved = setup.offloaded.down + setup.offloaded.up if setup.offloaded is not None else 0
+        return DepthTrace(
+            layers, traced.fwd_bwd, traced.optimizer_step, traced.flops, counts, traced.transient, ref_bytes, traced.host, moved
+        )
 
 
 def _extrapolate(a: float, b: float, la: int, lb: int, layers: int) -> float:
@@ -140,14 +188,20 @@ def trace_depths(run: RunConfig, full_layers: int) -> tuple[int, int]:
     return (2, 3) if full_layers > 3 else (max(1, full_layers - 1), full_layers)
 
 
-def scaled_trace(run: RunConfig, lengths: Lengths, attention: Optional[str], layers: Optional[int] = None) -> DepthTrace:
+def scaled_trace(
+    run: RunConfig,
+    lengths: Lengths,
+    attention: Optional[str],
+    layers: Optional[int] = None,
+    spec_changes: Optional[dict] = None,
+) -> DepthTrace:
     """The step at full depth (``layers``, default the model's), from traces at two reduced depths."""
     full = layers or run.model_config.num_hidden_layers
     la, lb = trace_depths(run, full)
     if la == lb:
-        return trace_depth(run, full, lengths, attention)
-    a = trace_depth(run, la, lengths, attention)
-    b = trace_depth(run, lb, lengths, attention)
+        return trace_depth(run, full, lengths, attention, spec_changes)
+    a = trace_depth(run, la, lengths, attention, spec_changes)
+    b = trace_depth(run, lb, lengths, attention, spec_changes)
 
     def parts(x: dict[str, int], y: dict[str, int]) -> dict[str, float]:
         return {k: max(0.0, _extrapolate(x[k], y[k], la, lb, full)) for k in KINDS}
@@ -167,6 +221,8 @@ def scaled_trace(run: RunConfig, lengths: Lengths, attention: Optional[str], lay
         counts,
         parts(a.transient, b.transient),
         _extrapolate(a.reference_weights, b.reference_weights, la, lb, full),
+        _extrapolate(a.host, b.host, la, lb, full),
+        _extrapolate(a.moved, b.moved, la, lb, full),
     )
 
 
@@ -187,6 +243,16 @@ def zero_model_states(run: RunConfig, counts: ModelCounts, world: int) -> dict[s
     grads = 2 * psi_t / grad_shard + fp32_grads * psi_t / (world if z.stage >= 1 else 1)
     optimizer = 12 * psi_t / (world if z.stage >= 1 else 1)
     return {WEIGHTS: weights, GRADIENTS: grads, OPTIMIZER: optimizer}
+
+
+def zero_host_states(run: RunConfig, counts: ModelCounts, world: int) -> float:
+    """Bytes of model states one rank's DeepSpeed keeps in host memory: with ``offload_optimizer``, fp32 master
+    weights, Adam moments and fp32 gradients (16 B per trainable parameter); with ``offload_param``, the bf16
+    weights (2 B per parameter); partitioned over the ranks (the 18 B per parameter of DeepSpeed's
+    ``estimate_zero3_model_states_mem_needs`` with both, before its 1.5 buffer factor)."""
+    z = run.zero
+    held = (16 * counts.trainable if z.offload_optimizer else 0) + (2 * counts.total if z.offload_param else 0)
+    return held / (world if z.stage >= 1 else 1)
 
 
 def per_rank(run: RunConfig, traced: DepthTrace, world: int) -> dict[str, float]:
@@ -219,20 +285,29 @@ def estimate(
     attention: Optional[str] = None,
     layers: Optional[int] = None,
     flops: bool = True,
+    node: Node = Node(),
 ) -> Estimate:
     """Predict one rank's peak for rows of ``length`` tokens (``cutoff_len`` of the long rows).
 
     ``sp``: sequence-parallel size (default the run's); ``attention``: None traces SDPA as a GPU kernel holds
     it (:mod:`.attention`), a name traces that implementation as it runs here (the CPU validation passes
-    ``sdpa``); ``layers``: full depth (default the model's).
+    ``sdpa``); ``layers``: full depth (default the model's); ``node``: what a node holds and how fast it runs.
     """
     sp = sp or int(getattr(run.finetuning_args, "sequence_parallel_size", 1) or 1)
     traced = scaled_trace(run, row_lengths(run, length, sp, response), attention, layers)
     step_flops = traced.flops
-    if sp > 1:  # attention is quadratic in the row: count the whole rows (``flops=False``: not needed, not traced)
-        step_flops = scaled_trace(run, row_lengths(run, length, 1, response), attention, layers).flops if flops else 0
+    if sp > 1 and flops:  # attention is quadratic in the row: count the whole rows (``flops=False``: not needed)
+        whole = row_lengths(run, length, 1, response)
+        # one MLP tile per row: a tile count changes no FLOP, and a whole row in hidden_size tiles takes long to trace
+        step_flops = scaled_trace(run, whole, attention, layers, spec_changes={"mlp_tile_tokens": whole.long}).flops
+    elif sp > 1:
+        step_flops = 0
     device = device_gib * GIB if device_gib else None
-    return Estimate(length, per_rank(run, traced, gpus), step_flops, traced.counts, device)
+    node = dataclasses.replace(node, gpus=min(node.gpus, gpus))
+    host_states = node.gpus * zero_host_states(run, traced.counts, gpus) if run.zero.enabled else 0.0
+    return Estimate(
+        length, per_rank(run, traced, gpus), step_flops, traced.counts, device, sp, traced.host, traced.moved, host_states, node
+    )
 
 
 def format_report(run: RunConfig, estimates: list[Estimate], gpus: int, sp: int, counts_line: str) -> str:
@@ -261,6 +336,7 @@ def format_report(run: RunConfig, estimates: list[Estimate], gpus: int, sp: int,
         lines.append(f"  {kind:<{width - 2}}" + "".join(f"{e.parts[kind] / scale:>12.2f}" for e in estimates))
     lines.append(f"  {'total':<{width - 2}}" + "".join(f"{e.total / scale:>12.2f}" for e in estimates))
     lines.append(f"  {'step TFLOPs':<{width - 2}}" + "".join(f"{e.flops / 1e12:>12.1f}" for e in estimates))
+    lines += _host_lines(estimates, width, unit, scale)
     if estimates and estimates[0].device_bytes:
         cap = estimates[0].device_bytes / GIB
         lines.append(f"  {f'fits {cap:g} GiB':<{width - 2}}" + "".join(f"{'yes' if e.fits else 'NO':>12}" for e in estimates))
@@ -270,5 +346,34 @@ def format_report(run: RunConfig, estimates: list[Estimate], gpus: int, sp: int,
                     f"{e.length:,} tokens does not fit {cap:g} GiB: needs {size(e.total)}; "
                     f"largest part: {e.largest} ({size(e.parts[e.largest])})"
                 )
+    for e in estimates:
+        if e.host_fits is False:
+            lines.append(
+                f"{e.length:,} tokens does not fit {e.node.host_gib:g} GiB of host memory per node: needs {size(e.host_per_node)}"
+            )
     lines.append(NOT_MODELLED)
     return "\n".join(lines)
+
+
+def _host_lines(estimates: list[Estimate], width: int, unit: str, scale: float) -> list[str]:
+    """Host memory and copy time beside compute time, when the run keeps anything in host memory."""
+    if not estimates or not any(e.host_activations or e.host_states for e in estimates):
+        return []
+    node = estimates[0].node
+
+    def row(label: str, values: list[str]) -> str:
+        return f"  {label:<{width - 2}}" + "".join(f"{v:>12}" for v in values)
+
+    lines = [
+        "",
+        f"host ({unit}; {node.gpus} GPU(s) per node, {node.pcie_gbps:g} GB/s PCIe each way, {node.tflops:g} TFLOP/s per GPU)",
+        row("offloaded / rank", [f"{e.host_activations / scale:.2f}" for e in estimates]),
+        row("states / node", [f"{e.host_states / scale:.2f}" for e in estimates]),
+        row("total / node", [f"{e.host_per_node / scale:.2f}" for e in estimates]),
+        row("copied / rank / step", [f"{e.moved / scale:.2f}" for e in estimates]),
+        row("PCIe s / step", [f"{e.pcie_seconds:.2f}" for e in estimates]),
+        row("compute s / step", [f"{e.compute_seconds:.2f}" for e in estimates]),
+    ]
+    if node.host_gib is not None:
+        lines.append(row(f"fits {node.host_gib:g} GiB host", ["yes" if e.host_fits else "NO" for e in estimates]))
+    return lines

@@ -283,17 +283,18 @@ class StepSetup:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def traced_spec(run: RunConfig, sequence_parallel_size: int) -> RunSpec:
+def traced_spec(run: RunConfig, sequence_parallel_size: int, **changes: Any) -> RunSpec:
     """The run's spec as one traced steady-state step has it: no DeepSpeed (ZeRO's model states are added by
     formulas, so no LM-head lockstep), ``sequence_parallel_size`` (the memory trace feeds rows of ``T/P`` tokens to
     one process; only a real distributed run wires Ulysses), and no reference model once a precomputed pass has
-    scored (training drops it before the first step)."""
+    scored (training drops it before the first step). ``changes``: more fields to replace (the FLOPs trace's)."""
     spec = run.spec
     return dataclasses.replace(
         spec,
         zero_stage=0,
         sequence_parallel_size=sequence_parallel_size,
         reference_model=spec.reference_model and spec.reference == "live",
+        **changes,
     )
 
 
@@ -305,12 +306,14 @@ def step_setup(
     attention: str,
     device: torch.device = torch.device("cpu"),
     sequence_parallel_size: int = 1,
+    spec_changes: Optional[dict[str, Any]] = None,
 ) -> Iterator[StepSetup]:
     """Model of ``layers`` layers, reference (when one runs live), trainer, optimizer and one micro-batch. A plugin
     stage's model is wired by the training run's own :func:`..train.wiring.wire_model`, and unwired on leaving.
 
     ``attention``: the model's attention implementation; ``device``: where the trainer puts the batch;
-    ``sequence_parallel_size`` > 1 needs the process group of a real distributed run.
+    ``sequence_parallel_size`` > 1 needs the process group of a real distributed run; ``spec_changes``: see
+    :func:`traced_spec`.
     """
     from ..train.wiring import wire_model
 
@@ -322,7 +325,7 @@ def step_setup(
 
     spec, wiring, ref_model = None, None, None
     if run.spec is not None:
-        spec = traced_spec(run, sequence_parallel_size)
+        spec = traced_spec(run, sequence_parallel_size, **(spec_changes or {}))
         wiring = wire_model(model, spec, make_reference=make_reference)
         ref_model = wiring.ref_model
     elif uses_live_reference(run) and separate_reference_model(run.finetuning_args, live=True):  # the toolkit's dpo

@@ -27,6 +27,8 @@ from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import flop_registry
 
+from ..train.offload import packing
+
 _CAUSAL_LOWER_RIGHT = bias.causal_lower_right
 # bookkeeping tensors up to this many elements stay real (a 4M-element index is 32 MB; a [T, T] mask is not)
 REAL_LIMIT = 1 << 22
@@ -35,6 +37,7 @@ REAL_LIMIT = 1 << 22
 WEIGHTS, GRADIENTS, OPTIMIZER = "weights", "gradients", "optimizer states"
 ACTIVATIONS, HEAD, ATTENTION, REFERENCE = "activations", "LM head / loss chunk", "attention", "reference"
 KINDS = (WEIGHTS, GRADIENTS, OPTIMIZER, ACTIVATIONS, HEAD, ATTENTION, REFERENCE)
+HOST = "offloaded (host)"  # checkpointed inputs in host memory (s2l_offload_activations): not on the GPU
 
 _STATE_KINDS = {
     _MemRefType.PARAM: WEIGHTS,
@@ -118,7 +121,8 @@ class _KindTracker(MemTracker):
         super().__init__()
         self.vocab_size = vocab_size
         self.grad_shapes = grad_shapes
-        self.live: dict[str, int] = dict.fromkeys(KINDS, 0)
+        self.live: dict[str, int] = dict.fromkeys((*KINDS, HOST), 0)
+        self.host_peak = 0
         self.peaks: dict[str, dict[str, int]] = {}
         self._op_kind = ACTIVATIONS
         self._shape_kind: Optional[str] = None
@@ -157,18 +161,22 @@ class _KindTracker(MemTracker):
             self.live[old] -= winfo.mem_consumed
             self.live[self._kind_of(winfo)] += winfo.mem_consumed
         super()._update_snap(u_type, winfo, old_mem_consumed, old_reftype)
-        total = sum(self.live.values())
+        self.host_peak = max(self.host_peak, self.live[HOST])
+        live = {k: self.live[k] for k in KINDS}
+        total = sum(live.values())
         best = self.peaks.get(self.phase)
         if best is None or total > sum(best.values()):
-            self.peaks[self.phase] = dict(self.live)
+            self.peaks[self.phase] = live
         # the peak of what is not a model state: where it lies when DeepSpeed keeps those partitioned
         transient = total - sum(self.live[k] for k in _MODEL_STATES)
         best = self.peaks.get(f"{self.phase} transient")
         if best is None or transient > sum(v for k, v in best.items() if k not in _MODEL_STATES):
-            self.peaks[f"{self.phase} transient"] = dict(self.live)
+            self.peaks[f"{self.phase} transient"] = live
 
     def _track(self, reftype: Any, t: torch.Tensor) -> None:
-        if self._mod_tracker.is_bw and tuple(t.shape) in self.grad_shapes and t.is_floating_point():
+        if packing():
+            self._shape_kind = HOST
+        elif self._mod_tracker.is_bw and tuple(t.shape) in self.grad_shapes and t.is_floating_point():
             self._shape_kind = GRADIENTS  # a weight's gradient, from the op that makes it (MemTracker types it later)
         elif t.dim() >= 1 and t.shape[-1] == self.vocab_size and t.is_floating_point():
             self._shape_kind = HEAD  # logits, log-softmax and their gradients
@@ -222,6 +230,7 @@ class StepTrace:
     flops: int
     layers: int
     transient: dict[str, int]
+    host: int = 0  # the most bytes the offload hooks held in host memory at once
 
     @property
     def peak(self) -> int:
@@ -287,5 +296,10 @@ def trace_step(
     empty = dict.fromkeys(KINDS, 0)
     peaks = tracker.peaks
     return StepTrace(
-        peaks.get("step", empty), peaks.get("optimizer", empty), tracker.flops, layers, peaks.get("step transient", empty)
+        peaks.get("step", empty),
+        peaks.get("optimizer", empty),
+        tracker.flops,
+        layers,
+        peaks.get("step transient", empty),
+        tracker.host_peak,
     )

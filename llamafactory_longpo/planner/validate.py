@@ -33,6 +33,8 @@ class Check:
     measured: float
     allocated: Optional[float] = None
     rss: Optional[float] = None
+    predicted_moved: float = 0.0  # bytes the offload hooks copy down and up in the step: predicted ...
+    measured_moved: float = 0.0  # ... and counted by the real step's hooks
 
     @property
     def error(self) -> float:
@@ -68,18 +70,23 @@ def allocator_peak(run: RunConfig, setup: StepSetup) -> float:
     return baseline + peak
 
 
-def cpu_check(run: RunConfig, length: int, response: Optional[int] = None, attention: str = "sdpa") -> Check:
-    """Predict with ``attention`` (the kernel the CPU run uses), then run the real step and compare."""
+def cpu_check(
+    run: RunConfig, length: int, response: Optional[int] = None, attention: str = "sdpa", allocator: bool = True
+) -> Check:
+    """Predict with ``attention`` (the kernel the CPU run uses), then run the real step and compare (``allocator``:
+    also count the CPU allocator's peak, in a second real step)."""
     from .plan import row_lengths
 
-    predicted = estimate(run, length, sp=1, response=response, attention=attention).total
+    prediction = estimate(run, length, sp=1, response=response, attention=attention)
     layers = run.model_config.num_hidden_layers
     gc.collect()
     with step_setup(run, layers, row_lengths(run, length, 1, response), attention) as setup:
         measured = traced_step(run, setup, layers).peak
-        allocated = allocator_peak(run, setup)
+        moved = setup.offloaded.down + setup.offloaded.up if setup.offloaded is not None else 0
+        # with offload, the allocator counts the host copies too (CPU memory here)
+        allocated = allocator_peak(run, setup) if allocator else None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return Check(predicted, measured, allocated, rss)
+    return Check(prediction.total, measured, allocated, rss, prediction.moved, moved)
 
 
 def gpu_check(run: RunConfig, length: int, response: Optional[int] = None, layers: int = GPU_LAYERS) -> Check:

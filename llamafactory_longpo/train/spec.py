@@ -37,6 +37,7 @@ class RunSpec:
     zero_stage: int  # DeepSpeed ZeRO stage of the run's config (0: no DeepSpeed)
     offload_activations: bool = False  # checkpointed layer inputs in host memory (:mod:`.offload`)
     tiled_mlp: bool = False  # decoder MLPs in sequence tiles (:mod:`.tiling`)
+    mlp_tile_tokens: Optional[int] = None  # tokens per tile (None: the model's hidden size)
 
     @classmethod
     def for_run(cls, finetuning_args: Any, training_args: Any) -> RunSpec:

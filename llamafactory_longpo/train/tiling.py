@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -32,9 +32,9 @@ from ..errors import ConfigError
 from .zero3 import lockstep_calls, partitioned
 
 
-def tile_count(tokens: int, hidden_size: int) -> int:
-    """Tiles for a row of ``tokens``: one per ``hidden_size`` tokens (at least one)."""
-    return max(1, math.ceil(tokens / hidden_size))
+def tile_count(tokens: int, tile_tokens: int) -> int:
+    """Tiles for a row of ``tokens``: one per ``tile_tokens`` tokens (at least one)."""
+    return max(1, math.ceil(tokens / tile_tokens))
 
 
 def tiled(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tiles: int) -> torch.Tensor:
@@ -70,14 +70,15 @@ def decoder_mlps(model: torch.nn.Module) -> list[torch.nn.Module]:
     return mlps
 
 
-def install_tiled_mlp(model: torch.nn.Module) -> Callable[[], None]:
-    """Route every decoder MLP's forward through :func:`tiled`; returns the undo."""
-    hidden = model.config.get_text_config().hidden_size
+def install_tiled_mlp(model: torch.nn.Module, tile_tokens: Optional[int] = None) -> Callable[[], None]:
+    """Route every decoder MLP's forward through :func:`tiled` in tiles of ``tile_tokens`` (default: the hidden
+    size); returns the undo. The planner's FLOPs-only trace passes one tile per row: a tile count changes no FLOP."""
+    tile_tokens = tile_tokens or model.config.get_text_config().hidden_size
     mlps = decoder_mlps(model)
 
     def tiled_forward(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., torch.Tensor]:
         def call(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            tiles = tile_count(x.shape[-2], hidden)
+            tiles = tile_count(x.shape[-2], tile_tokens)
             if partitioned():
                 (tiles,) = lockstep_calls([tiles], x.device)
             return tiled(lambda piece: forward(piece, *args, **kwargs), x, tiles)

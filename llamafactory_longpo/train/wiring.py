@@ -90,7 +90,7 @@ def wire_model(
         if spec.tiled_mlp:
             from .tiling import install_tiled_mlp
 
-            wiring.restores.append(install_tiled_mlp(model))
+            wiring.restores.append(install_tiled_mlp(model, spec.mlp_tile_tokens))
             log("tiled MLP: each decoder MLP runs in slices of hidden_size tokens, recomputed slice by slice")
         if spec.offload_activations:
             from .offload import install_offload

@@ -18,9 +18,11 @@ from tests.conftest import ROOT, base_config, train_in_process
 TINY = ROOT / "examples" / "tiny"
 
 
-def _deeper_tiny(tmp_path: Path, tiny_model: Path, layers: int = 4) -> Path:
-    """The tiny model's config.json with more layers: the planner traces 2 and 3 and scales to ``layers``."""
+def _deeper_tiny(tmp_path: Path, tiny_model: Path, layers: int = 4, **changes: object) -> Path:
+    """The tiny model's config.json with more layers (and ``changes``): the planner traces 2 and 3 and scales to
+    ``layers``."""
     config = json.loads((tiny_model / "config.json").read_text())
+    config.update(changes)
     config["num_hidden_layers"] = layers
     config["layer_types"] = ["full_attention"] * layers
     folder = tmp_path / "model"
@@ -152,3 +154,22 @@ def test_the_start_line_can_be_switched_off(
         logs.clear()
     assert lines[True] and all("planner: predicted peak per rank at 1,536 tokens: " in line for line in lines[True])
     assert lines[False] == []
+
+
+def test_memory_knobs_are_predicted(tmp_path: Path, tiny_model: Path) -> None:
+    """On a model whose MLP is 16 times its hidden size, a real 4-layer LongPO step with tiled MLPs and offloaded
+    checkpoints peaks well below the same step without them, and the planner (2 and 3 layers traced, scaled to 4)
+    is within 10% of both; the bytes the real step's offload hooks moved are the planner's count, to the byte."""
+    from llamafactory_longpo.planner.validate import cpu_check
+
+    model = str(_deeper_tiny(tmp_path, tiny_model, intermediate_size=1024))
+    knobs = {"s2l_tiled_mlp": True, "s2l_offload_activations": True}
+    plain = cpu_check(load_run_config(_yaml(tmp_path, "longpo_tiny.yaml", model_name_or_path=model)), 1024, allocator=False)
+    check = cpu_check(
+        load_run_config(_yaml(tmp_path, "longpo_tiny.yaml", model_name_or_path=model, **knobs)), 1024, allocator=False
+    )
+    assert abs(plain.error) < 0.10, (plain.predicted, plain.measured)
+    assert abs(check.error) < 0.10, (check.predicted, check.measured)
+    assert check.measured < 0.8 * plain.measured, (check.measured, plain.measured)
+    assert plain.measured_moved == plain.predicted_moved == 0
+    assert check.measured_moved > 0 and check.predicted_moved == check.measured_moved
