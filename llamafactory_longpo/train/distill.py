@@ -85,7 +85,8 @@ def teacher_states(
     if sp is not None:
         hidden = _gather_slices(hidden, sp)[:, : labels.size(1)]
     targets = keys["response"]
-    return hidden[targets != IGNORE_INDEX], targets
+    rows, pos = (targets != IGNORE_INDEX).nonzero(as_tuple=True)  # integer indices: the planner's fake tensors take them
+    return hidden[rows, pos], targets
 
 
 @dataclass
@@ -159,9 +160,9 @@ def chunked_divergence(
     if sp is not None:
         ids, mask, positions, keys = sp.local_slice(input_ids, None, None, keys)
     hidden = final_hidden_states(model, head, ids, mask, position_ids=positions)
-    valid = keys["order"] != IGNORE_INDEX
-    student_hidden, targets = hidden[valid], keys["response"][valid]
-    paired_teacher = teacher_hidden[keys["order"][valid]].to(hidden.dtype)
+    rows, pos = (keys["order"] != IGNORE_INDEX).nonzero(as_tuple=True)
+    student_hidden, targets = hidden[rows, pos], keys["response"][rows, pos]
+    paired_teacher = teacher_hidden[keys["order"][rows, pos]].to(hidden.dtype)
     student_head = logits_head or head
     grad = torch.is_grad_enabled()
     at_least_one, lockstep = sp is not None and grad, lockstep and logits_head is None
@@ -179,7 +180,7 @@ def chunked_divergence(
     filler, filler_target = hidden.reshape(-1, hidden.size(-1))[:1], torch.zeros(1, dtype=torch.long, device=hidden.device)
     for _ in range(calls - -(-targets.numel() // chunk_size)):
         sums = sums + 0.0 * token_logps(student_head, filler, filler_target, chunk_size=1, softcap=softcap).sum()
-    tokens = valid.sum().to(sums.dtype)
+    tokens = torch.tensor(float(targets.numel()), dtype=sums.dtype, device=hidden.device)
     if sp is not None:
         sums, tokens = group_sum(sums, sp.group), group_sum(tokens, sp.group)
     return DistillSums(divergence=sums[0], student_logps=sums[1], teacher_logps=sums[2].detach(), tokens=tokens)
