@@ -75,3 +75,18 @@ def test_rows_with_different_responses_are_refused() -> None:
         check_same_responses(short, next_token_targets(torch.tensor([[-100, -100, -100, 5, 7]])))
     with pytest.raises(TrainingError, match="different response tokens"):
         check_same_responses(short, next_token_targets(torch.tensor([[-100, 5, 6, 6, -100]])))
+
+
+def test_teacher_in_its_own_dtype(tiny_model: Path) -> None:
+    """A frozen teacher loaded in bfloat16 beside a float32 policy (full fine-tuning upcasts only the trainable one):
+    its states meet its own head."""
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).requires_grad_(False)
+    short, long = _rows([[5, 6, 7]], [[8, 9]]), _rows([[5, 6, 7, 10, 11, 12]], [[8, 9]])
+    hidden, _ = teacher_states(teacher, teacher.lm_head, *short)
+    sums = chunked_divergence(
+        student, student.lm_head, long[0], long[2], hidden, teacher.lm_head, token_divergence("forward_kl"), chunk_size=4
+    )
+    assert sums.tokens.item() == 2 and torch.isfinite(sums.divergence) and sums.divergence.item() >= 0

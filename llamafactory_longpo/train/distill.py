@@ -162,7 +162,7 @@ def chunked_divergence(
     hidden = final_hidden_states(model, head, ids, mask, position_ids=positions)
     rows, pos = (keys["order"] != IGNORE_INDEX).nonzero(as_tuple=True)
     student_hidden, targets = hidden[rows, pos], keys["response"][rows, pos]
-    paired_teacher = teacher_hidden[keys["order"][rows, pos]].to(hidden.dtype)
+    paired_teacher = teacher_hidden[keys["order"][rows, pos]]  # in the teacher's own dtype, for its own head
     student_head = logits_head or head
     grad = torch.is_grad_enabled()
     at_least_one, lockstep = sp is not None and grad, lockstep and logits_head is None
