@@ -16,7 +16,7 @@ import os
 import sys
 
 DISABLE_ENV = "LLAMAFACTORY_LONGPO_DISABLE"
-PLUGIN_STAGES = ("longpo", "solopo")
+PLUGIN_STAGES = ("longpo", "solopo", "s2ld")
 # module name -> name of the integration function that patches it once it has executed
 WATCHED = {
     "llamafactory.extras.constants": "patch_constants",

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from .errors import TRACEBACK_ENV, Interrupted, ShortToLongError, TrainingError, one_line
+from .errors import TRACEBACK_ENV, ConfigError, Interrupted, ShortToLongError, TrainingError, one_line
 from .keys import admits_bool, unknown_keys_line
 
 
@@ -111,6 +111,10 @@ def run_plugin_stage(tuner: Any, config: dict[str, Any]) -> None:
         logging.get_logger("llamafactory.longpo.dispatch").warning_rank0(note)
     spec = RunSpec.for_run(finetuning_args, training_args)  # made once: the checks and the workflow read it
     check_kernels(model_args.flash_attn, bool(training_args.bf16 or training_args.fp16), finetuning_args, spec)
+    if spec.on_policy and spec.zero_stage == 3:
+        raise ConfigError(
+            "s2ld_on_policy: true does not run under DeepSpeed ZeRO-3 here; use ZeRO-2 or DDP, or s2ld_on_policy: false"
+        )
 
     callbacks.append(NonFiniteGuardCallback())  # first: a NaN step stops before any other callback saves or logs it
     callbacks.append(ShortToLongLogCallback())  # the toolkit's LogCallback + the plugin's metrics

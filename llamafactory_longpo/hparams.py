@@ -1,5 +1,5 @@
 """The plugin's knobs: typed fields with help text, defaults from the papers (LongPO arXiv 2502.13922,
-SoLoPO arXiv 2505.11166), and validation.
+SoLoPO arXiv 2505.11166, short-to-long self-distillation after GKD arXiv 2306.13649), and validation.
 
 These are mixins with no toolkit import; ``integration`` merges them into LLaMA-Factory's own
 ``FinetuningArguments`` / ``DataArguments`` so YAML, ``--flags`` and the web UI all reach them.
@@ -114,14 +114,17 @@ class Range:
     low: float
     high: float
     open_low: bool = False
+    open_high: bool = False  # the high end excluded too (a mixture weight of 1 is no mixture)
 
     def check(self, name: str, value: Optional[float]) -> None:
         """Raise a one-line :class:`ConfigError` for ``value`` outside the range (``None``: unset, accepted)."""
         if value is None:
             return
-        if value < self.low or value > self.high or (self.open_low and value == self.low):
+        at_open_end = (self.open_low and value == self.low) or (self.open_high and value == self.high)
+        if value < self.low or value > self.high or at_open_end:
             low = f"> {_shown(self.low)}" if self.open_low else f">= {_shown(self.low)}"
-            raise ConfigError(f"{name}: {value!r} must be {low} and <= {_shown(self.high)}")
+            high = f"< {_shown(self.high)}" if self.open_high else f"<= {_shown(self.high)}"
+            raise ConfigError(f"{name}: {value!r} must be {low} and {high}")
 
 
 def _shown(bound: float) -> str:
@@ -141,7 +144,17 @@ KNOB_RANGES: dict[str, Range] = {
     "s2l_logits_chunk": Range(1, 1 << 20),
     "sequence_parallel_size": Range(1, 1024),
     "short_cutoff_len": Range(1, 1 << 24),
+    "s2ld_jsd_beta": Range(0, 1, open_low=True, open_high=True),
+    "s2ld_nll_weight": Range(0, 100),
+    "s2ld_temperature": Range(0, 100, open_low=True),
+    "s2ld_samples": Range(1, 1024),
+    "s2ld_max_new_tokens": Range(1, 1 << 20),
+    "s2ld_sample_every": Range(1, 1 << 30),
 }
+S2LD_FLOAT_KNOBS = ("s2ld_jsd_beta", "s2ld_nll_weight", "s2ld_temperature")
+S2LD_INT_KNOBS = ("s2ld_samples", "s2ld_max_new_tokens", "s2ld_sample_every")
+# knobs only the on-policy path of stage s2ld reads
+S2LD_ON_POLICY_KNOBS = ("s2ld_samples", "s2ld_max_new_tokens", "s2ld_temperature", "s2ld_sample_every")
 
 
 def warn_no_effect(name: str, why: str) -> None:
@@ -161,7 +174,7 @@ def _changed(obj: Any, names: tuple[str, ...]) -> list[str]:
 
 @dataclass
 class ShortToLongFinetuningArguments:
-    """Method knobs of SoLoPO (arXiv 2505.11166) and LongPO (arXiv 2502.13922)."""
+    """Method knobs of SoLoPO (arXiv 2505.11166), LongPO (arXiv 2502.13922) and S2LD (short-to-long self-distillation)."""
 
     solopo_alpha: float = field(
         default=1.0,
@@ -200,6 +213,36 @@ class ShortToLongFinetuningArguments:
     policy_rope_theta: Optional[float] = field(
         default=None,
         metadata={"help": "Raise the POLICY's rope_theta before training (LongPO: 1e7); the reference keeps its own."},
+    )
+
+    s2ld_divergence: Literal["forward_kl", "reverse_kl", "jsd"] = field(
+        default="forward_kl",
+        metadata={
+            "help": "S2LD: per-token divergence between the policy on the long input and the frozen start model on the "
+            "short input: forward_kl (context distillation), reverse_kl (on-policy distillation), jsd (generalized JSD)."
+        },
+    )
+    s2ld_jsd_beta: float = field(
+        default=0.5,
+        metadata={"help": "S2LD: the teacher's weight in the generalized JSD's mixture (0 < beta < 1; 0.5 symmetric)."},
+    )
+    s2ld_nll_weight: float = field(
+        default=0.0,
+        metadata={"help": "S2LD: weight of the policy's NLL on the chosen response given the long input (0 = off)."},
+    )
+    s2ld_on_policy: bool = field(
+        default=False,
+        metadata={
+            "help": "S2LD: the policy samples its own responses to the long input (HF generate) and the loss is the "
+            "reverse KL to the teacher on them; False trains on the dataset's chosen responses."
+        },
+    )
+    s2ld_samples: int = field(default=1, metadata={"help": "S2LD on-policy: responses sampled per long prompt."})
+    s2ld_max_new_tokens: int = field(default=256, metadata={"help": "S2LD on-policy: most tokens per sampled response."})
+    s2ld_temperature: float = field(default=1.0, metadata={"help": "S2LD on-policy: sampling temperature."})
+    s2ld_sample_every: int = field(
+        default=1,
+        metadata={"help": "S2LD on-policy: sample every this many optimizer steps; the steps between reuse the last samples."},
     )
 
     s2l_logits_chunk: int = field(
@@ -268,8 +311,10 @@ class ShortToLongFinetuningArguments:
         # the toolkit's preference knobs (pref_beta, simpo_gamma) reach the plugin's losses too (it never checks them)
         for name in ("solopo_alpha", "longpo_lambda", "longpo_nll_weight", "pref_beta", "simpo_gamma", "policy_rope_theta"):
             KNOB_RANGES[name].check(name, _number(self, name))
-        for name in ("s2l_logits_chunk", "sequence_parallel_size"):
+        for name in ("s2l_logits_chunk", "sequence_parallel_size", *S2LD_INT_KNOBS):
             KNOB_RANGES[name].check(name, _integer(self, name))
+        for name in S2LD_FLOAT_KNOBS:
+            KNOB_RANGES[name].check(name, _number(self, name))
         cache_dir = self.s2l_ref_cache_dir
         if cache_dir and os.path.exists(cache_dir) and not os.path.isdir(cache_dir):  # found now, not after the reference pass
             raise ConfigError(f"s2l_ref_cache_dir: {cache_dir!r} is a file, not a folder")
@@ -280,17 +325,24 @@ class ShortToLongFinetuningArguments:
             raise ConfigError(
                 f"pref_loss: {pref_loss!r} is not supported by stage solopo; use one of {', '.join(SOLOPO_PREF_LOSSES)}"
             )
+        if stage == "s2ld" and self.s2ld_on_policy and self.sequence_parallel_size > 1:
+            raise ConfigError(
+                "s2ld_on_policy: true does not run with sequence_parallel_size > 1 (generation is not sharded); turn one off"
+            )
         if stage == "longpo" and pref_loss != "sigmoid":
             raise ConfigError(f"pref_loss: {pref_loss!r} is not supported by stage longpo; use sigmoid")
 
     def _warn_no_effect(self, stage: str, pref_loss: str) -> None:
         """Warn about knobs the chosen stage and loss never read."""
-        other = "longpo" if stage == "solopo" else "solopo"
-        for name in _changed(self, tuple(f.name for f in fields(ShortToLongFinetuningArguments) if f.name.startswith(other))):
-            warn_no_effect(name, f"stage {stage} does not read {other}_* knobs")
+        for other in PLUGIN_STAGES:
+            names = tuple(f.name for f in fields(ShortToLongFinetuningArguments) if f.name.startswith(f"{other}_"))
+            for name in _changed(self, names) if other != stage else ():
+                warn_no_effect(name, f"stage {stage} does not read {other}_* knobs")
+        if stage == "s2ld":
+            self._warn_s2ld_no_effect()
         if stage == "solopo" and pref_loss != "sigmoid" and _changed(self, ("solopo_long_reference",)):
             warn_no_effect("solopo_long_reference", f"pref_loss {pref_loss} has no reference model (only sigmoid has one)")
-        if stage == "solopo" and _changed(self, ("s2l_shared_prefix",)):
+        if stage != "longpo" and _changed(self, ("s2l_shared_prefix",)):
             warn_no_effect("s2l_shared_prefix", "only stage longpo shares a document prefix")
         from .data.plan import RowPlan  # the plan decides which runs have a reference
 
@@ -298,6 +350,19 @@ class ShortToLongFinetuningArguments:
         if self.s2l_ref_cache_dir and not (has_reference and self.s2l_precompute_ref):
             why = "s2l_precompute_ref is false" if has_reference else f"pref_loss {pref_loss} has no reference model"
             warn_no_effect("s2l_ref_cache_dir", f"no reference log-probs are cached ({why})")
+
+    def _warn_s2ld_no_effect(self) -> None:
+        """Stage s2ld's knobs that its chosen path (off- or on-policy, divergence) never reads."""
+        if self.s2ld_on_policy:
+            if self.s2ld_divergence != "reverse_kl" and _changed(self, ("s2ld_divergence",)):
+                warn_no_effect("s2ld_divergence", "on-policy samples are scored with the reverse KL")
+            if _changed(self, ("s2ld_nll_weight",)):
+                warn_no_effect("s2ld_nll_weight", "on-policy samples have no chosen response to fit")
+        else:
+            for name in _changed(self, S2LD_ON_POLICY_KNOBS):
+                warn_no_effect(name, "s2ld_on_policy is false")
+        if (self.s2ld_on_policy or self.s2ld_divergence != "jsd") and _changed(self, ("s2ld_jsd_beta",)):
+            warn_no_effect("s2ld_jsd_beta", "the divergence is not jsd")
 
 
 @dataclass

@@ -44,7 +44,7 @@ from .data import loading
 from .errors import ConfigError
 from .hparams import PLUGIN_STAGES, ShortToLongDataArguments, ShortToLongFinetuningArguments
 
-STAGE_LABELS = {"LongPO": "longpo", "SoLoPO": "solopo"}
+STAGE_LABELS = {"LongPO": "longpo", "SoLoPO": "solopo", "S2LD": "s2ld"}
 _MARK = "_llamafactory_longpo_patched"
 
 
@@ -78,9 +78,9 @@ def plugin_argument_classes() -> tuple[type, type]:
 
     @dataclass
     class LongPOFinetuningArguments(FinetuningArguments, ShortToLongFinetuningArguments):
-        stage: Literal["pt", "sft", "rm", "ppo", "dpo", "kto", "longpo", "solopo"] = field(
+        stage: Literal["pt", "sft", "rm", "ppo", "dpo", "kto", "longpo", "solopo", "s2ld"] = field(
             default="sft",
-            metadata={"help": "Which stage will be performed in training (longpo, solopo: llamafactory-longpo)."},
+            metadata={"help": "Which stage will be performed in training (longpo, solopo, s2ld: llamafactory-longpo)."},
         )
 
         def __post_init__(self) -> None:
@@ -92,7 +92,8 @@ def plugin_argument_classes() -> tuple[type, type]:
                 self.validate_short_to_long(self.stage, self.pref_loss)
                 from .data.plan import RowPlan
 
-                self.use_ref_model = bool(RowPlan.for_stage(self).reference)  # the plan's decision, told to the toolkit
+                plan = RowPlan.for_stage(self)
+                self.use_ref_model = bool(plan.reference) or plan.teacher  # the plan's decision, told to the toolkit
             elif int(getattr(self, "sequence_parallel_size", 1) or 1) > 1:
                 stages = ", ".join(PLUGIN_STAGES)
                 raise ConfigError(f"sequence_parallel_size: stage {self.stage!r} has no sequence parallelism here; use {stages}")

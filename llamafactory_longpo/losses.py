@@ -1,7 +1,9 @@
-"""Loss functions of LongPO and SoLoPO: pure torch, no LLaMA-Factory import (hparams has none either).
+"""Loss functions of LongPO, SoLoPO and short-to-long self-distillation: pure torch, no LLaMA-Factory import
+(hparams has none either).
 
-Every equation of the two papers (LongPO arXiv 2502.13922, SoLoPO arXiv 2505.11166) lives here, one function
-per method (torchtune's ``rlhf/loss`` style): tensors in, tensors out. Log-probabilities passed in are
+Every equation of the papers (LongPO arXiv 2502.13922, SoLoPO arXiv 2505.11166; the token-level divergences of
+GKD, arXiv 2306.13649, as self-distillation from the short-context view uses them) lives here, one function per
+method or divergence (torchtune's ``rlhf/loss`` and ``kd_losses`` style): tensors in, tensors out. Log-probabilities passed in are
 per-sample SUMS over response tokens; lengths are response token counts, so averages are taken here and nowhere else.
 """
 
@@ -19,6 +21,7 @@ from .hparams import ShortToLongFinetuningArguments, knob_spec
 
 # the allowed values are the knob's own (hparams); the check below only names them in its message
 DISTANCES = knob_spec(ShortToLongFinetuningArguments, "solopo_distance").choices
+S2LD_DIVERGENCES = knob_spec(ShortToLongFinetuningArguments, "s2ld_divergence").choices
 
 
 @dataclass
@@ -251,3 +254,102 @@ def solo_orpo_loss(policy: SoLoPOLogps, *, beta: float, alpha: float, distance: 
     rewards = _rewards(reward, policy)
     po_losses = -_mean_logps(policy.short_chosen, policy.short_chosen_lengths) - beta * F.logsigmoid(rewards[0] - rewards[1])
     return _aligned(po_losses, rewards, alpha=alpha, distance=distance)
+
+
+def forward_kl(student_logps: torch.Tensor, teacher_logps: torch.Tensor) -> torch.Tensor:
+    r"""Forward KL per token, :math:`KL(p_T \| p_S) = \sum_v p_T(v)\,(\log p_T(v) - \log p_S(v))`: mode-covering,
+    the divergence of context distillation (Snell et al., arXiv 2209.15189) and of GKD's ``beta = 0`` (arXiv
+    2306.13649, sec. 3).
+
+    Args:
+        student_logps, teacher_logps: ``[N, V]`` log-probabilities over the vocabulary (``log_softmax`` of logits).
+
+    Returns:
+        ``[N]`` divergences, one per token position.
+    """
+    return (teacher_logps.exp() * (teacher_logps - student_logps)).sum(-1)
+
+
+def reverse_kl(student_logps: torch.Tensor, teacher_logps: torch.Tensor) -> torch.Tensor:
+    r"""Reverse KL per token, :math:`KL(p_S \| p_T) = \sum_v p_S(v)\,(\log p_S(v) - \log p_T(v))`: mode-seeking,
+    the divergence of on-policy distillation (GKD's ``beta = 1``, arXiv 2306.13649; MiniLLM, arXiv 2306.08543).
+
+    Args:
+        student_logps, teacher_logps: ``[N, V]`` log-probabilities over the vocabulary.
+
+    Returns:
+        ``[N]`` divergences, one per token position.
+    """
+    return (student_logps.exp() * (student_logps - teacher_logps)).sum(-1)
+
+
+def generalized_jsd(student_logps: torch.Tensor, teacher_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    r"""Generalized Jensen-Shannon divergence per token (GKD, arXiv 2306.13649, eq. 3), with the mixture
+    :math:`M = \beta\,p_T + (1 - \beta)\,p_S`:
+
+    .. math::
+        JSD_\beta = \beta\,KL(p_T \| M) + (1 - \beta)\,KL(p_S \| M), \quad 0 < \beta < 1
+
+    (it behaves like :math:`\beta\,KL(p_T \| p_S)` as :math:`\beta \to 0` and like a reverse KL as
+    :math:`\beta \to 1`; ``beta = 0.5`` is the symmetric JSD).
+
+    Args:
+        student_logps, teacher_logps: ``[N, V]`` log-probabilities over the vocabulary. beta: the teacher's weight
+            in the mixture, strictly between 0 and 1.
+
+    Returns:
+        ``[N]`` divergences, one per token position.
+    """
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"s2ld_jsd_beta: {beta!r} must be > 0 and < 1")
+    mixture = torch.logsumexp(torch.stack([teacher_logps + math.log(beta), student_logps + math.log1p(-beta)]), dim=0)
+    return beta * forward_kl(mixture, teacher_logps) + (1.0 - beta) * forward_kl(mixture, student_logps)
+
+
+TokenDivergence = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def token_divergence(name: str, beta: float = 0.5) -> TokenDivergence:
+    """The per-token divergence ``s2ld_divergence`` names, as ``f(student_logps [N, V], teacher_logps [N, V]) -> [N]``
+    (``beta``: :func:`generalized_jsd`'s, read only by ``jsd``)."""
+    variants: dict[str, TokenDivergence] = {
+        "forward_kl": forward_kl,
+        "reverse_kl": reverse_kl,
+        "jsd": lambda student, teacher: generalized_jsd(student, teacher, beta),
+    }
+    if name not in variants:
+        raise ValueError(f"s2ld_divergence: {name!r} is not one of {', '.join(S2LD_DIVERGENCES)}")
+    return variants[name]
+
+
+@dataclass
+class S2LDOutput:
+    """What :func:`s2ld_loss` returns: the scalar loss and its two parts (detached, they are metrics)."""
+
+    loss: torch.Tensor
+    divergence: torch.Tensor
+    nll: torch.Tensor
+
+
+def s2ld_loss(divergence_sum: torch.Tensor, logp_sum: torch.Tensor, tokens: torch.Tensor, *, nll_weight: float) -> S2LDOutput:
+    r"""Short-to-long self-distillation: the policy on the LONG input (student) matches, token by token, the frozen
+    start model on the SHORT input (teacher), over the response positions (context distillation, Snell et al.,
+    arXiv 2209.15189; on-policy self-distillation from the short-context view, OPSDL, arXiv 2604.17535):
+
+    .. math::
+        L = \frac{1}{N}\sum_{t} D\big(p_S(\cdot \mid x_L, y_{<t}),\ p_T(\cdot \mid x_S, y_{<t})\big)
+            - w_{nll}\,\frac{1}{N}\sum_t \log p_S(y_t \mid x_L, y_{<t})
+
+    over the ``N`` response tokens of the batch, ``D`` one of :func:`forward_kl`, :func:`reverse_kl`,
+    :func:`generalized_jsd`.
+
+    Args:
+        divergence_sum: scalar :math:`\sum_t D_t` over the batch's response tokens.
+        logp_sum: scalar :math:`\sum_t \log p_S(y_t \mid x_L, y_{<t})`, the student's log-prob of the response.
+        tokens: scalar count ``N`` of response tokens (at least 1 is used).
+        nll_weight: weight of the NLL term (0: pure distillation).
+    """
+    count = tokens.clamp(min=1).to(divergence_sum.dtype)
+    divergence = divergence_sum / count
+    nll = -logp_sum / count
+    return S2LDOutput(loss=divergence + nll_weight * nll, divergence=divergence.detach(), nll=nll.detach())

@@ -33,8 +33,21 @@ CONTROLS: dict[str, tuple[str, str, str, Optional[tuple[str, ...]]]] = {
     "policy_rope_theta": ("longpo", "policy_rope_theta", "Policy RoPE theta", None),
     "solopo_sequence_parallel": ("solopo", "sequence_parallel_size", "Sequence parallel", None),
     "longpo_sequence_parallel": ("longpo", "sequence_parallel_size", "Sequence parallel", None),
+    "s2ld_divergence": ("s2ld", "s2ld_divergence", "Divergence", None),
+    "s2ld_jsd_beta": ("s2ld", "s2ld_jsd_beta", "JSD beta", None),
+    "s2ld_nll_weight": ("s2ld", "s2ld_nll_weight", "NLL weight", None),
+    "s2ld_on_policy": ("s2ld", "s2ld_on_policy", "On-policy", None),
+    "s2ld_samples": ("s2ld", "s2ld_samples", "Samples per prompt", None),
+    "s2ld_max_new_tokens": ("s2ld", "s2ld_max_new_tokens", "Max new tokens", None),
+    "s2ld_temperature": ("s2ld", "s2ld_temperature", "Temperature", None),
+    "s2ld_sample_every": ("s2ld", "s2ld_sample_every", "Sample every (steps)", None),
+    "s2ld_sequence_parallel": ("s2ld", "sequence_parallel_size", "Sequence parallel", None),
 }
-STAGE_LABELS = {"solopo": "SoLoPO settings (llamafactory-longpo)", "longpo": "LongPO settings (llamafactory-longpo)"}
+STAGE_LABELS = {
+    "solopo": "SoLoPO settings (llamafactory-longpo)",
+    "longpo": "LongPO settings (llamafactory-longpo)",
+    "s2ld": "S2LD self-distillation settings (llamafactory-longpo)",
+}
 
 
 @dataclass(frozen=True)
@@ -74,7 +87,9 @@ def _build_controls() -> dict[str, Any]:
                 for name, spec in specs.items():
                     if spec.stage != stage:
                         continue
-                    if spec.choices:
+                    if isinstance(spec.default, bool):  # a switch
+                        elems[name] = gr.Checkbox(value=spec.default, label=spec.label, info=spec.info, elem_id=f"s2l_{name}")
+                    elif spec.choices:
                         elems[name] = gr.Dropdown(
                             choices=[c for c in spec.choices if c is not None],
                             value=spec.default,

@@ -53,3 +53,36 @@ def solopo_sample(
 def longpo_batch(p_w: list, p_l: list, r_w: list, r_l: list, nll: float, *, beta: float, lam: float, nll_weight: float) -> float:
     prefs = [-logsigmoid(beta * ((a - c) - (b - d))) for a, b, c, d in zip(p_w, p_l, r_w, r_l)]
     return nll_weight * nll + lam * sum(prefs) / len(prefs)
+
+
+def softmax(logits: list[float]) -> list[float]:
+    top = max(logits)
+    exps = [math.exp(v - top) for v in logits]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def kl(p: list[float], q: list[float]) -> float:
+    """KL(p || q) of two distributions, terms with p = 0 left out."""
+    return sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
+
+
+def s2ld_token(student_logits: list[float], teacher_logits: list[float], divergence: str, beta: float) -> float:
+    """One position's divergence between the student's and the teacher's next-token distributions (GKD's
+    forward KL, reverse KL and generalized JSD, arXiv 2306.13649)."""
+    s, t = softmax(student_logits), softmax(teacher_logits)
+    if divergence == "forward_kl":
+        return kl(t, s)
+    if divergence == "reverse_kl":
+        return kl(s, t)
+    m = [beta * a + (1 - beta) * b for a, b in zip(t, s)]
+    return beta * kl(t, m) + (1 - beta) * kl(s, m)
+
+
+def s2ld_batch(
+    student: list[list[float]], teacher: list[list[float]], targets: list[int], *, divergence: str, beta: float, nll_weight: float
+) -> float:
+    """Mean divergence over the response positions plus ``nll_weight`` times the student's mean NLL of the targets."""
+    divs = [s2ld_token(s, t, divergence, beta) for s, t in zip(student, teacher)]
+    nlls = [-math.log(softmax(s)[y]) for s, y in zip(student, targets)]
+    return sum(divs) / len(divs) + nll_weight * sum(nlls) / len(nlls)

@@ -21,7 +21,7 @@ def test_example_parses(path: Path) -> None:
     from llamafactory_longpo.attention_kernels import check_attention_kernels
 
     config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    assert config["stage"] in ("solopo", "longpo")
+    assert config["stage"] in ("solopo", "longpo", "s2ld")
     if "deepspeed" in config:  # DeepSpeed needs torchrun; check the file exists instead of starting it
         assert (ROOT / config.pop("deepspeed")).exists()
     half_precision = config.pop("bf16", False)  # a GPU setting: the parser would refuse it on this machine
@@ -35,5 +35,7 @@ def test_example_parses(path: Path) -> None:
     )
     assert finetuning_args.stage == config["stage"]
     assert data_args.cutoff_len == config["cutoff_len"]
+    if config["stage"] == "s2ld":  # a frozen teacher runs in every step
+        assert finetuning_args.use_ref_model and finetuning_args.s2ld_divergence == config["s2ld_divergence"]
     if config["stage"] == "longpo":
         assert finetuning_args.use_ref_model and finetuning_args.policy_rope_theta in (None, 1.0e7)

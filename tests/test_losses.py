@@ -12,9 +12,11 @@ from llamafactory_longpo.losses import (
     SoLoPOOutput,
     SoLoPOReference,
     longpo_loss,
+    s2ld_loss,
     solo_dpo_loss,
     solo_orpo_loss,
     solo_simpo_loss,
+    token_divergence,
 )
 from tests import spec_formulas as spec
 
@@ -112,3 +114,29 @@ def test_longpo_matches_spec(beta: float, lam: float, w: float) -> None:
     assert out.pref_losses.shape == (B,)
     out.loss.backward()
     assert torch.isfinite(p_w.grad).all() and torch.isfinite(nll.grad)
+
+
+@pytest.mark.parametrize(
+    "divergence,beta,nll_weight", [("forward_kl", 0.5, 0.0), ("reverse_kl", 0.5, 0.7), ("jsd", 0.2, 1.0), ("jsd", 0.9, 0.0)]
+)
+def test_s2ld_matches_spec(divergence: str, beta: float, nll_weight: float) -> None:
+    """Per-token divergence over the full vocabulary, averaged over response tokens, plus the weighted NLL."""
+    g = torch.Generator().manual_seed(11)
+    n, vocab = 7, 13
+    student = (torch.randn(n, vocab, generator=g, dtype=torch.float64) * 2).requires_grad_(True)
+    teacher = torch.randn(n, vocab, generator=g, dtype=torch.float64) * 2
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    s_logps, t_logps = student.log_softmax(-1), teacher.log_softmax(-1)
+    per_token = token_divergence(divergence, beta)(s_logps, t_logps)
+    out = s2ld_loss(per_token.sum(), s_logps.gather(-1, targets[:, None]).sum(), torch.tensor(n), nll_weight=nll_weight)
+    expected = spec.s2ld_batch(
+        student.tolist(), teacher.tolist(), targets.tolist(), divergence=divergence, beta=beta, nll_weight=nll_weight
+    )
+    assert out.loss.item() == pytest.approx(expected, rel=1e-12)
+    tokens = [spec.s2ld_token(s, t, divergence, beta) for s, t in zip(student.tolist(), teacher.tolist())]
+    assert per_token.tolist() == pytest.approx(tokens, rel=1e-10, abs=1e-14)
+    assert out.divergence.item() == pytest.approx(sum(tokens) / n, rel=1e-12)
+    out.loss.backward()
+    assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+    # the same distributions: no divergence
+    assert token_divergence(divergence, beta)(t_logps, t_logps).abs().max().item() < 1e-12

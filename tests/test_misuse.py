@@ -106,6 +106,40 @@ TRAIN_CASES: dict[str, tuple[Any, ...]] = {
     ),
     "no-effect-short-cutoff": (GOOD, None, {"short_cutoff_len": 4096}, 0, r"short_cutoff_len has no effect here", None),
     "no-effect-other-stage": (GOOD, None, {"longpo_lambda": 0.5}, 0, r"longpo_lambda has no effect here: stage solopo", None),
+    # stage s2ld: its choices and ranges, the on-policy combination it cannot run, and its knobs read by one path only
+    "s2ld-divergence": (
+        GOOD,
+        None,
+        {"stage": "s2ld", "s2ld_divergence": "kl"},
+        1,
+        r"error: s2ld_divergence: 'kl' is not one of forward_kl, reverse_kl, jsd$",
+        None,
+    ),
+    "s2ld-jsd-beta-one": (
+        GOOD,
+        None,
+        {"stage": "s2ld", "s2ld_jsd_beta": 1.0},
+        1,
+        r"error: s2ld_jsd_beta: 1\.0 must be > 0 and < 1$",
+        None,
+    ),
+    "s2ld-on-policy-sp": (
+        GOOD,
+        None,
+        {"stage": "s2ld", "s2ld_on_policy": True, "sequence_parallel_size": 2},
+        1,
+        r"error: s2ld_on_policy: true does not run with sequence_parallel_size > 1",
+        None,
+    ),
+    "s2ld-no-effect": (
+        GOOD,
+        None,
+        {"stage": "s2ld", "s2ld_samples": 4, "s2ld_jsd_beta": 0.3},
+        0,
+        r"s2ld_samples has no effect here: s2ld_on_policy is false",
+        r"s2ld_jsd_beta has no effect here: the divergence is not jsd",
+        None,
+    ),
     # 2. extra fields of mixed types never reach the loader's schema
     "mixed-extras": (
         _mutate(lambda rs: [r.update(id=i if i % 2 else f"r{i}", meta={"a": 1} if i % 2 else "x") for i, r in enumerate(rs)]),

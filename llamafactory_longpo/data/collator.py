@@ -6,8 +6,8 @@ long one, so each group of rows is padded to its own longest member.
 Batch keys (``n`` samples in the batch):
 
 - always: ``input_ids``/``attention_mask``/``labels`` = the toolkit's pairwise layout, ``2n`` rows
-  (chosen then rejected). SoLoPO: the short pair. LongPO: the long conversations.
-- SoLoPO: ``long_input_ids``/``long_attention_mask``/``long_labels``: ``n`` rows of long chosen, then
+  (chosen then rejected). SoLoPO: the short pair. LongPO: the long conversations. S2LD: ``n`` short chosen rows.
+- SoLoPO, S2LD: ``long_input_ids``/``long_attention_mask``/``long_labels``: ``n`` rows of long chosen, then
   ``n`` rows of long rejected when aligning both.
 - LongPO: ``ref_input_ids``/``ref_attention_mask``/``ref_labels`` = all short reference rows (chosen
   turns of every sample, then rejected turns), and ``ref_sample`` = the sample each row belongs to.
@@ -34,7 +34,7 @@ def _row(ids: list[int], labels: list[int]) -> dict[str, Any]:
 
 @dataclass
 class ShortToLongDataCollator(PairwiseDataCollatorWithPadding):
-    """Pairwise collator plus a separately padded group of long (SoLoPO) or reference (LongPO) rows."""
+    """Pairwise collator plus a separately padded group of long (SoLoPO, S2LD) or reference (LongPO) rows."""
 
     plan: Optional[RowPlan] = None  # required; a dataclass field after the parent's defaulted ones
 
@@ -52,7 +52,10 @@ class ShortToLongDataCollator(PairwiseDataCollatorWithPadding):
             for media in ("images", "videos", "audios"):
                 f[media] = f.get(media) or []
         plan = self.plan
-        batch = super().__call__(features)
+        if plan.short_rejected:
+            batch = super().__call__(features)
+        else:  # S2LD: the short chosen rows only
+            batch = self._pad([_row(f["chosen_input_ids"], f["chosen_labels"]) for f in features], "")
         if plan.precomputed:
             for key in plan.reference:
                 batch[key] = torch.tensor([f[key] for f in features], dtype=torch.float32)

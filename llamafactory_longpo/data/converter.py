@@ -2,7 +2,7 @@
 
 One raw record becomes one or more rows, depending on what the stage trains on:
 
-- ``solopo``: one row per turn (each turn is an independent example, as in SoLoPO);
+- ``solopo``, ``s2ld``: one row per turn (each turn is an independent example, as in SoLoPO);
 - ``longpo``: one row per record (the multi-turn long conversation, as in LongPO);
 - ``pair`` (the toolkit's ``dpo``/``rm``): one row per turn in LLaMA-Factory's pairwise shape,
   long view (multi-turn history of chosen answers) or short view;
@@ -30,7 +30,7 @@ from .record import (
 )
 
 FORMATTING = "short_to_long"
-PLUGIN_TARGETS = ("solopo", "longpo")
+PLUGIN_TARGETS = ("solopo", "longpo", "s2ld")
 RECORD_COLUMN = "_s2l"
 TURN_COLUMN = "_s2l_turn"
 # file extensions LLaMA-Factory loads as JSON
@@ -149,7 +149,7 @@ def _rows_for(record: Record, target: str, view: str, joiner: str) -> list[dict[
     turns = range(len(record.turns))
     if target == "longpo":
         return [{RECORD_COLUMN: blob, TURN_COLUMN: -1}]
-    if target == "solopo":
+    if target in ("solopo", "s2ld"):
         return [{RECORD_COLUMN: blob, TURN_COLUMN: i} for i in turns]
 
     def std(prompt: list[dict[str, str]], responses: list[str]) -> dict[str, Any]:

@@ -12,6 +12,9 @@ Rows, per stage:
   aligned (``solopo_align: both``), the long rejected row. Reference values only for SoLo-DPO.
 - ``longpo`` (LongPO, arXiv 2502.13922): the long chosen and rejected conversations, and the short reference
   rows of every turn (the reference runs on the short inputs).
+- ``s2ld`` (short-to-long self-distillation): per turn, the short chosen row (the frozen teacher's input) and the
+  long chosen row (the policy's); no rejected row and no stored reference value: the teacher's distributions are
+  computed live in every step (``teacher``).
 """
 
 from __future__ import annotations
@@ -33,12 +36,15 @@ class RowPlan:
     long_rejected: bool = False  # SoLoPO aligns both responses: a long rejected row too
     reference: tuple[str, ...] = ()  # the REF_LOGP_COLUMNS the loss reads (empty: no reference)
     precomputed: bool = False  # reference values come precomputed with the samples, not from a live model
+    teacher: bool = False  # S2LD: a frozen teacher scores the short rows in every step (full distributions)
 
     @classmethod
     def for_stage(cls, finetuning_args: Any, do_train: bool = True) -> RowPlan:
-        """The plan of stage ``solopo`` or ``longpo`` from its arguments."""
+        """The plan of stage ``solopo``, ``longpo`` or ``s2ld`` from its arguments."""
         fa = finetuning_args
         stage = fa.stage
+        if stage == "s2ld":
+            return cls(target=stage, teacher=True)
         both = stage == "solopo" and fa.solopo_align == "both"
         if stage == "longpo":
             reference = REF_LOGP_COLUMNS[:2]  # summed over each sample's turns
@@ -58,8 +64,13 @@ class RowPlan:
 
     @property
     def long_rows(self) -> bool:
-        """SoLoPO: long rows, padded as their own group."""
-        return self.target == "solopo"
+        """SoLoPO and S2LD: long rows, padded as their own group."""
+        return self.target in ("solopo", "s2ld")
+
+    @property
+    def short_rejected(self) -> bool:
+        """The first group holds chosen AND rejected rows (every stage but S2LD, which reads the chosen ones only)."""
+        return self.target != "s2ld"
 
     @property
     def reference_rows(self) -> bool:
@@ -68,12 +79,13 @@ class RowPlan:
 
     def live(self) -> RowPlan:
         """The same plan with the reference computed from the model: the precompute pass itself runs this way."""
-        return RowPlan(self.target, self.long_rejected, self.reference, precomputed=False)
+        return RowPlan(self.target, self.long_rejected, self.reference, precomputed=False, teacher=self.teacher)
 
     def row_names(self) -> list[str]:
         """The single rows of a processed sample (each with ``_input_ids``, ``_attention_mask``, ``_labels``)."""
         long = ["long_chosen", "long_rejected"] if self.long_rejected else ["long_chosen"]
-        return ["chosen", "rejected"] + (long if self.long_rows else [])
+        short = ["chosen", "rejected"] if self.short_rejected else ["chosen"]
+        return short + (long if self.long_rows else [])
 
     def columns(self) -> list[str]:
         """Every column of a processed sample, present even when a whole batch is dropped (one schema)."""

@@ -2,7 +2,8 @@
 
 SoLoPO rows give the short chosen/rejected pair (``chosen_*``, ``rejected_*``, as in the toolkit's
 pairwise data) plus the long chosen (``long_chosen_*``) and, for ``solopo_align: both``, the long
-rejected. LongPO rows give the long chosen/rejected conversations (``chosen_*``, ``rejected_*``) and
+rejected; S2LD rows the short chosen and the long chosen only.
+LongPO rows give the long chosen/rejected conversations (``chosen_*``, ``rejected_*``) and
 one short reference row per turn (``ref_chosen_*``, ``ref_rejected_*``, lists of rows).
 
 Labels mask everything but assistant turns. An over-long sample is never head-truncated (that
@@ -22,6 +23,7 @@ from llamafactory.extras import logging
 from llamafactory.extras.constants import IGNORE_INDEX
 
 from .converter import RECORD_COLUMN, TURN_COLUMN
+from .plan import RowPlan
 from .record import Record, Turn, assistant_message, long_conversation, user_message
 
 logger = logging.get_logger(f"llamafactory.longpo.{__name__.rsplit('.', 1)[-1]}")  # under the toolkit's root: its handlers apply
@@ -72,14 +74,17 @@ class ShortToLongDatasetProcessor(DatasetProcessor):
                 return rows
         return None
 
-    def _solopo_rows(self, record: Record, turn: int, long_rejected: bool) -> Optional[dict[str, Row]]:
+    def _turn_rows(self, record: Record, turn: int, plan: RowPlan) -> Optional[dict[str, Row]]:
+        """One turn's single-turn rows (SoLoPO, S2LD): its short chosen (and rejected) and long chosen (and rejected)."""
         t = record.turns[turn]
         joiner = self.data_args.s2l_joiner
         system = record.system
+        long_rejected = plan.long_rejected
 
         def short(ctx: str) -> list[Row]:
             prompt = [user_message(ctx, t.instruction, joiner)]
-            return [self._encode_turns(prompt + [assistant_message(y)], system) for y in (t.chosen, t.rejected)]
+            answers = (t.chosen, t.rejected) if plan.short_rejected else (t.chosen,)
+            return [self._encode_turns(prompt + [assistant_message(y)], system) for y in answers]
 
         def long(ctx: str) -> list[Row]:
             prompt = [user_message(ctx, t.instruction, joiner)]
@@ -90,7 +95,9 @@ class ShortToLongDatasetProcessor(DatasetProcessor):
         long_rows = self._fit(long, record.long_context, self.data_args.cutoff_len)
         if short_rows is None or long_rows is None:
             return None
-        out = {"chosen": short_rows[0], "rejected": short_rows[1], "long_chosen": long_rows[0]}
+        out = {"chosen": short_rows[0], "long_chosen": long_rows[0]}
+        if plan.short_rejected:
+            out["rejected"] = short_rows[1]
         if long_rejected:
             out["long_rejected"] = long_rows[1]
         return out
@@ -123,13 +130,13 @@ class ShortToLongDatasetProcessor(DatasetProcessor):
 
     def preprocess_dataset(self, examples: dict[str, list[Any]]) -> dict[str, list[Any]]:
         plan = self.data_args.s2l_plan
-        target, long_rejected = plan.target, plan.long_rejected
+        target = plan.target
         # every key present even when the whole batch is dropped, so batches share one schema
         model_inputs: dict[str, list[Any]] = {key: [] for key in plan.columns()}
         dropped = 0
         for blob, turn in zip(examples[RECORD_COLUMN], examples[TURN_COLUMN]):
             record = record_from_json(blob)
-            rows = self._solopo_rows(record, turn, long_rejected) if target == "solopo" else self._longpo_rows(record)
+            rows = self._longpo_rows(record) if plan.reference_rows else self._turn_rows(record, turn, plan)
             if rows is None:
                 dropped += 1
                 continue

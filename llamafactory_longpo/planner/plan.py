@@ -270,9 +270,11 @@ def per_rank(run: RunConfig, traced: DepthTrace, world: int) -> dict[str, float]
 def row_lengths(run: RunConfig, length: int, sp: int, response: Optional[int]) -> Lengths:
     """Tokens per row on one rank: the long rows at ``length``, the short ones at ``short_cutoff_len``."""
     short = min(getattr(run.data_args, "short_cutoff_len", length) or length, length)
-    resp = response if response is not None else DEFAULT_RESPONSE_TOKENS
+    on_policy = run.spec is not None and run.spec.on_policy  # S2LD's sampled responses: as long as they may grow
+    resp = response if response is not None else run.finetuning_args.s2ld_max_new_tokens if on_policy else DEFAULT_RESPONSE_TOKENS
     local_long, local_short = -(-length // sp), -(-short // sp)
-    return Lengths(local_long, local_short, max(1, min(resp, local_short // 2 if run.stage == "solopo" else local_long // 2)))
+    short_rows = run.stage in ("solopo", "s2ld")  # the response must fit the short rows too
+    return Lengths(local_long, local_short, max(1, min(resp, local_short // 2 if short_rows else local_long // 2)))
 
 
 def estimate(

@@ -240,6 +240,8 @@ def make_batch(run: RunConfig, lengths: Lengths, vocab: int, seed: int = 0) -> d
     if run.stage == "dpo":
         return _pairs(n, lengths.long, lengths.response, vocab, gen)
     plan = run.spec.plan
+    if run.stage == "s2ld":
+        return _distill_rows(run, n, lengths, vocab, gen)
     if run.stage == "solopo":
         batch = _pairs(n, lengths.short, lengths.response, vocab, gen)
         long_rows = _pairs(n, lengths.long, lengths.response, vocab, gen)
@@ -255,6 +257,17 @@ def make_batch(run: RunConfig, lengths: Lengths, vocab: int, seed: int = 0) -> d
     if plan.precomputed:
         batch.update({k: torch.zeros(n) for k in plan.reference})
     return batch
+
+
+def _distill_rows(run: RunConfig, n: int, lengths: Lengths, vocab: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """S2LD: short and long chosen rows ending in the same response; on-policy, ``s2ld_samples`` rows per sample
+    (the generated responses the step scores; the generation itself is not traced)."""
+    rows = n * (run.finetuning_args.s2ld_samples if run.spec.on_policy else 1)
+    short = _rows(rows, lengths.short, lengths.response, vocab, gen)
+    long = _rows(rows, lengths.long, lengths.response, vocab, gen)
+    for key in ("input_ids", "labels"):
+        long[key][:, -lengths.response :] = short[key][:, -lengths.response :]
+    return {**short, **{f"long_{k}": v for k, v in long.items()}}
 
 
 @dataclass
@@ -287,11 +300,14 @@ def traced_spec(run: RunConfig, sequence_parallel_size: int, **changes: Any) -> 
     """The run's spec as one traced steady-state step has it: no DeepSpeed (ZeRO's model states are added by
     formulas, so no LM-head lockstep), ``sequence_parallel_size`` (the memory trace feeds rows of ``T/P`` tokens to
     one process; only a real distributed run wires Ulysses), and no reference model once a precomputed pass has
-    scored (training drops it before the first step). ``changes``: more fields to replace (the FLOPs trace's)."""
+    scored (training drops it before the first step). An on-policy S2LD step is traced on rows of the sampled
+    responses' length (:func:`make_batch`), without its generation. ``changes``: more fields to replace (the FLOPs
+    trace's)."""
     spec = run.spec
     return dataclasses.replace(
         spec,
         zero_stage=0,
+        on_policy=False,
         sequence_parallel_size=sequence_parallel_size,
         reference_model=spec.reference_model and spec.reference == "live",
         **changes,

@@ -15,9 +15,10 @@ import torch
 PO_LOSS, ALIGN_LOSS, PREF_LOSS, NLL_LOSS = "po_loss", "align_loss", "pref_loss", "nll_loss"
 CHOSEN, REJECTED, LONG_CHOSEN = "rewards/chosen", "rewards/rejected", "rewards/long_chosen"
 MARGINS, ACCURACIES, DISTANCE = "rewards/margins", "rewards/accuracies", "rewards/distance"
+S2LD_DIVERGENCE, S2LD_NLL, S2LD_TEACHER_NLL = "s2ld/divergence", "s2ld/nll", "s2ld/teacher_nll"
 # each stage's parts of the loss, logged beside ``loss``
-LOSS_PARTS = {"solopo": (PO_LOSS, ALIGN_LOSS), "longpo": (PREF_LOSS, NLL_LOSS)}
-# the reward curves of ``training_rewards.png``: metric -> legend
+LOSS_PARTS = {"solopo": (PO_LOSS, ALIGN_LOSS), "longpo": (PREF_LOSS, NLL_LOSS), "s2ld": (S2LD_DIVERGENCE, S2LD_NLL)}
+# the reward curves of ``training_rewards.png``: metric -> legend (S2LD has no rewards: its loss plots show it)
 REWARD_CURVES = {
     "solopo": {
         CHOSEN: "short chosen",
@@ -31,8 +32,9 @@ REWARD_CURVES = {
 PLOT_KEYS = {
     "solopo": ["loss", *LOSS_PARTS["solopo"], ACCURACIES, DISTANCE],
     "longpo": ["loss", *LOSS_PARTS["longpo"], ACCURACIES],
+    "s2ld": ["loss", *LOSS_PARTS["s2ld"], S2LD_TEACHER_NLL],
 }
-_GROUPS = ("rewards/", "logps/")
+_GROUPS = ("rewards/", "logps/", "s2ld/")
 
 
 def is_plugin_metric(key: str) -> bool:
@@ -85,3 +87,13 @@ def longpo_metrics(out: Any, policy: dict[str, torch.Tensor], ref: torch.Tensor,
 def logged(metrics: dict[str, torch.Tensor], prefix: str = "") -> dict[str, float]:
     """The values the trainer stores: floats under the split's prefix (``eval_`` in evaluation)."""
     return {f"{prefix}{k}": v.item() for k, v in metrics.items()}
+
+
+def s2ld_metrics(out: Any, sums: Any) -> dict[str, torch.Tensor]:
+    """S2LD's metrics of one batch: ``out`` a :class:`..losses.S2LDOutput`; ``sums`` the :class:`.distill.DistillSums`
+    (the teacher's mean NLL of the same response tokens on the short input: the gap the student closes)."""
+    return {
+        S2LD_DIVERGENCE: out.divergence,
+        S2LD_NLL: out.nll,
+        S2LD_TEACHER_NLL: -sums.teacher_logps / sums.tokens.clamp(min=1),
+    }

@@ -18,7 +18,7 @@ def plot_rewards(output_dir: str, stage: str) -> Optional[str]:
 
     with open(os.path.join(output_dir, "trainer_state.json"), encoding="utf-8") as fh:
         history = [h for h in json.load(fh)["log_history"] if "loss" in h]
-    curves = {k: v for k, v in REWARD_CURVES[stage].items() if any(k in h for h in history)}
+    curves = {k: v for k, v in REWARD_CURVES.get(stage, {}).items() if any(k in h for h in history)}
     if not curves:
         return None
     plt.switch_backend("agg")

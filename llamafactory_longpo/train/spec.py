@@ -25,19 +25,20 @@ def separate_reference_model(finetuning_args: Any, live: bool) -> bool:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """How one ``solopo`` / ``longpo`` run is wired."""
+    """How one ``solopo`` / ``longpo`` / ``s2ld`` run is wired."""
 
     stage: str
     plan: RowPlan  # the rows of a step and the reference values its loss reads
     shared_prefix: bool  # LongPO's pair runs its document once (:mod:`.shared_prefix`)
     sequence_parallel_size: int  # Ulysses ranks per row (1: off)
-    reference: ReferenceKind  # none (SimPO, ORPO), scored once before training, or scored in every step
+    reference: ReferenceKind  # none (SimPO, ORPO), scored once before training, or scored in every step (S2LD's teacher)
     reference_model: bool  # a separate frozen model is loaded for it (else: the policy, adapters off under LoRA)
     policy_rope_theta: Optional[float]  # the policy's RoPE base after the reference pass (the reference keeps its own)
     zero_stage: int  # DeepSpeed ZeRO stage of the run's config (0: no DeepSpeed)
     offload_activations: bool = False  # checkpointed layer inputs in host memory (:mod:`.offload`)
     tiled_mlp: bool = False  # decoder MLPs in sequence tiles (:mod:`.tiling`)
     mlp_tile_tokens: Optional[int] = None  # tokens per tile (None: the model's hidden size)
+    on_policy: bool = False  # S2LD: the policy samples the responses it is distilled on (:mod:`.distill`)
 
     @classmethod
     def for_run(cls, finetuning_args: Any, training_args: Any) -> RunSpec:
@@ -55,6 +56,7 @@ class RunSpec:
         fa = finetuning_args
         plan = RowPlan.for_stage(fa, do_train)
         reference: ReferenceKind = "none" if not plan.reference else "precomputed" if plan.precomputed else "live"
+        reference = "live" if plan.teacher else reference  # S2LD's teacher scores every step
         return cls(
             stage=fa.stage,
             plan=plan,
@@ -66,4 +68,5 @@ class RunSpec:
             zero_stage=zero_stage,
             offload_activations=bool(fa.s2l_offload_activations),
             tiled_mlp=bool(fa.s2l_tiled_mlp),
+            on_policy=fa.stage == "s2ld" and bool(fa.s2ld_on_policy),
         )

@@ -1,4 +1,4 @@
-"""Trainer of the ``solopo`` and ``longpo`` stages, over LLaMA-Factory's DPO trainer.
+"""Trainer of the ``solopo``, ``longpo`` and ``s2ld`` stages, over LLaMA-Factory's DPO trainer.
 
 The toolkit's trainer keeps what users rely on (optimizers, schedulers, LoRA/freeze/full, DeepSpeed,
 bf16, checkpointing, metric logging); this class only replaces "batch -> log-probs -> loss": log-probs
@@ -16,13 +16,25 @@ import torch
 from llamafactory.train.dpo.trainer import CustomDPOTrainer
 
 from ..data.plan import RowPlan
-from ..losses import SoLoPOLogps, SoLoPOOutput, SoLoPOReference, longpo_loss, solo_dpo_loss, solo_orpo_loss, solo_simpo_loss
+from ..losses import (
+    SoLoPOLogps,
+    SoLoPOOutput,
+    SoLoPOReference,
+    longpo_loss,
+    s2ld_loss,
+    solo_dpo_loss,
+    solo_orpo_loss,
+    solo_simpo_loss,
+    token_divergence,
+)
 from . import zero3
 from .callbacks import stop_non_finite
 from .checkpoints import AtomicCheckpointMixin
 from .compat import accept_indexed_cpu_locations
-from .logps import plain_sequence_logps, sequence_logps
-from .metrics import logged, longpo_metrics, solopo_metrics
+from .distill import check_same_responses, chunked_divergence, teacher_states
+from .logps import next_token_targets, plain_sequence_logps, sequence_logps
+from .metrics import logged, longpo_metrics, s2ld_metrics, solopo_metrics
+from .on_policy import OnPolicySampler
 from .rope import rope_theta_override
 from .sequence_parallel import GroupSamplingMixin, SequenceParallel
 from .shared_prefix import shared_prefix_logps
@@ -31,7 +43,7 @@ from .wiring import Wiring
 
 
 class ShortToLongTrainer(AtomicCheckpointMixin, GroupSamplingMixin, CustomDPOTrainer):
-    """One trainer for both stages; the run spec's stage picks the loss. Its reference pass is
+    """One trainer for the plugin's stages; the run spec's stage picks the loss. Its reference pass is
     :func:`.reference.precompute_reference`; its batch order under sequence parallelism,
     :class:`.sequence_parallel.GroupSamplingMixin`; its checkpoints, :class:`.checkpoints.AtomicCheckpointMixin`."""
 
@@ -46,6 +58,9 @@ class ShortToLongTrainer(AtomicCheckpointMixin, GroupSamplingMixin, CustomDPOTra
         self.spec, self.wiring, self.identity = spec, wiring, identity
         self.reference_cache: dict[str, tuple[str, str]] = {}  # split -> (cache file, "hit" | "miss")
         self.add_group_sampling()
+        self.sampler: Optional[OnPolicySampler] = None  # S2LD on-policy: the student's own responses (:mod:`.on_policy`)
+        if spec.on_policy:
+            self.sampler = OnPolicySampler.from_args(self.finetuning_args, self.processing_class, self.data_collator.template)
         if self.args.device.type == "cpu" and self.args.device.index is not None:  # several CPU ranks: resumable
             accept_indexed_cpu_locations()
 
@@ -214,6 +229,39 @@ class ShortToLongTrainer(AtomicCheckpointMixin, GroupSamplingMixin, CustomDPOTra
         )
         return out.loss, logged(longpo_metrics(out, policy, ref, n), prefix)
 
+    def _s2ld(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], prefix: str) -> tuple[torch.Tensor, dict[str, float]]:
+        """Short-to-long self-distillation (:mod:`.distill`): the teacher (the frozen start model: the reference copy,
+        or the policy with its adapters disabled) reads the short rows without gradient; the policy reads the long
+        rows; their distributions are compared at every response token. On-policy, training steps distill on the
+        student's own samples with the reverse KL; evaluation always scores the dataset's chosen responses."""
+        fa = self.finetuning_args
+        on_policy = self.sampler is not None and not prefix
+        if on_policy:
+            batch = self.sampler.rows(self.accelerator.unwrap_model(model), batch, self.state.global_step)
+        teacher, ctx = self._reference_context(model)
+        with ctx, self._scoring(teacher) as scoring:
+            hidden, short_targets = teacher_states(
+                teacher, scoring["head"], batch["input_ids"], batch["attention_mask"], batch["labels"], self.sequence_parallel
+            )
+            # its LM head as a function: used again in backward, outside the adapters-off block (a LoRA'd head's base)
+            teacher_head = scoring["logits_head"] or getattr(scoring["head"], "base_layer", scoring["head"])
+        check_same_responses(short_targets, next_token_targets(batch["long_labels"]))
+        divergence = token_divergence("reverse_kl" if self.sampler is not None else fa.s2ld_divergence, fa.s2ld_jsd_beta)
+        with self._scoring(model) as scoring:
+            sums = chunked_divergence(
+                model,
+                input_ids=batch["long_input_ids"],
+                labels=batch["long_labels"],
+                attention_mask=batch["long_attention_mask"] if self.sequence_parallel is None else None,
+                teacher_hidden=hidden,
+                teacher_head=teacher_head,
+                divergence=divergence,
+                **scoring,
+            )
+        nll_weight = 0.0 if self.sampler is not None else fa.s2ld_nll_weight
+        out = s2ld_loss(sums.divergence, sums.student_logps, sums.tokens, nll_weight=nll_weight)
+        return out.loss, logged(s2ld_metrics(out, sums), prefix)
+
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
         """The toolkit's step, then, under DeepSpeed, the engine's gradient norm checked: the engine has stepped
         inside the backward, out of the non-finite guard's sight (its gradients never reach ``param.grad``)."""
@@ -227,9 +275,8 @@ class ShortToLongTrainer(AtomicCheckpointMixin, GroupSamplingMixin, CustomDPOTra
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], train_eval: Literal["train", "eval"] = "train"
     ) -> tuple[torch.Tensor, dict[str, float]]:
         prefix = "eval_" if train_eval == "eval" else ""
-        if self.spec.stage == "solopo":
-            return self._solopo(model, batch, prefix)
-        return self._longpo(model, batch, prefix)
+        losses = {"solopo": self._solopo, "longpo": self._longpo, "s2ld": self._s2ld}
+        return losses[self.spec.stage](model, batch, prefix)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """The stored eval metrics take the eval set's own prefix (``eval_<name>_`` with ``eval_on_each_dataset``):

@@ -25,6 +25,8 @@ CASES = {
     ),
     # LongPO: cached short reference, long pair, full-document NLL
     "longpo": dict(stage="longpo", pref_loss="sigmoid", dataset="longpo_demo", cutoff_len=2048),
+    # self-distillation: the frozen teacher copy's short rows are sharded and gathered, the student's long rows sharded
+    "s2ld-jsd-nll": dict(stage="s2ld", s2ld_divergence="jsd", s2ld_nll_weight=0.5, learning_rate=1.0e-2),
     # the same under DeepSpeed ZeRO-3 (SP run only), with small head chunks: the ranks' chunk counts differ
     "longpo-zero3": dict(stage="longpo", pref_loss="sigmoid", dataset="longpo_demo", cutoff_len=2048),
 }
@@ -67,7 +69,7 @@ def test_sequence_parallel_equals_one_process(tmp_path: Path, tiny_model: Path, 
     sp_hist, sp_grads = _train(tmp_path, tiny_model, case, sp=2)
     assert len(one_hist) == len(sp_hist) == 2  # 4 samples / batch 2: both runs see the same two batches
     for a, b in zip(one_hist, sp_hist):
-        keys = [k for k in a if k == "loss" or k.startswith(("logps/", "rewards/", "po_", "align_", "pref_", "nll_"))]
+        keys = [k for k in a if k == "loss" or k.startswith(("logps/", "rewards/", "po_", "align_", "pref_", "nll_", "s2ld/"))]
         assert keys and set(keys) <= set(b)
         for k in keys:
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-5), k

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,14 @@ CASES = {
         s2l_precompute_ref=False,
         policy_rope_theta=1.0e6,
     ),
+    # self-distillation off-policy under LoRA: the teacher is the policy with its adapters disabled
+    "s2ld-lora-jsd-nll": dict(
+        stage="s2ld", finetuning_type="lora", s2ld_divergence="jsd", s2ld_jsd_beta=0.3, s2ld_nll_weight=0.5
+    ),
+    # on-policy, full fine-tuning (a frozen teacher copy): sampled at steps 1 and 3, step 2 reuses step 1's samples
+    "s2ld-on-policy": dict(
+        stage="s2ld", s2ld_on_policy=True, s2ld_samples=2, s2ld_max_new_tokens=6, s2ld_sample_every=2, max_steps=3, max_samples=6
+    ),
     "dpo-long-view": dict(stage="dpo", pref_loss="sigmoid"),
     "sft-long-view": dict(stage="sft", dataset="longpo_demo", cutoff_len=2048),
 }
@@ -39,6 +48,7 @@ METRICS = {
         "rewards/accuracies",
     },
     "longpo": {"loss", "pref_loss", "nll_loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies"},
+    "s2ld": {"loss", "s2ld/divergence", "s2ld/nll", "s2ld/teacher_nll"},
     "dpo": {"loss", "rewards/chosen", "rewards/accuracies"},
     "sft": {"loss"},
 }
@@ -55,7 +65,7 @@ def test_train_subprocess(tmp_path: Path, tiny_model: Path, name: str) -> None:
     if stage == "sft":
         overrides["pref_loss"] = "sigmoid"  # ignored by sft, kept to show the file is the same config
     out = tmp_path / "out"
-    cfg = write_yaml(tmp_path / "cfg.yaml", base_config(tiny_model, out, max_samples=4, **overrides))
+    cfg = write_yaml(tmp_path / "cfg.yaml", base_config(tiny_model, out, **{"max_samples": 4, **overrides}))
     proc = run_cli(["train", str(cfg)], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-4000:]
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
@@ -63,10 +73,16 @@ def test_train_subprocess(tmp_path: Path, tiny_model: Path, name: str) -> None:
     logs = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     step_logs = [entry for entry in logs if "loss" in entry]
     assert step_logs, logs
-    if stage in ("solopo", "longpo"):  # the toolkit writes only its fixed keys for its own stages
+    if stage in ("solopo", "longpo", "s2ld"):  # the toolkit writes only its fixed keys for its own stages
         assert METRICS[stage] <= set(step_logs[0]), sorted(step_logs[0])
     if stage in ("solopo", "longpo"):
         assert (out / "training_loss.png").exists() and (out / "training_rewards.png").exists()
+    if stage == "s2ld":
+        assert (out / "training_loss.png").exists() and (out / "training_s2ld_divergence.png").exists()
+        assert all(math.isfinite(e["loss"]) and e["s2ld/divergence"] >= 0 for e in step_logs), step_logs
+    if overrides.get("s2ld_on_policy"):  # the frozen teacher scores the same samples at steps 1 and 2, new ones at 3
+        teacher = [e["s2ld/teacher_nll"] for e in step_logs]
+        assert len(teacher) == 3 and teacher[0] == teacher[1] != teacher[2], teacher
     # the result loads and runs as a plain transformers model
     import torch
     from transformers import AutoModelForCausalLM

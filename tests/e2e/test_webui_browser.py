@@ -240,7 +240,7 @@ def test_dataset_list_offers_only_short_to_long_data(board: dict, browser, tmp_p
     page.locator('input[aria-label="Stage"]').wait_for(timeout=60000)
     _type(page, "Data dir", str(data))
     offered = {}
-    for stage in ("SoLoPO", "LongPO", "DPO"):
+    for stage in ("SoLoPO", "LongPO", "S2LD", "DPO"):
         _choose(page, "Stage", stage)
         _input(page, "Learning rate").focus()  # leave the dataset box so that focusing it lists again
         _input(page, "Dataset").focus()
@@ -254,7 +254,7 @@ def test_dataset_list_offers_only_short_to_long_data(board: dict, browser, tmp_p
             seen = now
         offered[stage] = seen
         page.keyboard.press("Escape")
-    assert offered["SoLoPO"] == offered["LongPO"] == {"s2l"}
+    assert offered["SoLoPO"] == offered["LongPO"] == offered["S2LD"] == {"s2l"}
     assert offered["DPO"] == {"s2l", "plain_pairs"}
     page.close()
 
@@ -276,6 +276,26 @@ def test_longpo_from_the_board(board: dict, browser) -> None:
     assert "longpo_lambda" in result["command"]
     steps = [entry for entry in result["logs"] if "loss" in entry]
     assert steps and {"nll_loss", "pref_loss"} <= set(steps[0])
+    page.close()
+
+
+def test_s2ld_from_the_board(board: dict, browser) -> None:
+    page = browser.new_page(viewport={"width": 1400, "height": 2200})
+    result = _run(
+        page,
+        board,
+        "S2LD",
+        "solopo_demo",
+        "s2ld_board",
+        {"s2ld_divergence": "jsd", "s2ld_jsd_beta": 0.25, "s2ld_nll_weight": 0.5},
+        "board_s2ld.png",
+    )
+    args = result["args"]
+    assert args["stage"] == "s2ld" and args["s2ld_divergence"] == "jsd"
+    assert args["s2ld_jsd_beta"] == 0.25 and args["s2ld_nll_weight"] == 0.5
+    assert "s2ld_divergence" in result["command"]
+    steps = [entry for entry in result["logs"] if "loss" in entry]
+    assert steps and {"s2ld/divergence", "s2ld/nll"} <= set(steps[0])
     page.close()
 
 

@@ -32,6 +32,9 @@ STAGES = {
         s2l_precompute_ref=False,
         s2l_logits_chunk=16,
     ),
+    # self-distillation, full fine-tuning: the teacher copy is a ZeRO-3 inference engine, its head gathered once per
+    # pass; the student's trainable head runs in lockstep chunks of 4 tokens (the ranks' responses differ in length)
+    "s2ld-full-small-chunks": dict(stage="s2ld", s2ld_divergence="reverse_kl", s2ld_nll_weight=0.5, s2l_logits_chunk=4),
     # full fine-tuning with a live reference copy (the toolkit prepares it as a ZeRO-3 inference engine)
     "solopo-dpo-full-live": dict(stage="solopo", pref_loss="sigmoid", solopo_alpha=2.0, s2l_precompute_ref=False),
 }
