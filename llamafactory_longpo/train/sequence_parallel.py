@@ -17,12 +17,13 @@ the attention function is replaced process-wide, so every forward of the model i
 prefix's attention, installed first, runs inside Ulysses on the gathered sequence).
 
 Any ``P``, whatever the head counts: the all-to-all hands each rank ``1/P`` of the heads, so DeepSpeed needs the
-query heads divisible by ``P`` and the KV heads dividing ``P`` or divisible by it (Qwen2.5-7B, 28/4 heads: ``P`` <= 4).
-:class:`HeadPadding` lays the heads out for Ulysses first: each KV head is replicated ``r`` times and each replica
-serves ``s`` query slots, its share of the KV head's queries plus zero queries (:func:`padded_heads`), so that every
-rank holds whole replicas and the GQA pairing of a query with its KV head is kept. The padded heads' outputs are
-dropped after the reverse all-to-all, so they get no gradient and the result is exactly the unpadded one; replicated
-KV heads receive the sum of their replicas' gradients, as one head serving all its queries would.
+query heads divisible by ``P`` and the KV heads dividing ``P`` or divisible by it (Qwen2.5-7B, 28/4 heads: only 2
+and 4). :class:`HeadPadding` lays the heads out for Ulysses first: each KV head is replicated, the replicas topped
+up to a multiple of ``P``, and each replica serves ``s`` query slots, its share of the KV head's queries plus zero
+queries (:func:`padded_heads`), so that every rank holds whole replicas and each query keeps its own KV head. The
+padded heads' outputs are dropped after the reverse all-to-all, so they get no gradient and the result is exactly
+the unpadded one; replicated KV heads receive the sum of their replicas' gradients, as one head serving all its
+queries would.
 
 Gradient scale: every rank of a group computes the same loss, and the backward of :func:`group_sum`
 sums the group's (identical) upstream gradients, so a group contributes ``P`` times its gradient;
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Optional
@@ -244,6 +246,23 @@ def padded_attention(function: Callable[..., Any], padding: HeadPadding) -> Call
         return padding.unpad(out), weights
 
     return attention
+
+
+@contextmanager
+def local_head_padding(model: torch.nn.Module, size: int) -> Iterator[None]:
+    """Inside the block, the model's attention runs on the heads padded for ``size`` ranks, on one process and
+    without the all-to-all: the memory planner's stand-in for Ulysses. Its rows hold ``T/size`` tokens, so each
+    attention tensor has the bytes one rank's has under Ulysses (``T/size`` tokens of ``q_padded`` heads, as
+    ``T`` tokens of ``q_padded/size``); on whole rows, the group's attention FLOPs."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = model.config._attn_implementation
+    original = ALL_ATTENTION_FUNCTIONS[name]
+    ALL_ATTENTION_FUNCTIONS[name] = padded_attention(original, head_padding(model.config, size))
+    try:
+        yield
+    finally:
+        ALL_ATTENTION_FUNCTIONS[name] = original
 
 
 def enable_sequence_parallel(model: torch.nn.Module, size: int) -> SequenceParallel:
