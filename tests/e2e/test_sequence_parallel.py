@@ -1,6 +1,6 @@
 """Ulysses sequence parallelism on CPU (torchrun ranks, gloo, DeepSpeed's UlyssesSPAttentionHF):
 ``sequence_parallel_size: 2`` gives the same losses, log-probs and gradients as ONE process on the same
-batches, and so does ``4`` on a model whose 6 query heads it does not divide (padded heads); and every setting
+batches, also on a model with 9 query and 3 KV heads, which 2 does not divide (padded heads); and every setting
 it cannot run stops before training with its one-line message."""
 
 from __future__ import annotations
@@ -28,17 +28,18 @@ CASES = {
     # the same under DeepSpeed ZeRO-3 (SP run only), with small head chunks: the ranks' chunk counts differ
     "longpo-zero3": dict(stage="longpo", pref_loss="sigmoid", dataset="longpo_demo", cutoff_len=2048),
 }
-# a model with 6 query heads and 2 KV heads at SP 4: queries padded to 8 heads, KV heads replicated to 4 (HeadPadding)
-HEADS6 = {"solopo-orpo-heads6": "solopo-orpo", "longpo-heads6": "longpo"}
+# a model with 9 query heads and 3 KV heads at SP 2: one zero query, each KV head 3 times and one extra replica
+# (10/10 heads, HeadPadding), so each rank's queries meet KV heads of two groups
+HEADS9 = {"solopo-orpo-heads9": "solopo-orpo", "longpo-heads9": "longpo"}
 SP_ONLY = {"longpo-zero3": {"deepspeed": str(ROOT / "examples" / "deepspeed" / "ds_z3_config.json"), "s2l_logits_chunk": 64}}
 _ONE_PROCESS: dict[str, tuple[list[dict], list[dict]]] = {}  # same config, same single-process result: run it once
 
 
 @pytest.fixture(scope="module")
-def tiny_heads6(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_heads9(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from llamafactory_longpo.tiny import make_tiny_model
 
-    return Path(make_tiny_model(str(tmp_path_factory.mktemp("tiny_heads6")), hidden_size=48, num_heads=6, num_kv_heads=2))
+    return Path(make_tiny_model(str(tmp_path_factory.mktemp("tiny_heads9")), hidden_size=72, num_heads=9, num_kv_heads=3))
 
 
 def _train(tmp: Path, tiny: Path, case: str, sp: int) -> tuple[list[dict], list[dict]]:
@@ -54,7 +55,7 @@ def _train(tmp: Path, tiny: Path, case: str, sp: int) -> tuple[list[dict], list[
             max_steps=2,
             disable_shuffling=True,
             s2l_ref_cache_dir=str(tmp / f"cache_{out.name}"),
-            **CASES[HEADS6.get(case, case)],
+            **CASES[HEADS9.get(case, case)],
             **extra,
         ),
     )
@@ -67,16 +68,16 @@ def _train(tmp: Path, tiny: Path, case: str, sp: int) -> tuple[list[dict], list[
     return history, steps
 
 
-@pytest.mark.parametrize("case", [*CASES, *HEADS6])
+@pytest.mark.parametrize("case", [*CASES, *HEADS9])
 def test_sequence_parallel_equals_one_process(
     tmp_path: Path, tiny_model: Path, case: str, request: pytest.FixtureRequest
 ) -> None:
-    model, sp = (request.getfixturevalue("tiny_heads6"), 4) if case in HEADS6 else (tiny_model, 2)
-    key = json.dumps([CASES[HEADS6.get(case, case)], str(model)], sort_keys=True)
+    model = request.getfixturevalue("tiny_heads9") if case in HEADS9 else tiny_model
+    key = json.dumps([CASES[HEADS9.get(case, case)], str(model)], sort_keys=True)
     if key not in _ONE_PROCESS:
         _ONE_PROCESS[key] = _train(tmp_path, model, case, sp=1)
     one_hist, one_grads = _ONE_PROCESS[key]
-    sp_hist, sp_grads = _train(tmp_path, model, case, sp=sp)
+    sp_hist, sp_grads = _train(tmp_path, model, case, sp=2)
     assert len(one_hist) == len(sp_hist) == 2  # 4 samples / batch 2: both runs see the same two batches
     for a, b in zip(one_hist, sp_hist):
         keys = [k for k in a if k == "loss" or k.startswith(("logps/", "rewards/", "po_", "align_", "pref_", "nll_"))]

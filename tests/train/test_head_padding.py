@@ -21,7 +21,8 @@ from llamafactory_longpo.train.sequence_parallel import HeadPadding, padded_atte
         (32, 8, 8, (32, 8)),  # Llama-3.1-8B: as DeepSpeed takes it
         (32, 8, 16, (32, 16)),  # ... at 16: only the KV replication DeepSpeed itself would do
         (64, 8, 16, (64, 16)),  # Qwen2.5-72B
-        (6, 2, 4, (8, 4)),  # the end-to-end test's model
+        (6, 2, 4, (8, 4)),
+        (9, 3, 2, (10, 10)),  # the end-to-end test's model: one zero query, KV heads 3 times and one extra replica
         (4, 2, 2, (4, 2)),  # the tiny model at 2 ranks: nothing moves
         (40, 40, 16, (48, 48)),  # MHA (Llama-2-13B): extra replicas, not each head twice
         (40, 8, 16, (48, 16)),
@@ -60,7 +61,7 @@ def _ranks(size: int) -> object:
     return run
 
 
-@pytest.mark.parametrize("q_heads, kv_heads, size", [(6, 2, 4), (28, 4, 8), (12, 12, 8), (14, 2, 3), (4, 2, 4)])
+@pytest.mark.parametrize("q_heads, kv_heads, size", [(6, 2, 4), (9, 3, 2), (28, 4, 8), (12, 12, 8), (14, 2, 3), (4, 2, 4)])
 def test_padded_attention_equals_unpadded(q_heads: int, kv_heads: int, size: int) -> None:
     """Forward and the gradients of Q, K and V, float64: the zero queries' outputs are dropped, so exact."""
     torch.manual_seed(0)
