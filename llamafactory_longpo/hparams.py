@@ -301,7 +301,7 @@ class ShortToLongFinetuningArguments:
         default=1,
         metadata={
             "help": "Ulysses sequence parallelism (DeepSpeed's UlyssesSPAttentionHF): split every row's tokens over this "
-            "many consecutive ranks; needs attention heads divisible by it and flash_attn sdpa or fa2. 1 = off."
+            "many consecutive ranks (any size: heads are padded to a multiple of it); needs flash_attn sdpa or fa2. 1 = off."
         },
     )
 

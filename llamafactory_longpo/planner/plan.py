@@ -6,8 +6,10 @@ How a prediction is made (:func:`estimate`):
    step's FLOPs are linear in depth (each layer adds its parameters, its checkpointed input and its
    share of compute; one layer is recomputed at a time), so two depths give the full-depth values.
 2. Sequence parallelism (Ulysses): each rank holds ``1/P`` of every row's tokens for all heads, or
-   all tokens for ``1/P`` of the heads inside attention; the same bytes. The memory trace runs rows of
-   ``T/P`` tokens, and the FLOPs come from a trace of whole rows (attention is quadratic in ``T``).
+   inside attention all tokens for ``1/P`` of the heads as padded for ``P`` ranks (``train.sequence_parallel.
+   padded_heads``: Qwen2.5-7B's 28 query heads are 32 at ``P`` = 8, its 4 KV heads 8). The memory trace runs
+   rows of ``T/P`` tokens with the padded heads in attention, the same bytes; the FLOPs come from a trace of
+   whole rows with the padded heads (attention is quadratic in ``T``, and the zero queries cost as much).
 3. Model states: without DeepSpeed, as traced (the toolkit keeps trainable weights in fp32 with bf16
    autocast; AdamW keeps two states per weight). With DeepSpeed, ZeRO's formulas (Rajbhandari et al.,
    2020, arXiv 1910.02054; DeepSpeed's ``estimate_zero{2,3}_model_states_mem_needs``, whose totals these
@@ -160,14 +162,23 @@ def bookkeeping_limit(run: RunConfig, lengths: Lengths) -> int:
 
 
 def trace_depth(
-    run: RunConfig, layers: int, lengths: Lengths, attention: Optional[str], spec_changes: Optional[dict] = None
+    run: RunConfig,
+    layers: int,
+    lengths: Lengths,
+    attention: Optional[str],
+    sp: int = 1,
+    spec_changes: Optional[dict] = None,
 ) -> DepthTrace:
-    """Trace one step of the run at ``layers`` layers on fake tensors (``attention``: see :func:`estimate`;
-    ``spec_changes``: see :func:`.step.traced_spec`)."""
+    """Trace one step of the run at ``layers`` layers on fake tensors (``attention``: see :func:`estimate`; ``sp``:
+    attention on the heads as padded for that many sequence-parallel ranks; ``spec_changes``: see
+    :func:`.step.traced_spec`)."""
+    from ..train.sequence_parallel import local_head_padding
+
     with (
         fake_mode(bookkeeping_limit(run, lengths)),
         gpu_attention() if attention is None else nullcontext(),
         step_setup(run, layers, lengths, attention or "sdpa", spec_changes=spec_changes) as setup,
+        local_head_padding(setup.model, sp) if sp > 1 else nullcontext(),
     ):
         traced = traced_step(run, setup, layers)
         ref = setup.ref_model
@@ -193,15 +204,16 @@ def scaled_trace(
     lengths: Lengths,
     attention: Optional[str],
     layers: Optional[int] = None,
+    sp: int = 1,
     spec_changes: Optional[dict] = None,
 ) -> DepthTrace:
     """The step at full depth (``layers``, default the model's), from traces at two reduced depths."""
     full = layers or run.model_config.num_hidden_layers
     la, lb = trace_depths(run, full)
     if la == lb:
-        return trace_depth(run, full, lengths, attention, spec_changes)
-    a = trace_depth(run, la, lengths, attention, spec_changes)
-    b = trace_depth(run, lb, lengths, attention, spec_changes)
+        return trace_depth(run, full, lengths, attention, sp, spec_changes)
+    a = trace_depth(run, la, lengths, attention, sp, spec_changes)
+    b = trace_depth(run, lb, lengths, attention, sp, spec_changes)
 
     def parts(x: dict[str, int], y: dict[str, int]) -> dict[str, float]:
         return {k: max(0.0, _extrapolate(x[k], y[k], la, lb, full)) for k in KINDS}
@@ -296,12 +308,12 @@ def estimate(
     ``sdpa``); ``layers``: full depth (default the model's); ``node``: what a node holds and how fast it runs.
     """
     sp = sp or int(getattr(run.finetuning_args, "sequence_parallel_size", 1) or 1)
-    traced = scaled_trace(run, row_lengths(run, length, sp, response), attention, layers)
+    traced = scaled_trace(run, row_lengths(run, length, sp, response), attention, layers, sp)
     step_flops = traced.flops
     if sp > 1 and flops:  # attention is quadratic in the row: count the whole rows (``flops=False``: not needed)
         whole = row_lengths(run, length, 1, response)
         # one MLP tile per row: a tile count changes no FLOP, and a whole row in hidden_size tiles takes long to trace
-        step_flops = scaled_trace(run, whole, attention, layers, spec_changes={"mlp_tile_tokens": whole.long}).flops
+        step_flops = scaled_trace(run, whole, attention, layers, sp, spec_changes={"mlp_tile_tokens": whole.long}).flops
     elif sp > 1:
         step_flops = 0
     device = device_gib * GIB if device_gib else None

@@ -16,6 +16,15 @@ counts are then summed over the group (:func:`group_sum`, gradients intact) in
 the attention function is replaced process-wide, so every forward of the model is sharded (the shared
 prefix's attention, installed first, runs inside Ulysses on the gathered sequence).
 
+Any ``P``, whatever the head counts: the all-to-all hands each rank ``1/P`` of the heads, so DeepSpeed needs the
+query heads divisible by ``P`` and the KV heads dividing ``P`` or divisible by it (Qwen2.5-7B, 28/4 heads: only 2
+and 4). :class:`HeadPadding` lays the heads out for Ulysses first: each KV head is replicated, the replicas topped
+up to a multiple of ``P``, and each replica serves ``s`` query slots, its share of the KV head's queries plus zero
+queries (:func:`padded_heads`), so that every rank holds whole replicas and each query keeps its own KV head. The
+padded heads' outputs are dropped after the reverse all-to-all, so they get no gradient and the result is exactly
+the unpadded one; replicated KV heads receive the sum of their replicas' gradients, as one head serving all its
+queries would.
+
 Gradient scale: every rank of a group computes the same loss, and the backward of :func:`group_sum`
 sums the group's (identical) upstream gradients, so a group contributes ``P`` times its gradient;
 the data-parallel average (DDP or DeepSpeed, over all ``world`` ranks) divides by ``world = P x dp``,
@@ -25,8 +34,10 @@ which leaves exactly the mean over the ``dp`` data-parallel groups: the same upd
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Optional
 
 import torch
@@ -81,25 +92,114 @@ class SequenceParallel:
         return input_ids[:, local], mask, position_ids[:, local].contiguous(), {k: t[:, local] for k, t in targets.items()}
 
 
-def check_sequence_parallel(size: int, config: Any, attn_implementation: Optional[str], world_size: int) -> None:
-    """Raise a one-line :class:`ConfigError` for each setting Ulysses cannot run; nothing runs before this."""
+def padded_heads(q_heads: int, kv_heads: int, size: int) -> tuple[int, int]:
+    """``(q_padded, kv_used)``: the query and KV head counts Ulysses runs at ``size`` ranks (see :class:`HeadPadding`).
+
+    A layout serves ``s`` query slots per KV replica: each KV head needs ``ceil(group / s)`` replicas for its
+    ``group`` queries, and the replicas are topped up to a multiple of ``size`` (extra replicas hold only zero
+    queries), so ``kv_used = roundup(kv_heads * ceil(group / s), size)`` and ``q_padded = s * kv_used``. Of the
+    ``s`` in ``1 .. group``, the fewest query slots (attention FLOPs), then the fewest KV heads (all-to-all bytes).
+    Counts DeepSpeed takes as they are keep their query heads: Llama-3.1-8B, 32/8 at 16 ranks, gives (32, 16), the
+    replication DeepSpeed itself would do. Qwen2.5-7B, 28/4 at 8 ranks: (32, 8).
+    """
+    group = q_heads // kv_heads
+    layouts = []
+    for slots in range(1, group + 1):
+        kv_used = -(-kv_heads * -(-group // slots) // size) * size
+        layouts.append((slots * kv_used, kv_used))
+    return min(layouts)
+
+
+@dataclass(frozen=True)
+class HeadPadding:
+    """Where each head goes in the padded layout of :func:`padded_heads`, and the moves in and out of it.
+
+    Padded KV heads are ``r = ceil(group / s)`` consecutive replicas of each KV head, then the extra replicas (of the
+    last KV head). Replica ``i`` of KV head ``k`` holds that head's queries ``i * s .. i * s + s - 1`` in its ``s``
+    query slots (those that exist; the others, and all of an extra replica's, are zero queries). Every replica has
+    ``s`` slots and each rank gets whole replicas, so the contiguous split of the all-to-all keeps each query with
+    its own KV head.
+    """
+
+    q_heads: int
+    kv_heads: int
+    size: int
+
+    @cached_property
+    def counts(self) -> tuple[int, int]:
+        """``(q_padded, kv_used)``."""
+        return padded_heads(self.q_heads, self.kv_heads, self.size)
+
+    @property
+    def slots_per_kv(self) -> int:
+        """Query slots per padded KV head: the model's ``num_key_value_groups`` after the all-to-all."""
+        return self.counts[0] // self.counts[1]
+
+    @property
+    def _replicas(self) -> int:
+        return -(-self.q_heads // self.kv_heads // self.slots_per_kv)
+
+    @cached_property
+    def query_index(self) -> list[int]:
+        """For each padded query slot, the real query head it holds, or ``q_heads`` (the zero head)."""
+        group, slots = self.q_heads // self.kv_heads, self._replicas * self.slots_per_kv
+        index = [kv * group + m if m < group else self.q_heads for kv in range(self.kv_heads) for m in range(slots)]
+        return index + [self.q_heads] * (self.counts[0] - len(index))
+
+    @cached_property
+    def kv_index(self) -> list[int]:
+        """For each padded KV head, the real KV head it replicates."""
+        index = [kv for kv in range(self.kv_heads) for _ in range(self._replicas)]
+        return index + [self.kv_heads - 1] * (self.counts[1] - len(index))
+
+    @cached_property
+    def output_index(self) -> list[int]:
+        """For each real query head, the padded slot that holds its output."""
+        return [self.query_index.index(h) for h in range(self.q_heads)]
+
+    @cached_property
+    def moves_queries(self) -> bool:
+        """Whether the query heads change place (else passed through, like the output)."""
+        return self.query_index != list(range(self.q_heads))
+
+    @cached_property
+    def moves_kv(self) -> bool:
+        """Whether the KV heads are replicated."""
+        return self.kv_index != list(range(self.kv_heads))
+
+    @cached_property
+    def _tensors(self) -> dict[tuple[str, torch.device], torch.Tensor]:
+        return {}
+
+    def _index(self, name: str, device: torch.device) -> torch.Tensor:
+        if (name, device) not in self._tensors:  # once per device, not per layer and call
+            self._tensors[name, device] = torch.tensor(getattr(self, name), device=device)
+        return self._tensors[name, device]
+
+    def pad(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[B, heads, L, D]`` query, key and value in the padded layout (the zero queries: one appended zero head).
+        A part already in place is passed through (e.g. the tiny model's 4/2 heads at 4 ranks: only K and V move)."""
+        if self.moves_queries:
+            query = F.pad(query, (0, 0, 0, 0, 0, 1)).index_select(1, self._index("query_index", query.device))
+        if self.moves_kv:
+            kv_index = self._index("kv_index", key.device)
+            key, value = key.index_select(1, kv_index), value.index_select(1, kv_index)
+        return query, key, value
+
+    def unpad(self, output: torch.Tensor) -> torch.Tensor:
+        """Attention output ``[B, L, q_padded, D]`` (or heads and D flattened) -> ``[B, L, q_heads, D]``: the padded
+        heads' outputs are dropped, so no gradient reaches them."""
+        out = output.reshape(*output.shape[:2], self.counts[0], -1)
+        return out.index_select(2, self._index("output_index", out.device)) if self.moves_queries else out
+
+
+def check_sequence_parallel(size: int, attn_implementation: Optional[str], world_size: int) -> None:
+    """Raise a one-line :class:`ConfigError` for each setting Ulysses cannot run; nothing runs before this.
+    Any head counts run (:class:`HeadPadding`)."""
     if world_size % size:
         raise ConfigError(
             f"sequence_parallel_size: {size} does not divide the world size {world_size}; launch a multiple of "
             f"{size} processes (FORCE_TORCHRUN=1 NPROC_PER_NODE={size} llamafactory-cli train ...)"
-        )
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads, kv_heads = text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    if heads % size:
-        divisors = [d for d in range(2, heads + 1) if heads % d == 0 and (kv_heads % d == 0 or d % kv_heads == 0)]
-        raise ConfigError(
-            f"sequence_parallel_size: {size} does not divide the model's {heads} attention heads; "
-            f"use one of {', '.join(map(str, divisors))}"
-        )
-    if kv_heads % size and size % kv_heads:
-        raise ConfigError(
-            f"sequence_parallel_size: {size} and the model's {kv_heads} key/value heads must divide one another "
-            "(DeepSpeed replicates or splits whole KV heads)"
         )
     if attn_implementation not in SUPPORTED_ATTENTION:
         raise ConfigError(
@@ -117,13 +217,61 @@ def _init_deepspeed_comm() -> None:
         ds_dist.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False)
 
 
+def head_padding(config: Any, size: int) -> HeadPadding:
+    """The model's heads laid out for ``size`` ranks (a text config, or a multimodal one holding it)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    return HeadPadding(heads, getattr(text, "num_key_value_heads", None) or heads, size)
+
+
+def padded_attention(function: Callable[..., Any], padding: HeadPadding) -> Callable[..., Any]:
+    """An attention function that runs ``function`` on the padded heads and returns the real heads' outputs.
+
+    The module's ``num_key_value_groups`` (read by transformers' SDPA and eager paths to repeat KV heads) is the
+    padded layout's for the call and put back after it, so a module keeps the model's own value between calls.
+    """
+
+    def attention(
+        module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any, *a: Any, **kw: Any
+    ) -> tuple[torch.Tensor, Any]:
+        query, key, value = padding.pad(query, key, value)
+        groups = getattr(module, "num_key_value_groups", None)
+        if groups is not None:
+            module.num_key_value_groups = padding.slots_per_kv
+        try:
+            out, weights = function(module, query, key, value, mask, *a, **kw)
+        finally:
+            if groups is not None:
+                module.num_key_value_groups = groups
+        return padding.unpad(out), weights
+
+    return attention
+
+
+@contextmanager
+def local_head_padding(model: torch.nn.Module, size: int) -> Iterator[None]:
+    """Inside the block, the model's attention runs on the heads padded for ``size`` ranks, on one process and
+    without the all-to-all: the memory planner's stand-in for Ulysses. Its rows hold ``T/size`` tokens, so each
+    attention tensor has the bytes one rank's has under Ulysses (``T/size`` tokens of ``q_padded`` heads, as
+    ``T`` tokens of ``q_padded/size``); on whole rows, the group's attention FLOPs."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = model.config._attn_implementation
+    original = ALL_ATTENTION_FUNCTIONS[name]
+    ALL_ATTENTION_FUNCTIONS[name] = padded_attention(original, head_padding(model.config, size))
+    try:
+        yield
+    finally:
+        ALL_ATTENTION_FUNCTIONS[name] = original
+
+
 def enable_sequence_parallel(model: torch.nn.Module, size: int) -> SequenceParallel:
     """Check the setting, build the groups and route the model's attention through Ulysses (a process-wide
     registry change: :func:`.wiring.wire_model` makes it and puts the entry back)."""
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     config = model.config
     attn = getattr(config, "_attn_implementation", None)
-    check_sequence_parallel(size, config, attn, world)
+    check_sequence_parallel(size, attn, world)
 
     _init_deepspeed_comm()
     import deepspeed.runtime.sequence_parallel.parallel_state_sp as mpu
@@ -133,21 +281,23 @@ def enable_sequence_parallel(model: torch.nn.Module, size: int) -> SequenceParal
     mpu.initialize_sequence_parallel(sequence_parallel_size=size)  # groups of consecutive ranks
     group = mpu.get_sequence_parallel_group()
     text = config.get_text_config()
+    padding = head_padding(config, size)
+    q_padded, kv_used = padding.counts
     ulysses = UlyssesSPAttentionHF(
         attn=ALL_ATTENTION_FUNCTIONS[attn],
         batch_size=1,
-        attn_head_count=text.num_attention_heads,
+        attn_head_count=q_padded,
         attn_head_size=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
-        kv_head_count=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+        kv_head_count=kv_used,  # a multiple of ``size``: DeepSpeed replicates nothing more
         num_hidden_layers=text.num_hidden_layers,
         process_group=group,
         seq_length_is_variable=True,
     )
     ulysses.core_attn_implementation = attn
 
-    def attention(
+    def sharded(
         module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any, *a: Any, **kw: Any
-    ) -> Any:  # noqa: E501
+    ) -> Any:
         # the module is built for one batch size; ours varies (short, long and reference rows), so set it per call
         batch = query.size(0)
         if batch != ulysses.batch_size:
@@ -161,7 +311,7 @@ def enable_sequence_parallel(model: torch.nn.Module, size: int) -> SequenceParal
         return ulysses(module, query, key, value, None, *a, **kw)
 
     # replacing the core implementation in place keeps every branch the model takes on its name (DeepSpeed does the same)
-    ALL_ATTENTION_FUNCTIONS[attn] = attention
+    ALL_ATTENTION_FUNCTIONS[attn] = padded_attention(sharded, padding)
     rank = dist.get_rank()
     return SequenceParallel(group=group, size=size, rank=dist.get_rank(group), dp_size=world // size, dp_rank=rank // size)
 

@@ -173,3 +173,14 @@ def test_memory_knobs_are_predicted(tmp_path: Path, tiny_model: Path) -> None:
     assert check.measured < 0.8 * plain.measured, (check.measured, plain.measured)
     assert plain.measured_moved == plain.predicted_moved == 0
     assert check.measured_moved > 0 and check.predicted_moved == check.measured_moved
+
+
+def test_sequence_parallel_flops_count_the_padded_heads() -> None:
+    """Qwen2.5-7B's 28 query heads run as 32 at 8 ranks (``padded_heads``): the whole rows' FLOPs gain the 4 zero
+    queries' attention, 4/28 of the attention's, and no more; at 4 ranks nothing is padded. Shared prefix on."""
+    from llamafactory_longpo.planner.plan import row_lengths, trace_depth
+
+    run = load_run_config(str(ROOT / "examples" / "longpo_qwen_128k.yaml"))
+    lengths = row_lengths(run, 4096, 1, None)
+    flops = {sp: trace_depth(run, 2, lengths, None, sp).flops for sp in (4, 8)}
+    assert flops[4] < flops[8] < flops[4] * 32 / 28
