@@ -33,7 +33,16 @@ CASES = {
 # a model with 9 query heads and 3 KV heads at SP 2: one zero query, each KV head 3 times and one extra replica
 # (10/10 heads, HeadPadding), so each rank's queries meet KV heads of two groups
 HEADS9 = {"solopo-orpo-heads9": "solopo-orpo", "longpo-heads9": "longpo"}
-SP_ONLY = {"longpo-zero3": {"deepspeed": str(ROOT / "examples" / "deepspeed" / "ds_z3_config.json"), "s2l_logits_chunk": 64}}
+# offloaded checkpoints and tiled MLPs in the SP run only: it must still equal the plain single process
+MEMORY_KNOBS = {"s2l_offload_activations": True, "s2l_tiled_mlp": True}
+SP_ONLY = {
+    "longpo-zero3": {
+        "deepspeed": str(ROOT / "examples" / "deepspeed" / "ds_z3_config.json"),
+        "s2l_logits_chunk": 64,
+        **MEMORY_KNOBS,
+    },
+    "solopo-dpo-lora-live": MEMORY_KNOBS,
+}
 _ONE_PROCESS: dict[str, tuple[list[dict], list[dict]]] = {}  # same config, same single-process result: run it once
 
 

@@ -40,9 +40,14 @@ STAGES = {
 }
 
 
+# the ZeRO-3 run only: offloaded checkpoints and tiled MLPs (the ranks' rows need different tile counts, which ZeRO-3
+# must not see: every tile gathers the MLP's weights; under LoRA those are frozen and recomputed in backward)
+Z3_ONLY = {"longpo-lora-live": {"s2l_offload_activations": True, "s2l_tiled_mlp": True}}
+
+
 def _first_step(tmp: Path, tiny: Path, name: str, zero3: bool) -> dict:
     out = tmp / ("z3" if zero3 else "ddp")
-    extra = {"deepspeed": str(ROOT / "examples" / "deepspeed" / "ds_z3_config.json")} if zero3 else {}
+    extra = {"deepspeed": str(ROOT / "examples" / "deepspeed" / "ds_z3_config.json"), **Z3_ONLY.get(name, {})} if zero3 else {}
     cfg = write_yaml(
         tmp / f"{out.name}.yaml",
         base_config(
