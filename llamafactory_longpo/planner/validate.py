@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import resource
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -35,6 +36,8 @@ class Check:
     rss: Optional[float] = None
     predicted_moved: float = 0.0  # bytes the offload hooks copy down and up in the step: predicted ...
     measured_moved: float = 0.0  # ... and counted by the real step's hooks
+    flops: float = 0.0  # the step's FLOPs as the planner counts them (GPU check)
+    seconds: float = 0.0  # the real step's forward, backward and optimizer step, synchronised (GPU check)
 
     @property
     def error(self) -> float:
@@ -107,7 +110,7 @@ def gpu_check(run: RunConfig, length: int, response: Optional[int] = None, layer
 
     run = copy.copy(run)
     run.zero = ZeroConfig()  # one GPU, the toolkit's own optimizer: no DeepSpeed formulas to compare
-    predicted = estimate(run, length, sp=1, response=response, layers=layers).total
+    prediction = estimate(run, length, sp=1, response=response, layers=layers)
     lengths: Lengths = row_lengths(run, length, 1, response)
     device = torch.device("cuda")
     with step_setup(run, layers, lengths, "sdpa", device=device) as setup:  # PyTorch picks its flash kernel (no mask)
@@ -119,8 +122,10 @@ def gpu_check(run: RunConfig, length: int, response: Optional[int] = None, layer
         gc.collect()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
         with autocast_context(run, "cuda"):
             setup.run_step()
         setup.optimizer_step()
         torch.cuda.synchronize()
-    return Check(predicted, float(torch.cuda.max_memory_allocated()))
+        seconds = time.perf_counter() - start
+    return Check(prediction.total, float(torch.cuda.max_memory_allocated()), flops=prediction.flops, seconds=seconds)
