@@ -140,6 +140,17 @@ TRAIN_CASES: dict[str, tuple[Any, ...]] = {
         r"s2ld_jsd_beta has no effect here: the divergence is not jsd",
         None,
     ),
+    # the toolkit's reentrant, "cuda"-only use_unsloth_gc becomes the plugin's offload (a run that works, told so);
+    # offloading checkpointed inputs with checkpointing off cannot be meant
+    "unsloth-gc": (GOOD, None, {"use_unsloth_gc": True}, 0, r"use_unsloth_gc: .*s2l_offload_activations \(now on\)", None),
+    "offload-without-checkpointing": (
+        GOOD,
+        None,
+        {"s2l_offload_activations": True, "disable_gradient_checkpointing": True},
+        1,
+        r"error: s2l_offload_activations: true offloads the inputs of checkpointed layers; set disable_gradient_checkpointing",
+        None,
+    ),
     # 2. extra fields of mixed types never reach the loader's schema
     "mixed-extras": (
         _mutate(lambda rs: [r.update(id=i if i % 2 else f"r{i}", meta={"a": 1} if i % 2 else "x") for i, r in enumerate(rs)]),
