@@ -11,10 +11,12 @@ alone, and all of them; full fine-tuning and LoRA. Then Llama-3.1-8B on the same
 Memory grows with length, so a row is traced up to its first length that does not fit; longer ones are marked
 ``-`` (they do not fit either).
 
-    .venv/bin/python benchmarks/planner_scale.py            # resumes from saves/planner_scale/results.json
-    .venv/bin/python benchmarks/planner_scale.py --print    # the Markdown tables from the saved results
+    .venv/bin/python benchmarks/planner_scale.py                 # all rows; resumes from saves/planner_scale/
+    .venv/bin/python benchmarks/planner_scale.py --part 1/2      # every second row, from the second: two processes
+    .venv/bin/python benchmarks/planner_scale.py --print         # the Markdown tables from the saved results
 
-Writes saves/planner_scale/results.json (after every row) and benchmarks/results/planner_scale.json at the end.
+Each process writes saves/planner_scale/results*.json after every row; at the end (and with ``--print``) all
+of them are merged into benchmarks/results/planner_scale.json.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "saves" / "planner_scale" / "results.json"
+SAVES = ROOT / "saves" / "planner_scale"
 FINAL = ROOT / "benchmarks" / "results" / "planner_scale.json"
 GIB = 1 << 30
 LENGTHS = (131072, 262144, 524288, 1048576, 2097152)
@@ -123,23 +125,37 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--print", action="store_true", help="print the tables of the saved results and stop")
+    parser.add_argument("--part", default="0/1", help="K/N: this process traces rows K, K+N, K+2N, ... (default 0/1)")
     args = parser.parse_args()
-    results: list[dict] = json.loads(OUT.read_text()) if OUT.exists() else []
+    part, parts = (int(x) for x in args.part.split("/"))
+    SAVES.mkdir(parents=True, exist_ok=True)
     if not args.print:
-        done = {(r["model"], r["method"], r["finetuning"], r["variant"]) for r in results}
-        OUT.parent.mkdir(parents=True, exist_ok=True)
+        out = SAVES / f"results-{part}of{parts}.json"
+        mine: list[dict] = json.loads(out.read_text()) if out.exists() else []
+        done = {_key(r) for path in SAVES.glob("results*.json") for r in json.loads(path.read_text())}
+        todo = [
+            (model, gpus, method, ft, variant)
+            for model, gpus, methods, ft, variants in ROWS
+            for method in methods
+            for variant in variants
+        ]
         with quiet(), tempfile.TemporaryDirectory() as tmp:
-            for model, gpus, methods, ft, variants in ROWS:
-                for method in methods:
-                    for variant in variants:
-                        if (model, method, ft, variant) in done:
-                            continue
-                        print(f"{model} {method} {ft} {variant}", file=sys.stderr, flush=True)
-                        cells = one_row(model, gpus, method, ft, variant, Path(tmp))
-                        results.append(dict(model=model, gpus=gpus, method=method, finetuning=ft, variant=variant, cells=cells))
-                        OUT.write_text(json.dumps(results, indent=1))
-        FINAL.write_text(json.dumps(results, indent=1))
+            for model, gpus, method, ft, variant in todo[part::parts]:
+                if (model, method, ft, variant) in done:
+                    continue
+                print(f"{model} {method} {ft} {variant}", file=sys.stderr, flush=True)
+                cells = one_row(model, gpus, method, ft, variant, Path(tmp))
+                mine.append(dict(model=model, gpus=gpus, method=method, finetuning=ft, variant=variant, cells=cells))
+                out.write_text(json.dumps(mine, indent=1))
+    merged = {_key(r): r for path in sorted(SAVES.glob("results*.json")) for r in json.loads(path.read_text())}
+    order = [(m, me, ft, v) for m, _, methods, ft, variants in ROWS for me in methods for v in variants]
+    results = [merged[key] for key in order if key in merged]
+    FINAL.write_text(json.dumps(results, indent=1))
     print_tables(results)
+
+
+def _key(row: dict) -> tuple[str, str, str, str]:
+    return row["model"], row["method"], row["finetuning"], row["variant"]
 
 
 def _largest(cells: dict[str, Any]) -> str:

@@ -1,8 +1,9 @@
 """Checkpointed layer inputs kept in host memory (``s2l_offload_activations``).
 
 With gradient checkpointing a layer keeps only its input for backward, and at long lengths those inputs are most
-of what a step holds: Qwen2.5-7B's 28 layers keep ``28 x T x 3584 x 2`` bytes per row (53 GiB at 512K tokens on
-one rank). Arctic Long Sequence Training (arXiv 2506.13996) moves them to host memory; so does this module.
+of what a step holds: Qwen2.5-7B's 28 layers keep ``28 x T x 3584 x 2`` bytes per row (49 GiB for the 262,144
+tokens one rank holds of a 1M-token row at sequence parallel 4). Arctic Long Sequence Training (arXiv 2506.13996)
+moves them to host memory; so does this module.
 
 Mechanism: PyTorch's ``torch.autograd.graph.saved_tensors_hooks``, the hooks ``save_on_cpu`` is made of, entered
 around each decoder layer's checkpoint call only. Non-reentrant checkpointing (the only kind the plugin runs:

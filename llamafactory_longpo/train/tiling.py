@@ -2,10 +2,10 @@
 
 A gated MLP's intermediate is several times the hidden size (18,944 against 3,584 for Qwen2.5-7B), and when a
 checkpointed layer is recomputed in backward its gate, up and activation tensors for all ``T`` tokens are alive
-together: at 512K tokens per rank that is about 55 GiB for one layer, more than all 28 checkpointed inputs.
-Arctic Long Sequence Training (arXiv 2506.13996) runs the MLP over slices of the sequence instead; this module
-does the same. The LM head, the other per-token piece wider than the hidden size, is already applied in chunks of
-``s2l_logits_chunk`` tokens (:mod:`.logps`).
+together: for 262,144 tokens on a rank that is about 28 GiB for one layer, more than half of what all 28
+checkpointed inputs hold (49 GiB). Arctic Long Sequence Training (arXiv 2506.13996) runs the MLP over slices of
+the sequence instead; this module does the same. The LM head, the other per-token piece wider than the hidden
+size, is already applied in chunks of ``s2l_logits_chunk`` tokens (:mod:`.logps`).
 
 Each tile is a non-reentrant ``torch.utils.checkpoint`` of the MLP's own forward: it keeps only its slice of the
 input, and in backward recomputes its ``[tile, intermediate]`` tensors one tile at a time. Tiles are
