@@ -19,11 +19,13 @@
    the chosen (chunk) and rejected (whole document) answers are still the model's own.
 3. From the SFT start, with the same number of steps and batch size: SFT on the long view (chosen
    answers), Long-DPO (the toolkit's ``dpo`` on the long view), LongPO (as published, and with its NLL on
-   the answers only), SoLo-DPO, SoLo-SimPO and SoLo-ORPO, each a ``llamafactory-cli train`` subprocess
-   (wall time recorded).
-4. Every model and the start answer 300 held-out questions at the short length and at 2x, 4x, 8x, two-hop
-   and single-hop (greedy, through the toolkit's engine; the package's ``eval/kv_eval.py``, as the demo),
-   scored by sub-EM on the ``Final answer:`` line, with 95% Wilson intervals.
+   the answers only), SoLo-DPO, SoLo-SimPO, SoLo-ORPO and self-distillation from the short view (``s2ld``,
+   off-policy on the chosen answers and on-policy on the policy's own samples), each a ``llamafactory-cli
+   train`` subprocess (wall time recorded).
+4. Every model and the start answer 300 held-out questions at the short length and at 2x, 4x, 8x (and on up to
+   ``train_mult`` when that is longer), two-hop and single-hop (greedy, through the toolkit's engine; the
+   package's ``eval/kv_eval.py``, as the demo), scored by sub-EM on the ``Final answer:`` line, with 95%
+   Wilson intervals.
 5. Prints the tables (method | short | 2x | 4x | 8x | train time) and writes ``results.json``,
    ``results.md``, ``samples.jsonl`` and ``accuracy_vs_length.png`` to ``--out``.
 
@@ -54,8 +56,6 @@ from llamafactory_longpo.eval.kv_eval import others_needed, short_length
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-
-MULTS = (1, 2, 4, 8)  # evaluated lengths, in multiples of the short context
 
 
 @dataclasses.dataclass
@@ -169,6 +169,16 @@ METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "SoLo-DPO": ("solopo", "solopo", {"pref_loss": "sigmoid", "pref_beta": 0.1, "solopo_alpha": 3.0}),
     "SoLo-SimPO": ("solopo", "solopo", {"pref_loss": "simpo", "pref_beta": 2.0, "simpo_gamma": 1.0, "solopo_alpha": 1.0}),
     "SoLo-ORPO": ("solopo", "solopo", {"pref_loss": "orpo", "pref_beta": 0.1, "solopo_alpha": 1.0}),
+    # self-distillation: the frozen start reading the short input teaches the policy reading the long one. Off-policy
+    # on the chosen answers: forward KL (context distillation, mode-covering) plus the demo's small NLL on them
+    "S2LD off-policy": ("s2ld", "solopo", {"s2ld_divergence": "forward_kl", "s2ld_nll_weight": 0.1}),
+    # on-policy: the policy samples its own answers to the long prompts at every step (temperature 1) and the
+    # teacher scores them (reverse KL); the chosen answers are 8-32 tokens and stop at the template's end token
+    "S2LD on-policy": (
+        "s2ld",
+        "solopo",
+        {"s2ld_on_policy": True, "s2ld_divergence": "reverse_kl", "s2ld_max_new_tokens": 40, "s2ld_temperature": 1.0},
+    ),
 }
 START = "SFT start"
 
@@ -235,6 +245,12 @@ def register(info_path: Path, name: str, entry: dict[str, Any]) -> None:
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     info[name] = entry
     info_path.write_text(json.dumps(info, indent=2) + "\n")
+
+
+def eval_mults(s: Settings) -> tuple[int, ...]:
+    """The evaluated lengths, in multiples of the short context: 1x, 2x, 4x, 8x, and on up to ``train_mult`` when
+    the methods train longer (``--set train_mult=16`` adds 16x)."""
+    return tuple(m for m in (1, 2, 4, 8, 16, 32) if m <= max(8, s.train_mult))
 
 
 def recall_mults(s: Settings) -> tuple[int, ...]:
@@ -551,15 +567,16 @@ def build_longpo_data(s: Settings, work: Path, model: Path, data_dir: Path, shor
 
 
 def eval_set(s: Settings, tokenizer: Any, short_tokens: int) -> list[dict[str, Any]]:
-    """Held-out questions (their own seed), each at the short length and at 2x, 4x, 8x (evidence at random
-    depths), two-hop and single-hop: the package's evaluation (``llamafactory_longpo.eval.kv_eval``), as the demo's."""
+    """Held-out questions (their own seed), each at the short length and at 2x, 4x, 8x (and longer:
+    :func:`eval_mults`; evidence at random depths), two-hop and single-hop: the package's evaluation
+    (``llamafactory_longpo.eval.kv_eval``), as the demo's."""
     from llamafactory_longpo.eval.kv_eval import TASKS, make_samples
 
     return make_samples(
         tokenizer,
         items=s.eval_items,
         seed=s.seed + 4,
-        mults=list(MULTS),
+        mults=list(eval_mults(s)),
         tasks=list(TASKS),
         facts_per_paragraph=s.facts_per_paragraph,
         hops=s.hops,
@@ -598,12 +615,13 @@ def evaluate(name: str, model: Path, samples: list[dict[str, Any]], s: Settings)
 def table(result: dict[str, Any], task: str = "two-hop") -> str:
     """Method | stage | accuracy [95% interval] per length | train time, for one task."""
     lengths = result["lengths"]
-    head = ["method", "stage"] + [f"short ({lengths['1']} tok)"] + [f"{m}x ({lengths[str(m)]} tok)" for m in MULTS[1:]]
+    mults = list(lengths)
+    head = ["method", "stage"] + [f"short ({lengths['1']} tok)"] + [f"{m}x ({lengths[m]} tok)" for m in mults[1:]]
     lines = ["| " + " | ".join([*head, "train time"]) + " |", "|" + " --- |" * (len(head) + 1)]
     for name, r in result["methods"].items():
         by_length = r["by_task"][task]
         cells = [name, r["stage"]] + [
-            f"{c['accuracy']:.1f} [{c['low']:.1f}, {c['high']:.1f}]" for c in (by_length[str(m)] for m in MULTS)
+            f"{c['accuracy']:.1f} [{c['low']:.1f}, {c['high']:.1f}]" for c in (by_length[m] for m in mults)
         ]
         t = r.get("train")
         cells.append(f"{t['wall_s']:.0f} s" if t else "")
@@ -789,7 +807,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         save_state()
 
     # 4. evaluation
-    lengths = {str(m): int(statistics.median(x["tokens"] for x in samples if x["mult"] == m)) for m in MULTS}
+    lengths = {str(m): int(statistics.median(x["tokens"] for x in samples if x["mult"] == m)) for m in eval_mults(s)}
     result: dict[str, Any] = {
         "command": "benchmarks/replicate_small.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "settings": dataclasses.asdict(s),

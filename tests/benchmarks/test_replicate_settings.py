@@ -26,3 +26,26 @@ def test_set_keeps_each_settings_type(script) -> None:
     ]:
         with pytest.raises(SystemExit, match="^replicate_small.py: error: " + message.replace("(", r"\(")):
             script.apply_settings(script.Settings(), [bad])
+
+
+def test_every_plugin_method_passes_its_stage_checks_and_sets_only_knobs_it_reads(script, caplog) -> None:
+    from dataclasses import fields
+
+    from llamafactory_longpo.hparams import PLUGIN_STAGES, ShortToLongFinetuningArguments
+
+    names = {f.name for f in fields(ShortToLongFinetuningArguments)}
+    plugin = {name: m for name, m in script.METHODS.items() if m[0] in PLUGIN_STAGES}
+    assert {"S2LD off-policy", "S2LD on-policy"} <= set(plugin)
+    for name, (stage, _, extra) in plugin.items():
+        args = ShortToLongFinetuningArguments(**{k: v for k, v in extra.items() if k in names})
+        args.stage, args.pref_loss = stage, extra.get("pref_loss", "sigmoid")  # the toolkit's fields, merged in training
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="llamafactory.longpo.hparams"):
+            args.validate_short_to_long(args.stage, args.pref_loss)
+        assert [r.getMessage() for r in caplog.records if "has no effect" in r.getMessage()] == [], name
+
+
+def test_evaluated_lengths_reach_the_training_length(script) -> None:
+    assert script.eval_mults(script.Settings()) == (1, 2, 4, 8)
+    assert script.eval_mults(script.apply_settings(script.Settings(), ["train_mult=4"])) == (1, 2, 4, 8)
+    assert script.eval_mults(script.apply_settings(script.Settings(), ["train_mult=16"])) == (1, 2, 4, 8, 16)

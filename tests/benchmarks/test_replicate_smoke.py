@@ -1,5 +1,5 @@
 """The replication benchmark (benchmarks/replicate_small.py) end to end in its smallest configuration, as a
-real subprocess: SFT from scratch, both builders, the seven methods through ``llamafactory-cli train``, the
+real subprocess: SFT from scratch, both builders, the nine methods through ``llamafactory-cli train``, the
 evaluation and the report. No accuracy is asserted (a few steps teach the model nothing)."""
 
 from __future__ import annotations
@@ -14,7 +14,10 @@ from tests.conftest import ROOT, run_command
 
 pytestmark = pytest.mark.slow  # multi-minute end-to-end runs (CI runs them; -m 'not slow' skips them)
 
-METHODS = ["SFT-long", "Long-DPO", "LongPO", "LongPO (NLL on answers)", "SoLo-DPO", "SoLo-SimPO", "SoLo-ORPO"]
+METHODS = [
+    *("SFT-long", "Long-DPO", "LongPO", "LongPO (NLL on answers)", "SoLo-DPO", "SoLo-SimPO", "SoLo-ORPO"),
+    *("S2LD off-policy", "S2LD on-policy"),
+]
 
 
 def test_replicate_smallest_writes_table_json_and_plot(tmp_path):
