@@ -7,7 +7,8 @@ rows a quarter of the long ones. A row fits when the predicted peak is within 72
 planner does not model) and the node's host memory within 1.5 TiB. Rows: ``longpo``, ``solopo`` orpo and the
 toolkit's ``dpo`` sigmoid (which runs none of the parts and no sequence parallelism), with none of the parts
 (sequence parallel 4, the most Ulysses took for 28 heads / 4 KV heads before the heads were padded), each part
-alone, and all of them; full fine-tuning and LoRA. Then Llama-3.1-8B on the same node and Qwen2.5-72B on 4 nodes.
+alone, and all of them; full fine-tuning and LoRA. Then Llama-3.1-8B on the same node and Qwen2.5-72B on 4 nodes
+(there also with sequence parallel 16, a row over two nodes).
 Memory grows with length, so a row is traced up to its first length that does not fit; longer ones are marked
 ``-`` (they do not fit either).
 
@@ -51,6 +52,7 @@ VARIANTS: dict[str, tuple[int, dict]] = {
     "tiled MLP": (4, TILED),
     "SP 8": (8, {}),  # Qwen2.5-7B: 28 query heads padded to 32
     "all (SP 8)": (8, {**OFFLOAD, **TILED}),
+    "all (SP 16)": (16, {**OFFLOAD, **TILED}),  # across two nodes: each rank offloads half as much
 }
 # (model, GPUs, methods, fine-tuning, variants)
 ROWS: list[tuple[str, int, tuple[str, ...], str, tuple[str, ...]]] = [
@@ -60,6 +62,7 @@ ROWS: list[tuple[str, int, tuple[str, ...], str, tuple[str, ...]]] = [
     ("Qwen/Qwen2.5-7B-Instruct", 8, ("dpo sigmoid",), "lora", ("none (SP 4)",)),
     ("meta-llama/Llama-3.1-8B-Instruct", 8, ("longpo", "solopo orpo"), "full", ("SP 8", "all (SP 8)")),
     ("Qwen/Qwen2.5-72B-Instruct", 32, ("longpo", "solopo orpo"), "full", ("SP 8", "all (SP 8)")),
+    ("Qwen/Qwen2.5-72B-Instruct", 32, ("longpo", "solopo orpo"), "full", ("all (SP 16)",)),
 ]
 TEMPLATES = {"Qwen": "qwen", "meta-llama": "llama3"}
 
