@@ -56,7 +56,7 @@ VARIANTS: dict[str, tuple[int, dict]] = {
 }
 # (model, GPUs, methods, fine-tuning, variants)
 ROWS: list[tuple[str, int, tuple[str, ...], str, tuple[str, ...]]] = [
-    ("Qwen/Qwen2.5-7B-Instruct", 8, ("longpo", "solopo orpo"), "full", tuple(VARIANTS)),
+    ("Qwen/Qwen2.5-7B-Instruct", 8, ("longpo", "solopo orpo"), "full", tuple(VARIANTS)[:5]),
     ("Qwen/Qwen2.5-7B-Instruct", 8, ("dpo sigmoid",), "full", ("none (SP 4)",)),
     ("Qwen/Qwen2.5-7B-Instruct", 8, ("longpo", "solopo orpo"), "lora", ("none (SP 4)", "all (SP 8)")),
     ("Qwen/Qwen2.5-7B-Instruct", 8, ("dpo sigmoid",), "lora", ("none (SP 4)",)),
