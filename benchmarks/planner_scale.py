@@ -161,6 +161,13 @@ def _key(row: dict) -> tuple[str, str, str, str]:
     return row["model"], row["method"], row["finetuning"], row["variant"]
 
 
+def _verdict(cell: dict[str, Any]) -> str:
+    """'' when the cell fits, ' (no)' over the GPU's limit, ' (host)' within it but over the node's host memory."""
+    if cell["fits"]:
+        return ""
+    return " (no)" if cell["gpu"] > DEVICE_GIB * GIB else f" (host {cell['host_node'] / GIB:,.0f} GiB)"
+
+
 def _largest(cells: dict[str, Any]) -> str:
     fitting = [int(k) for k, c in cells.items() if c["fits"]]
     return f"{max(fitting) // 1024:,}K" if fitting else "< 128K"
@@ -183,7 +190,7 @@ def print_tables(results: list[dict]) -> None:
                 shown = []
                 for n in LENGTHS:
                     c = cells.get(str(n))
-                    shown.append("-" if c is None else f"{c['gpu'] / GIB:.1f}" + ("" if c["fits"] else " (no)"))
+                    shown.append("-" if c is None else f"{c['gpu'] / GIB:.1f}{_verdict(c)}")
                 fitting = [c for c in cells.values() if c["fits"]]
                 at = fitting[-1] if fitting else None
                 detail = (
