@@ -112,7 +112,7 @@ TRAIN_CASES: dict[str, tuple[Any, ...]] = {
         None,
         {"stage": "s2ld", "s2ld_divergence": "kl"},
         1,
-        r"error: s2ld_divergence: 'kl' is not one of forward_kl, reverse_kl, jsd$",
+        r"error: s2ld_divergence: 'kl' is not one of forward_kl, reverse_kl, jsd",
         None,
     ),
     "s2ld-jsd-beta-one": (
@@ -120,7 +120,7 @@ TRAIN_CASES: dict[str, tuple[Any, ...]] = {
         None,
         {"stage": "s2ld", "s2ld_jsd_beta": 1.0},
         1,
-        r"error: s2ld_jsd_beta: 1\.0 must be > 0 and < 1$",
+        r"error: s2ld_jsd_beta: 1\.0 must be > 0 and < 1",
         None,
     ),
     "s2ld-on-policy-sp": (
