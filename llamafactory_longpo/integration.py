@@ -93,7 +93,7 @@ def plugin_argument_classes() -> tuple[type, type]:
                 from .data.plan import RowPlan
 
                 plan = RowPlan.for_stage(self)
-                self.use_ref_model = bool(plan.reference) or plan.teacher  # the plan's decision, told to the toolkit
+                self.use_ref_model = plan.reference_kind != "none"  # the plan's decision, told to the toolkit
             elif int(getattr(self, "sequence_parallel_size", 1) or 1) > 1:
                 stages = ", ".join(PLUGIN_STAGES)
                 raise ConfigError(f"sequence_parallel_size: stage {self.stage!r} has no sequence parallelism here; use {stages}")

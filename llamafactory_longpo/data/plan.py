@@ -20,10 +20,12 @@ Rows, per stage:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 # every reference value a loss may read, per sample: summed log-probs of the frozen reference
 REF_LOGP_COLUMNS: tuple[str, ...] = ("ref_chosen_logps", "ref_rejected_logps", "ref_long_chosen_logps", "ref_long_rejected_logps")
+# where a run's reference comes from: none (SimPO, ORPO), scored once before training, or scored in every step
+ReferenceKind = Literal["none", "precomputed", "live"]
 # what the toolkit's own stages see of a short-to-long dataset
 TOOLKIT_TARGETS: dict[str, str] = {"rm": "pair", "sft": "sft"}
 
@@ -61,6 +63,15 @@ class RowPlan:
     def for_toolkit(cls, stage: str) -> RowPlan:
         """The plan of the toolkit's ``rm``-shaped (``dpo``, ``rm``) or ``sft`` stages: their own columns."""
         return cls(target=TOOLKIT_TARGETS[stage])
+
+    @property
+    def reference_kind(self) -> ReferenceKind:
+        """Where the frozen reference comes from: S2LD's teacher and an uncached reference score in every step."""
+        if self.teacher:
+            return "live"
+        if not self.reference:
+            return "none"
+        return "precomputed" if self.precomputed else "live"
 
     @property
     def long_rows(self) -> bool:

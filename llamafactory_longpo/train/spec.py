@@ -8,11 +8,9 @@ is pure data (no model, no toolkit import), so it can be made before anything is
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
-from ..data.plan import RowPlan
-
-ReferenceKind = Literal["none", "precomputed", "live"]
+from ..data.plan import ReferenceKind, RowPlan
 
 
 def separate_reference_model(finetuning_args: Any, live: bool) -> bool:
@@ -31,7 +29,6 @@ class RunSpec:
     plan: RowPlan  # the rows of a step and the reference values its loss reads
     shared_prefix: bool  # LongPO's pair runs its document once (:mod:`.shared_prefix`)
     sequence_parallel_size: int  # Ulysses ranks per row (1: off)
-    reference: ReferenceKind  # none (SimPO, ORPO), scored once before training, or scored in every step (S2LD's teacher)
     reference_model: bool  # a separate frozen model is loaded for it (else: the policy, adapters off under LoRA)
     policy_rope_theta: Optional[float]  # the policy's RoPE base after the reference pass (the reference keeps its own)
     zero_stage: int  # DeepSpeed ZeRO stage of the run's config (0: no DeepSpeed)
@@ -39,6 +36,11 @@ class RunSpec:
     tiled_mlp: bool = False  # decoder MLPs in sequence tiles (:mod:`.tiling`)
     mlp_tile_tokens: Optional[int] = None  # tokens per tile (None: the model's hidden size)
     on_policy: bool = False  # S2LD: the policy samples the responses it is distilled on (:mod:`.distill`)
+
+    @property
+    def reference(self) -> ReferenceKind:
+        """None (SimPO, ORPO), scored once before training, or scored in every step (S2LD's teacher): the plan's."""
+        return self.plan.reference_kind
 
     @classmethod
     def for_run(cls, finetuning_args: Any, training_args: Any) -> RunSpec:
@@ -55,14 +57,12 @@ class RunSpec:
         training arguments exist read it too)."""
         fa = finetuning_args
         plan = RowPlan.for_stage(fa, do_train)
-        reference: ReferenceKind = "none" if not plan.reference else "precomputed" if plan.precomputed else "live"
-        reference = "live" if plan.teacher else reference  # S2LD's teacher scores every step
+        reference = plan.reference_kind
         return cls(
             stage=fa.stage,
             plan=plan,
             shared_prefix=fa.stage == "longpo" and bool(fa.s2l_shared_prefix) and bool(fa.s2l_response_logits),
             sequence_parallel_size=int(fa.sequence_parallel_size or 1),
-            reference=reference,
             reference_model=reference != "none" and separate_reference_model(fa, live=reference == "live"),
             policy_rope_theta=fa.policy_rope_theta,
             zero_stage=zero_stage,
