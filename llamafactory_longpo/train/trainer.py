@@ -61,6 +61,10 @@ class ShortToLongTrainer(AtomicCheckpointMixin, GroupSamplingMixin, CustomDPOTra
         self.sampler: Optional[OnPolicySampler] = None  # S2LD on-policy: the student's own responses (:mod:`.on_policy`)
         if spec.on_policy:
             self.sampler = OnPolicySampler.from_args(self.finetuning_args, self.processing_class, self.data_collator.template)
+        if spec.stage == "s2ld":  # on-policy samples are scored with the reverse KL and have no chosen response to fit
+            fa = self.finetuning_args
+            self.divergence = token_divergence("reverse_kl" if spec.on_policy else fa.s2ld_divergence, fa.s2ld_jsd_beta)
+            self.nll_weight = 0.0 if spec.on_policy else fa.s2ld_nll_weight
         if self.args.device.type == "cpu" and self.args.device.index is not None:  # several CPU ranks: resumable
             accept_indexed_cpu_locations()
 
@@ -234,9 +238,7 @@ class ShortToLongTrainer(AtomicCheckpointMixin, GroupSamplingMixin, CustomDPOTra
         or the policy with its adapters disabled) reads the short rows without gradient; the policy reads the long
         rows; their distributions are compared at every response token. On-policy, training steps distill on the
         student's own samples with the reverse KL; evaluation always scores the dataset's chosen responses."""
-        fa = self.finetuning_args
-        on_policy = self.sampler is not None and not prefix
-        if on_policy:
+        if self.sampler is not None and not prefix:
             batch = self.sampler.rows(self.accelerator.unwrap_model(model), batch, self.state.global_step)
         teacher, ctx = self._reference_context(model)
         with ctx, self._scoring(teacher) as scoring:
@@ -246,7 +248,6 @@ class ShortToLongTrainer(AtomicCheckpointMixin, GroupSamplingMixin, CustomDPOTra
             # its LM head as a function: used again in backward, outside the adapters-off block (a LoRA'd head's base)
             teacher_head = scoring["logits_head"] or getattr(scoring["head"], "base_layer", scoring["head"])
         check_same_responses(short_targets, next_token_targets(batch["long_labels"]))
-        divergence = token_divergence("reverse_kl" if self.sampler is not None else fa.s2ld_divergence, fa.s2ld_jsd_beta)
         with self._scoring(model) as scoring:
             sums = chunked_divergence(
                 model,
@@ -255,11 +256,10 @@ class ShortToLongTrainer(AtomicCheckpointMixin, GroupSamplingMixin, CustomDPOTra
                 attention_mask=batch["long_attention_mask"] if self.sequence_parallel is None else None,
                 teacher_hidden=hidden,
                 teacher_head=teacher_head,
-                divergence=divergence,
+                divergence=self.divergence,
                 **scoring,
             )
-        nll_weight = 0.0 if self.sampler is not None else fa.s2ld_nll_weight
-        out = s2ld_loss(sums.divergence, sums.student_logps, sums.tokens, nll_weight=nll_weight)
+        out = s2ld_loss(sums.divergence, sums.student_logps, sums.tokens, nll_weight=self.nll_weight)
         return out.loss, logged(s2ld_metrics(out, sums), prefix)
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
