@@ -310,12 +310,11 @@ def estimate(
     sp = sp or int(getattr(run.finetuning_args, "sequence_parallel_size", 1) or 1)
     traced = scaled_trace(run, row_lengths(run, length, sp, response), attention, layers, sp)
     step_flops = traced.flops
-    if sp > 1 and flops:  # attention is quadratic in the row: count the whole rows (``flops=False``: not needed)
+    if sp > 1:  # attention is quadratic in the row: count the whole rows (``flops=False``: not needed, not traced)
         whole = row_lengths(run, length, 1, response)
         # one MLP tile per row: a tile count changes no FLOP, and a whole row in hidden_size tiles takes long to trace
-        step_flops = scaled_trace(run, whole, attention, layers, sp, spec_changes={"mlp_tile_tokens": whole.long}).flops
-    elif sp > 1:
-        step_flops = 0
+        one_tile = {"mlp_tile_tokens": whole.long}
+        step_flops = scaled_trace(run, whole, attention, layers, sp, spec_changes=one_tile).flops if flops else 0
     device = device_gib * GIB if device_gib else None
     node = dataclasses.replace(node, gpus=min(node.gpus, gpus))
     host_states = node.gpus * zero_host_states(run, traced.counts, gpus) if run.zero.enabled else 0.0

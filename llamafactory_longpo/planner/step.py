@@ -127,8 +127,7 @@ def load_run_config_from_dict(raw: dict[str, Any], zero: ZeroConfig, path: str) 
         model_args.compute_dtype = torch.float16
     else:
         model_args.compute_dtype = infer_optim_dtype(getattr(model_config, "dtype", None) or torch.float32)
-    if hasattr(finetuning_args, "s2l_offload_activations"):  # the plugin's knobs merged (any stage parsed here)
-        settle_checkpointing(model_args, finetuning_args)  # as the plugin's stages run it
+    settle_checkpointing(model_args, finetuning_args)  # as the plugin's stages run it
     return RunConfig(path, model_args, data_args, training_args, finetuning_args, zero, model_config, source, tmp)
 
 

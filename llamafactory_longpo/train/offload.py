@@ -91,11 +91,12 @@ def checkpointed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 def install_offload(model: torch.nn.Module, ledger: OffloadLedger) -> Callable[[], None]:
     """Wrap every checkpointed layer's checkpoint call in :class:`OffloadedInputs`; returns the undo.
 
-    The toolkit enables gradient checkpointing as it loads the model, so this runs after loading; a model
-    without checkpointed layers is refused before loading (:mod:`llamafactory_longpo.hparams`)."""
+    The toolkit enables gradient checkpointing as it loads the model, so this runs after loading; checkpointing
+    switched off is refused before loading (:func:`settle_checkpointing`), a model that has no checkpointed layers
+    anyway here."""
     layers = checkpointed_layers(model)
     if not layers:
-        raise RuntimeError("s2l_offload_activations: the model has no gradient-checkpointed layers to offload")
+        raise ConfigError("s2l_offload_activations: the model has no gradient-checkpointed layers to offload")
     originals = [(layer, layer._gradient_checkpointing_func) for layer in layers]
     for layer, function in originals:
         layer._gradient_checkpointing_func = _offloaded(function, ledger)
