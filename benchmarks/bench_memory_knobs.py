@@ -59,22 +59,18 @@ def run_config(model: Path, folder: Path, knobs: dict[str, Any], length: int) ->
     return load_run_config(str(path))
 
 
-def step_seconds(run: Any, length: int, repeats: int) -> list[float]:
-    """Forward and backward of one real step, ``repeats`` times on the same model and batch (built anew per call:
-    one run's wiring at a time, as in training)."""
+def step_seconds(run: Any, length: int) -> float:
+    """Forward and backward of one real step (the model built anew per call: one run's wiring at a time, as in
+    training)."""
     from llamafactory_longpo.planner.plan import row_lengths
     from llamafactory_longpo.planner.step import autocast_context, step_setup
 
     layers = run.model_config.num_hidden_layers
     with step_setup(run, layers, row_lengths(run, length, 1, None), "sdpa") as setup:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            with autocast_context(run):
-                setup.run_step()
-            times.append(time.perf_counter() - start)
-            setup.model.zero_grad(set_to_none=True)
-        return times
+        start = time.perf_counter()
+        with autocast_context(run):
+            setup.run_step()
+        return time.perf_counter() - start
 
 
 def main() -> None:
@@ -123,7 +119,7 @@ def main() -> None:
         times: dict[str, list[float]] = {name: [] for name in VARIANTS}
         for _ in range(args.repeats):  # interleaved: each round runs every variant once
             for name in VARIANTS:
-                times[name] += step_seconds(runs[name], length, 1)
+                times[name].append(step_seconds(runs[name], length))
         base = statistics.median(times["plain"])
         for name, seconds in times.items():
             median = statistics.median(seconds)
