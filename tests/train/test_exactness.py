@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llamafactory_longpo.train.tiling import decoder_mlps
 from tests.conftest import LONGPO_RUN
 from tests.tolerances import assert_within_eps32
 from tests.train.test_trainer_loss import build, in_float64
@@ -152,6 +153,17 @@ MEMORY_CASES = {
 }
 
 
+def _counted(trainer, batch, ledger):
+    """Loss, gradients, ``ledger`` and the number of MLP down-projection calls the step made (each tile is one)."""
+    calls = []
+    hooks = [m.down_proj.register_forward_hook(lambda *_: calls.append(1)) for m in decoder_mlps(trainer.model)]
+    try:
+        return (*loss_and_grads(trainer, batch), ledger, len(calls))
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def _knobbed(trainer, batch, offload: bool, tiled: bool):
     """Loss and gradients with the knobs switched on the trainer's own model (as the wiring installs them)."""
     from llamafactory_longpo.train.offload import OffloadLedger, install_offload
@@ -163,7 +175,7 @@ def _knobbed(trainer, batch, offload: bool, tiled: bool):
     if offload:
         undo.append(install_offload(trainer.model, ledger))
     try:
-        return (*loss_and_grads(trainer, batch), ledger)
+        return _counted(trainer, batch, ledger)
     finally:
         for step in undo:
             step()
@@ -181,7 +193,7 @@ def test_memory_knobs_change_no_loss_and_no_gradient(tmp_path: Path, tiny_model:
     assert plain.model.is_gradient_checkpointing and plain.model.training
     assert tile_count(batch["input_ids"].shape[-1], plain.model.config.hidden_size) > 1
     in_float64(plain, batch, {})
-    loss, grads = loss_and_grads(plain, batch)
+    loss, grads, _, plain_calls = _counted(plain, batch, None)
     both, both_batch = build(
         tmp_path / "both", tiny_model, **MEMORY_CASES[name], s2l_offload_activations=True, s2l_tiled_mlp=True
     )
@@ -190,14 +202,16 @@ def test_memory_knobs_change_no_loss_and_no_gradient(tmp_path: Path, tiny_model:
     runs = {
         "offload": _knobbed(plain, batch, offload=True, tiled=False),
         "tiled": _knobbed(plain, batch, offload=False, tiled=True),
-        "both": (*loss_and_grads(both, both_batch), both.wiring.offloaded),
+        "both": _counted(both, both_batch, both.wiring.offloaded),
     }
     assert [m for m in both.model.modules() if "forward" in vars(m)]  # the wiring tiled the MLPs
     both.wiring.undo()
     assert not [m for m in both.model.modules() if "forward" in vars(m)]
-    for knobs, (got_loss, got, ledger) in runs.items():
+    for knobs, (got_loss, got, ledger, calls) in runs.items():
         assert_within_eps32(torch.tensor(got_loss), torch.tensor(loss), f"{knobs}: loss")
         assert got.keys() == grads.keys() and got
         for key in got:
             assert_within_eps32(got[key], grads[key], f"{knobs}: {key}")
         assert (ledger.down == ledger.up > 0) if knobs != "tiled" else ledger.down == 0, knobs
+        # tiled, every MLP call is several down-projection calls; offloaded alone, the same calls as the plain run
+        assert calls > plain_calls if knobs != "offload" else calls == plain_calls, (knobs, calls, plain_calls)
